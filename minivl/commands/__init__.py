@@ -1,0 +1,1 @@
+"""Subcommands of the `minivl` console command: one module each, exposing `register(subparsers)`."""
