@@ -1,0 +1,27 @@
+"""Shared test fixtures. Tests import minivl and torch_impl from the repository root."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU; CI has none")
+
+
+@pytest.fixture
+def rng():
+    """A fresh seeded generator per test, so every test is reproducible on its own."""
+    return np.random.default_rng(0)
