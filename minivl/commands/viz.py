@@ -1,0 +1,143 @@
+"""`minivl viz rope|alibi|gqa|attention ... --out FILE.png`: render minivl.viz pictures from the command line."""
+from __future__ import annotations
+
+import argparse
+
+from minivl.errors import ConfigError
+
+ROPE_TYPES = ["default", "linear", "dynamic", "yarn", "llama3", "su", "phi3_yarn"]
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("viz", help="render RoPE, ALiBi, GQA and attention pictures to PNG")
+    kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
+
+    rope = kinds.add_parser("rope", help="the RoPE atlas: frequencies, wavelengths, one pair's rotation, q·k decay")
+    rope.add_argument("--types", default="default,linear,dynamic,yarn,llama3,su",
+                      help=f"comma-separated RoPE types from {ROPE_TYPES}")
+    rope.add_argument("--head-dim", type=int, default=128)
+    rope.add_argument("--theta", type=float, default=10000.0)
+    rope.add_argument("--factor", type=float, default=4.0, help="scaling factor (linear, dynamic, yarn, llama3)")
+    rope.add_argument("--original-max", type=int, default=4096, help="original context length O")
+    rope.add_argument("--seq-len", type=int, default=None,
+                      help="length the frequencies are built for (dynamic; su/phi3_yarn: > O means long factors). "
+                           "Default: factor·O")
+    rope.add_argument("--panel", choices=["atlas", "rotation", "decay"], default="atlas")
+    rope.add_argument("--out", required=True, help="PNG file to write")
+    rope.set_defaults(func=_rope)
+
+    alibi = kinds.add_parser("alibi", help="ALiBi bias matrices per head (MPT's slopes)")
+    alibi.add_argument("--heads", type=int, default=8)
+    alibi.add_argument("--length", type=int, default=16)
+    alibi.add_argument("--alibi-bias-max", type=float, default=8)
+    alibi.add_argument("--full", action="store_true", help="non-causal −|i−j|·slope form instead of the causal row form")
+    alibi.add_argument("--out", required=True)
+    alibi.set_defaults(func=_alibi)
+
+    gqa = kinds.add_parser("gqa", help="which query heads share which KV head")
+    gqa.add_argument("--heads", type=int, default=16)
+    gqa.add_argument("--kv-heads", type=int, default=8)
+    gqa.add_argument("--out", required=True)
+    gqa.set_defaults(func=_gqa)
+
+    attention = kinds.add_parser("attention", help="the real DINOv2 ViT's CLS attention over an image")
+    attention.add_argument("image", help="an image file Pillow can open")
+    attention.add_argument("--layer", type=int, default=-1, help="which layer's attention (default: last)")
+    attention.add_argument("--size", type=int, default=224, help="square input size in pixels (multiple of 14)")
+    attention.add_argument("--out", required=True)
+    attention.set_defaults(func=_attention)
+
+
+def rope_frequencies(types, head_dim, theta, factor, original_max, seq_len=None):
+    """{type: (inv_freq, attention_scaling)} for the atlas, with Phi-3-style factor lists for su/phi3_yarn."""
+    import numpy as np
+
+    from minivl.rope import rope_init
+
+    unknown = [t for t in types if t not in ROPE_TYPES]
+    if unknown:
+        raise ConfigError(f"unknown RoPE type(s) {unknown}; choose from {ROPE_TYPES}")
+    max_positions = int(factor * original_max)
+    seq_len = seq_len or max_positions
+    half = head_dim // 2
+    # su / phi3_yarn need per-pair factor lists: a smooth ramp from 1 (fast pairs) to `factor` (slow pairs),
+    # the shape of Phi-3's published long_factor list.
+    long_factor = list(np.linspace(1.0, factor, half))
+    params = {
+        "default": {},
+        "linear": {"factor": factor},
+        "dynamic": {"factor": factor},
+        "yarn": {"factor": factor, "original_max_position_embeddings": original_max},
+        "llama3": {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": original_max},
+        "su": {"short_factor": [1.0] * half, "long_factor": long_factor,
+               "original_max_position_embeddings": original_max},
+        "phi3_yarn": {"short_factor": [1.0] * half, "long_factor": long_factor,
+                      "original_max_position_embeddings": original_max},
+    }
+    result = {}
+    for rope_type in types:
+        max_pos = original_max if rope_type == "dynamic" else max_positions
+        inv_freq, scaling = rope_init(rope_type, head_dim, theta, max_pos, seq_len=seq_len, **params[rope_type])
+        result[rope_type] = (np.asarray(inv_freq), float(scaling))
+    return result
+
+
+def _rope(args) -> int:
+    from minivl import viz
+
+    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    freqs = rope_frequencies(types, args.head_dim, args.theta, args.factor, args.original_max, args.seq_len)
+    if args.panel == "atlas":
+        fig = viz.rope_atlas({k: v[0] for k, v in freqs.items()}, args.original_max,
+                             title=f"RoPE atlas: d={args.head_dim}, θ={args.theta:g}, factor {args.factor:g}")
+    elif args.panel == "rotation":
+        inv_freq = next(iter(freqs.values()))[0]
+        half = inv_freq.size
+        fig = viz.rope_pair_rotation(inv_freq, (0, half // 4, half // 2, half - 1),
+                                     title=f"{types[0]}: rotation of four pairs over positions 0..63")
+    else:
+        fig = viz.rope_similarity_decay({k: v[0] for k, v in freqs.items()},
+                                        max_distance=int(args.factor * args.original_max),
+                                        attention_scalings={k: v[1] for k, v in freqs.items()})
+    print(viz.save(fig, args.out))
+    return 0
+
+
+def _alibi(args) -> int:
+    import numpy as np
+
+    from minivl import viz
+    from minivl.alibi import alibi_bias, alibi_slopes
+
+    slopes = alibi_slopes(args.heads, alibi_bias_max=args.alibi_bias_max)
+    bias = alibi_bias(args.heads, args.length, alibi_bias_max=args.alibi_bias_max, full=args.full)
+    fig = viz.alibi_matrices(np.asarray(bias)[0], slopes=slopes,
+                             title=f"ALiBi ({'full' if args.full else 'causal'}), {args.heads} heads")
+    print(viz.save(fig, args.out))
+    return 0
+
+
+def _gqa(args) -> int:
+    from minivl import viz
+
+    print(viz.save(viz.gqa_grouping(args.heads, args.kv_heads), args.out))
+    return 0
+
+
+def _attention(args) -> int:
+    import numpy as np
+
+    from minivl import viz
+    from minivl.weights.dinov2 import cls_attention_map
+
+    image, attention = cls_attention_map(args.image, size=args.size, layer=args.layer)
+    fig = viz.patch_attention_overlay(np.asarray(image), attention,
+                                      title=f"DINOv2-S/14 CLS attention, layer {args.layer}")
+    print(viz.save(fig, args.out))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    p = argparse.ArgumentParser(prog="minivl")
+    register(p.add_subparsers())
