@@ -7,10 +7,12 @@ via `.numpy()`, transformers, onnxruntime). Nothing here computes model math: th
 from __future__ import annotations
 
 import math
+import sys
 
 import matplotlib
 
-matplotlib.use("Agg")  # headless by default; notebooks switch to inline themselves
+if "ipykernel" not in sys.modules:  # a notebook keeps its inline backend; scripts and CLI render headless
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
