@@ -229,13 +229,13 @@ def _check_blocks(block_q, block_k):
             raise ShapeError(f"{name} must be a positive int (a tile size); got {value!r}")
 
 
-def _check_heads(n_heads: int, n_kv_heads: int, head_dim: int, k_dim: int, k_shape, v_shape, k_len_axis):
+def _check_heads(n_heads: int, n_kv_heads: int, head_dim: int, k_dim: int, k_shape, v_shape):
     if n_kv_heads == 0 or n_heads % n_kv_heads:
         raise ShapeError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads} "
                          f"(GQA groups query heads over kv heads)")
     if k_dim != head_dim:
         raise ShapeError(f"q and k head_dim differ ({head_dim} vs {k_dim}); q·kᵀ needs them equal")
-    if k_shape[:k_len_axis + 1] != v_shape[:k_len_axis + 1] or k_shape[-2] != v_shape[-2]:
+    if tuple(k_shape[:-1]) != tuple(v_shape[:-1]):
         raise ShapeError(f"k {tuple(k_shape)} and v {tuple(v_shape)} must agree on all but the last axis")
 
 
@@ -246,7 +246,7 @@ def _check_dense(q, k, v, block_q, block_k):
                          f"flash_attention_varlen)")
     if k.shape[0] != q.shape[0]:
         raise ShapeError(f"q batch {q.shape[0]} != k batch {k.shape[0]}")
-    _check_heads(q.shape[1], k.shape[1], q.shape[3], k.shape[3], k.shape, v.shape, 2)
+    _check_heads(q.shape[1], k.shape[1], q.shape[3], k.shape[3], k.shape, v.shape)
     _check_blocks(block_q, block_k)
 
 
@@ -254,7 +254,7 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
         raise ShapeError(f"flash_attention_varlen takes packed q [total_q, n_heads, d], "
                          f"k/v [total_k, n_kv_heads, d]; got q {q.shape}, k {k.shape}, v {v.shape}")
-    _check_heads(q.shape[1], k.shape[1], q.shape[2], k.shape[2], k.shape, v.shape, 1)
+    _check_heads(q.shape[1], k.shape[1], q.shape[2], k.shape[2], k.shape, v.shape)
     for name, cu, total, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                      ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
         cu = np.asarray(cu)
