@@ -1,0 +1,157 @@
+"""Autoregressive generation with a KV cache: greedy or sampled, batched with left padding.
+
+One prefill forward over the prompt fills the cache; each later step feeds only the newest token.
+Positions follow the reference's prepare_inputs_for_generation: position = cumsum(mask) − 1, so a
+left-padded row starts at 0 at its first real token (pads get 1 and are masked out anyway).
+
+Sampling, in the order transformers' logits processors apply it: logits / temperature, keep the
+top_k largest, keep the smallest set whose probability reaches top_p, softmax, draw. A seed makes
+a run reproducible (NumPy's and torch's generators differ, so seeded samples differ between the
+packages; greedy decoding agrees).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from minivl.errors import GenerationError
+from minivl.models.common import position_ids_from_mask
+
+
+def check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
+    """GenerationError naming the bad setting and the allowed range."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be an int >= 0 (got {max_new_tokens!r})")
+    if do_sample:
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise GenerationError(f"temperature must be > 0 when sampling (got {temperature!r}); use "
+                                  f"do_sample=False for greedy decoding")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+            raise GenerationError(f"top_k must be None or an int >= 1 (got {top_k!r})")
+        if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+            raise GenerationError(f"top_p must be None or a number in (0, 1] (got {top_p!r})")
+
+
+def check_left_padded(mask: np.ndarray) -> None:
+    """Every row must be 0…0 1…1: right padding would put pads between the prompt and its new tokens."""
+    if mask.ndim != 2 or not np.isin(mask, (0, 1)).all():
+        raise GenerationError(f"attention_mask must be a 2-D 0/1 array [batch, seq] (got shape {mask.shape})")
+    if (np.diff(mask, axis=-1) < 0).any():
+        raise GenerationError("attention_mask has padding AFTER a real token: generation needs LEFT padding "
+                              "(tokenizer.padding_side = 'left'), as the reference's batch_chat forces")
+    if (mask.sum(-1) == 0).any():
+        raise GenerationError("attention_mask has a row with no real token; every prompt needs at least one")
+
+
+def stop_ids(eos_token_id) -> np.ndarray:
+    """eos_token_id as a 1-D array (None -> empty, int -> one id, list -> several stop tokens)."""
+    if eos_token_id is None:
+        return np.zeros(0, dtype=np.int64)
+    return np.atleast_1d(np.asarray(eos_token_id, dtype=np.int64))
+
+
+def check_length(model, prompt_len: int, max_new_tokens: int) -> None:
+    """GenerationError if prompt + new tokens exceed what the model's positions serve (RoPE scaling aside)."""
+    limit = model.position_limit()
+    needed = prompt_len + max_new_tokens
+    if limit is not None and needed > limit:
+        raise GenerationError(f"generate: the prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
+                              f"{needed} positions exceed the {limit} the model serves (max_position_embeddings, or "
+                              f"MPT's max_seq_len; RoPE scaling, where the config has one, is already counted); "
+                              f"shorten the prompt or lower max_new_tokens")
+
+
+def warp_logits(logits: np.ndarray, temperature: float = 1.0, top_k=None, top_p=None) -> np.ndarray:
+    """Temperature, then top-k, then top-p (nucleus); removed entries become -inf.
+
+    [b, vocab] float -> [b, vocab]
+    """
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        # keep x >= the k-th largest value of its row (ties at the boundary are kept, as transformers)
+        kth = np.sort(logits, axis=-1)[:, -top_k][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(logits, axis=-1, kind="stable")  # ascending, as transformers sorts
+        sorted_logits = np.take_along_axis(logits, order, axis=-1)
+        probs = softmax(sorted_logits)
+        # drop the low tail whose total mass is <= 1 - top_p; the top token always survives
+        remove_sorted = np.cumsum(probs, axis=-1) <= (1.0 - top_p)
+        remove_sorted[:, -1] = False
+        remove = np.zeros_like(remove_sorted)
+        np.put_along_axis(remove, order, remove_sorted, axis=-1)
+        logits = np.where(remove, -np.inf, logits)
+    return logits
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """e^(x - max) / Σ e^(x - max) over the last axis. [..., n] -> [..., n]"""
+    exp = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def next_tokens(logits: np.ndarray, do_sample: bool, temperature, top_k, top_p, rng) -> np.ndarray:
+    """[b, vocab] last-position logits -> [b] token ids (argmax, or a draw from the warped softmax)."""
+    if not do_sample:
+        return np.argmax(logits, axis=-1)
+    probs = softmax(warp_logits(logits.astype(np.float64), temperature, top_k, top_p))
+    # inverse-CDF draw: the first index whose cumulative probability exceeds u ~ U[0, 1)
+    u = rng.random((probs.shape[0], 1))
+    cdf = np.cumsum(probs, axis=-1)
+    return np.minimum((cdf <= u * cdf[:, -1:]).sum(axis=-1), probs.shape[-1] - 1)
+
+
+def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens: int = 32,
+             do_sample: bool = False, temperature: float = 1.0, top_k=None, top_p=None, seed=None,
+             eos_token_id=None, pad_token_id=None, streamer=None) -> np.ndarray:
+    """Continue each prompt by up to max_new_tokens tokens.
+
+    input_ids [b, s] or inputs_embeds [b, s, hidden], attention_mask [b, s] (left padding) ->
+    new tokens only, [b, n] int64 with n <= max_new_tokens (stops early once every row has emitted a
+    stop token; finished rows are filled with pad_token_id, or the first stop token if None).
+    streamer(token_ids [b]) is called once per step.
+    """
+    check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p)
+    if (input_ids is None) == (inputs_embeds is None):
+        raise GenerationError("generate: pass exactly one of input_ids [batch, seq] or inputs_embeds "
+                              "[batch, seq, hidden]")
+    prompt = np.asarray(input_ids if input_ids is not None else inputs_embeds)
+    if prompt.ndim != (2 if input_ids is not None else 3):
+        raise GenerationError(f"generate: input_ids must be [batch, seq] / inputs_embeds [batch, seq, hidden] "
+                              f"(got shape {prompt.shape})")
+    batch, prompt_len = prompt.shape[:2]
+    mask = np.ones((batch, prompt_len), dtype=np.int64) if attention_mask is None else \
+        np.asarray(attention_mask).astype(np.int64)
+    if mask.shape != (batch, prompt_len):
+        raise GenerationError(f"generate: attention_mask must be [batch, seq] = {(batch, prompt_len)} "
+                              f"(got {mask.shape})")
+    check_left_padded(mask)
+    if max_new_tokens == 0:
+        return np.zeros((batch, 0), dtype=np.int64)
+    check_length(model, prompt_len, max_new_tokens)
+    stops = stop_ids(eos_token_id)
+    fill = pad_token_id if pad_token_id is not None else (int(stops[0]) if stops.size else 0)
+    rng = np.random.default_rng(seed)
+
+    # prefill: the whole prompt at once, positions cumsum(mask) - 1
+    position_ids = position_ids_from_mask(mask)
+    out = model.forward(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
+                        position_ids=position_ids, use_cache=True)
+    cache = out.past_key_values
+    finished = np.zeros(batch, dtype=bool)
+    generated = []
+    for step in range(max_new_tokens):
+        tokens = next_tokens(np.asarray(out.logits[:, -1]), do_sample, temperature, top_k, top_p, rng)
+        tokens = np.where(finished, fill, tokens).astype(np.int64)
+        generated.append(tokens)
+        if streamer is not None:
+            streamer(tokens)
+        finished |= np.isin(tokens, stops)
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        # decode: one new token per row, its position one past the row's last
+        position_ids = position_ids[:, -1:] + 1
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=-1)
+        out = model.forward(input_ids=tokens[:, None], attention_mask=mask, position_ids=position_ids,
+                            past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+    return np.stack(generated, axis=1)

@@ -1,0 +1,89 @@
+"""Load a checkpoint directory (config.json + safetensors) into the NumPy model its model_type names.
+
+    model = load_model("InternVL2-1B/", dtype="float32")                  # the whole chat model
+    llm = load_model("InternVL2-1B/", component="language_model")        # its Qwen2 alone
+
+An InternVL chat checkpoint nests its LLM under `language_model.` (and its config under
+`llm_config`): `component="language_model"` loads that LLM alone, with the prefix stripped; the
+same happens automatically while the chat model class is not available. bf16/fp16 tensors are
+read through ml_dtypes (no torch) and upcast to the model dtype.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+from minivl.errors import CheckpointError, ConfigError
+
+COMPONENTS = (None, "language_model")
+LLM_PREFIX = "language_model."
+
+
+def resolve_class(registry: dict, model_type: str):
+    """model_type -> class, importing its module only now; None if that module does not exist yet."""
+    if model_type not in registry:
+        raise ConfigError(f"model_type {model_type!r} has no model class; known: {sorted(registry)}")
+    module_name, class_name = registry[model_type].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            return None
+        raise
+    return getattr(module, class_name, None)
+
+
+def plan_load(path, component, registry: dict):
+    """Decide what to build: -> (config to build with, class, key prefix to strip or '').
+
+    Shared by minivl.loading and torch_impl.loading so both packages load the same thing.
+    """
+    from minivl.config import load_config
+
+    if component not in COMPONENTS:
+        raise ConfigError(f"load_model: component must be None (the whole checkpoint) or 'language_model' "
+                          f"(the LLM of an InternVL checkpoint), got {component!r}")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"load_model: {path!r} is not a directory; pass the checkpoint directory that "
+                              f"holds config.json and model.safetensors")
+    config = load_config(path)
+    if config.model_type == "internvl_chat":
+        chat_class = resolve_class(registry, "internvl_chat") if component is None else None
+        if chat_class is not None:
+            return config, chat_class, ""
+        config = config.llm_config
+        return config, resolve_class(registry, config.model_type), LLM_PREFIX
+    if component == "language_model":
+        raise ConfigError(f"load_model: component='language_model' needs an InternVL chat checkpoint "
+                          f"(model_type 'internvl_chat'), but {path!r} is a {config.model_type!r} checkpoint; "
+                          f"load it without component")
+    cls = resolve_class(registry, config.model_type)
+    if cls is None:
+        raise ConfigError(f"load_model: the {config.model_type!r} model class is not available in this install")
+    return config, cls, ""
+
+
+def strip_prefix(state_dict: dict, prefix: str) -> dict:
+    """{prefix + key: t} -> {key: t}; keys outside the prefix (vision_model., mlp1.) are dropped."""
+    if not prefix:
+        return state_dict
+    inner = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not inner:
+        raise CheckpointError(f"load_model: no tensor starts with {prefix!r}; this checkpoint holds no nested "
+                              f"LLM (first keys: {sorted(state_dict)[:3]})")
+    return inner
+
+
+def load_model(path, dtype="float32", component=None):
+    """Read `path` (config.json + model.safetensors or shards) into the matching NumPy model.
+
+    dtype: 'float32' (the reference's float32 run) or 'float64' (gold). component: None or
+    'language_model' (the LLM of an InternVL chat checkpoint, its prefix stripped).
+    """
+    from minivl.checkpoint import load_state_dict
+    from minivl.models import MODEL_REGISTRY
+
+    path = os.fspath(path)
+    config, cls, prefix = plan_load(path, component, MODEL_REGISTRY)
+    state_dict = strip_prefix(load_state_dict(path), prefix)
+    return cls.from_state_dict(config, state_dict, dtype)

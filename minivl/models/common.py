@@ -1,0 +1,257 @@
+"""What every decoder family shares: the output record, position ids, and the pre-norm decoder loop.
+
+InternLM2, Phi-3, Llama and Qwen2 are the same machine with different key names and projection
+layouts (Llama-style: embed -> L x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> head).
+`DecoderLM.forward` is that loop, written once; each family file supplies its layers, its RoPE
+and its head. MPT has its own forward (ALiBi / learned positions, LayerNorm, tied unembedding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from minivl.errors import GenerationError, ShapeError
+
+
+@dataclass
+class CausalLMOutput:
+    """What a causal LM forward returns.
+
+    logits [b, s, vocab] float32 (float64 in a float64 run); past_key_values: the KVCache (or None);
+    hidden_states: L+2 arrays [b, s, hidden] (embedding output, each block's output, final-norm
+    output) when asked, else None.
+    """
+
+    logits: np.ndarray
+    past_key_values: object = None
+    hidden_states: tuple | None = None
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """promote(dtype, float32): what the reference's ".float()" means in a float32 or float64 run."""
+    return np.promote_types(np.dtype(dtype), np.float32)
+
+
+def default_position_ids(batch: int, seq_len: int, past_len: int) -> np.ndarray:
+    """Positions past_len ... past_len+seq_len-1 for every row, as the reference's forward defaults them.
+
+    -> [b, s] int64
+    """
+    return np.broadcast_to(np.arange(past_len, past_len + seq_len, dtype=np.int64), (batch, seq_len)).copy()
+
+
+def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
+    """Positions of a left-padded batch, as prepare_inputs_for_generation builds them.
+
+    position = cumsum(mask) - 1, and padded slots get 1 (any value works: they are masked out).
+    [b, t] 0/1 -> [b, t] int64
+    """
+    mask = np.asarray(attention_mask).astype(np.int64)
+    position_ids = np.cumsum(mask, axis=-1) - 1
+    return np.where(mask == 0, 1, position_ids)
+
+
+def check_inputs(input_ids, inputs_embeds, hidden_size: int) -> None:
+    """Exactly one of input_ids [b, s] / inputs_embeds [b, s, hidden], with the right rank and width."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ShapeError("forward: pass exactly one of input_ids [batch, seq] or inputs_embeds "
+                         f"[batch, seq, hidden] (got {'both' if input_ids is not None else 'neither'})")
+    if input_ids is not None and np.ndim(input_ids) != 2:
+        raise ShapeError(f"forward: input_ids must be 2-D [batch, seq] (got shape {np.shape(input_ids)}); "
+                         f"add a batch axis with ids[None]")
+    if inputs_embeds is not None and (np.ndim(inputs_embeds) != 3 or np.shape(inputs_embeds)[-1] != hidden_size):
+        raise ShapeError(f"forward: inputs_embeds must be [batch, seq, {hidden_size}] "
+                         f"(got shape {np.shape(inputs_embeds)})")
+
+
+def check_token_ids(input_ids, vocab_size: int) -> None:
+    """Token ids must index the embedding table: a clear error instead of an IndexError deep inside."""
+    ids = np.asarray(input_ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ShapeError(f"forward: token ids must be in [0, {vocab_size}) (got min {ids.min()}, max {ids.max()}); "
+                         f"the tokenizer and the checkpoint's vocab_size disagree")
+
+
+def check_attention_mask(attention_mask, batch: int, kv_len: int) -> None:
+    """A 2-D 0/1 mask over every key: cached ones plus the new ones."""
+    if attention_mask is not None and tuple(np.shape(attention_mask)) != (batch, kv_len):
+        raise ShapeError(f"forward: attention_mask must be [batch, past + seq] = [{batch}, {kv_len}] "
+                         f"(got shape {tuple(np.shape(attention_mask))}); it covers the cached tokens too")
+
+
+def position_limit_error(needed: int, limit: int, what: str) -> GenerationError:
+    return GenerationError(f"{what}: {needed} positions are needed (prompt + max_new_tokens) but the model "
+                           f"serves at most {limit}; shorten the prompt or lower max_new_tokens")
+
+
+def split_heads(x: np.ndarray, n_heads: int) -> np.ndarray:
+    """[b, s, n·d] -> [b, n, s, d]"""
+    b, s, width = x.shape
+    return x.reshape(b, s, n_heads, width // n_heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: np.ndarray) -> np.ndarray:
+    """[b, n, s, d] -> [b, s, n·d]"""
+    b, n, s, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, s, n * d)
+
+
+def rope_attention(q, k, v, cos, sin, mask, cache, layer_idx: int) -> np.ndarray:
+    """The attention core the RoPE families share (InternLM2, Phi-3, Llama, Qwen2 eager paths).
+
+    q [b, H, s, d], k/v [b, K, s, d], cos/sin [b, s, d], mask [b|1, 1, s, t] -> [b, s, H·d]
+    Order as the reference: rotate q and k, append k/v to the cache (post-RoPE, pre-GQA),
+    scores = (q·kᵀ)/sqrt(d) + mask, softmax in float32 cast back, times v.
+    """
+    from minivl.attention import scaled_dot_product_attention
+    from minivl.rope import apply_rope
+
+    # cos/sin are computed in float32 and cast to the activation dtype before use, as the reference
+    cos, sin = cos.astype(q.dtype)[:, None], sin.astype(q.dtype)[:, None]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:
+        k, v = cache.update(layer_idx, k, v)
+    out = scaled_dot_product_attention(q, k, v, mask=mask, scale_mode="divide", softmax_dtype="float32")
+    return merge_heads(out)
+
+
+class DecoderLM:
+    """The pre-norm decoder loop of the RoPE families; subclasses supply layers, RoPE and head.
+
+    A subclass sets `config`, `dtype`, `layers` (each `layer(hidden, cos, sin, mask, cache)` with
+    `.sliding_window`) and defines `embed_tokens`, `rotary_cos_sin(position_ids, kv_len)`,
+    `final_norm`, `lm_head`.
+    """
+
+    config = None
+    dtype = np.dtype(np.float32)
+    layers: list = []
+
+    def __call__(self, *args, **kwargs) -> CausalLMOutput:
+        return self.forward(*args, **kwargs)
+
+    def position_limit(self) -> int | None:
+        """Largest number of positions the model serves (None: no limit, e.g. dynamic RoPE scaling)."""
+        return self.rotary.position_limit()
+
+    def rotary_cos_sin(self, position_ids: np.ndarray, kv_len: int):
+        """(cos, sin) [b, s, head_dim] for these positions; kv_len drives dynamic NTK."""
+        return self.rotary.cos_sin(position_ids, kv_len)
+
+    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None,
+                past_key_values=None, use_cache=False, output_hidden_states=False) -> CausalLMOutput:
+        """input_ids [b, s] or inputs_embeds [b, s, hidden] -> CausalLMOutput (logits [b, s, vocab])
+
+        position_ids [b, s] default past..past+s-1; attention_mask [b, past+s] 0/1 (left padding);
+        past_key_values: a KVCache to extend (one is created when use_cache and none is given).
+        """
+        from minivl.attention import KVCache, build_attention_mask
+
+        check_inputs(input_ids, inputs_embeds, self.config.hidden_size)
+        if input_ids is not None:
+            hidden = self.embed_tokens(input_ids)
+        else:
+            hidden = np.asarray(inputs_embeds).astype(self.dtype, copy=False)
+        batch, seq_len = hidden.shape[:2]
+        cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
+        past_len = cache.get_seq_length(0) if cache is not None else 0
+        kv_len = past_len + seq_len
+        check_attention_mask(attention_mask, batch, kv_len)
+        if position_ids is None:
+            position_ids = default_position_ids(batch, seq_len, past_len)
+        position_ids = np.asarray(position_ids, dtype=np.int64)
+        if position_ids.shape != (batch, seq_len):
+            raise ShapeError(f"forward: position_ids must be [batch, seq] = [{batch}, {seq_len}] "
+                             f"(got shape {position_ids.shape})")
+
+        cos, sin = self.rotary_cos_sin(position_ids, kv_len)
+        # one additive mask per distinct window (Qwen2 may window only some layers)
+        masks = {}
+        for window in {layer.sliding_window for layer in self.layers}:
+            masks[window] = build_attention_mask(attention_mask, seq_len, past_len, self.dtype, sliding_window=window)
+
+        all_hidden = [hidden] if output_hidden_states else None
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, masks[layer.sliding_window], cache)
+            if output_hidden_states:
+                all_hidden.append(hidden)
+        hidden = self.final_norm(hidden)
+        if output_hidden_states:
+            all_hidden.append(hidden)
+        # logits = head(h).float(): the head runs in the model dtype, the logits are float32
+        logits = self.lm_head(hidden).astype(compute_dtype(self.dtype))
+        return CausalLMOutput(logits=logits,
+                              past_key_values=cache if (use_cache or past_key_values is not None) else None,
+                              hidden_states=tuple(all_hidden) if output_hidden_states else None)
+
+
+def as_model_dtype(dtype) -> np.dtype:
+    """NumPy models compute in float32 or float64 (float64 is the gold reference)."""
+    name = str(np.dtype(dtype)) if not isinstance(dtype, str) else dtype
+    if name not in ("float32", "float64"):
+        raise ShapeError(f"NumPy models compute in 'float32' or 'float64' (got {dtype!r}); bf16/fp16 checkpoints "
+                         f"are upcast on load, and torch_impl runs bfloat16/float16")
+    return np.dtype(name)
+
+
+def take_weights(state_dict: dict, prefix: str, names, dtype) -> dict:
+    """{name: state_dict[prefix + name] cast to the model dtype} for the names present (biases may be absent)."""
+    out = {}
+    for name in names:
+        key = prefix + name
+        if key in state_dict:
+            out[name] = np.ascontiguousarray(np.asarray(state_dict[key]).astype(dtype))
+    return out
+
+
+class RotaryEmbedding:
+    """cos/sin for one model, whatever its RoPE type, from the config's `rope_kwargs()`.
+
+    * default, linear, yarn, llama3: static frequencies, computed once (`rope_init`);
+    * dynamic: the reference's stateful `DynamicNTKRope`, keyed on kv_seq_len = past + new keys;
+    * su / phi3_yarn / longrope: short or long factors chosen PER CALL from max(position_ids)+1
+      over the whole batch (Phi-3's rule), so a prefill and a later decode step may differ.
+    """
+
+    PER_CALL = ("su", "phi3_yarn", "longrope")
+
+    def __init__(self, rope_kwargs: dict, dtype=np.float32):
+        from minivl.rope import DynamicNTKRope, rope_init
+
+        # tables in promote(model dtype, float32): the reference's float32, or float64 in a gold run
+        self.rope_kwargs = dict(rope_kwargs, dtype=compute_dtype(dtype))
+        self.rope_type = self.rope_kwargs["rope_type"]
+        self.dynamic = None
+        if self.rope_type == "dynamic":
+            kw = self.rope_kwargs
+            self.dynamic = DynamicNTKRope(kw["head_dim"], kw["rope_theta"], kw["max_position_embeddings"],
+                                          kw["factor"], dtype=kw["dtype"])
+        elif self.rope_type not in self.PER_CALL:
+            self.inv_freq, self.attention_scaling = rope_init(**self.rope_kwargs)
+
+    def cos_sin(self, position_ids: np.ndarray, kv_seq_len: int):
+        """[b, s] positions -> (cos, sin) each [b, s, head_dim], in promote(model dtype, float32)"""
+        from minivl.rope import rope_cos_sin, rope_init
+
+        if self.dynamic is not None:
+            return self.dynamic.cos_sin(position_ids, kv_seq_len)
+        if self.rope_type in self.PER_CALL:
+            # seq_len = max(position_ids) + 1 over the batch picks short (<= original) or long factors
+            seq_len = int(np.max(position_ids)) + 1
+            inv_freq, attention_scaling = rope_init(**self.rope_kwargs, seq_len=seq_len)
+            return rope_cos_sin(position_ids, inv_freq, attention_scaling)
+        return rope_cos_sin(position_ids, self.inv_freq, self.attention_scaling)
+
+    def position_limit(self) -> int | None:
+        """How many positions this RoPE is meant to serve (None: dynamic NTK rescales without limit)."""
+        kw = self.rope_kwargs
+        max_pos = kw["max_position_embeddings"]
+        if self.rope_type == "dynamic":
+            return None
+        if self.rope_type == "linear":
+            return int(max_pos * kw["factor"])
+        if self.rope_type in ("yarn", "llama3") and "factor" in kw:
+            original = kw.get("original_max_position_embeddings", max_pos)
+            return max(max_pos, int(original * kw["factor"]))
+        return max_pos
