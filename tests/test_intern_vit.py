@@ -1,0 +1,219 @@
+"""InternViT: minivl/models/intern_vit.py (NumPy) against torch_impl/models/intern_vit.py, per layer.
+
+Both flavours (300M: LayerNorm, qkv bias; 6B: RMSNorm, qk-norm, head_dim 12 so the q-scale order
+matters), float32 and float64, native and non-native input sizes (position-table interpolation),
+eager vs sdpa, the checkpoint layout, the InternVL `vision_model.` prefix, and the error paths.
+Independent references: torch's own Conv2d for the patch embedding, and a hand-written op-by-op
+transcription of the reference's naive attention for qk-norm.
+"""
+import numpy as np
+import pytest
+import torch
+
+import minivl
+import torch_impl
+from minivl.checkpoint import load_state_dict
+from minivl.config import InternVisionConfig
+from minivl.errors import CheckpointError, ConfigError, ShapeError
+from minivl.models.intern_vit import InternVisionModel, patch_embed
+from minivl.testing import assert_close, compare, tolerance
+from minivl.tiny.vision import tiny_vit_config, tiny_vit_tensors, write_tiny_vit
+from torch_impl.models.intern_vit import InternVisionModel as TorchInternVisionModel
+from tests.conftest import requires_cuda
+
+FLAVOURS = ["300m", "6b"]
+DTYPES = {"float32": (np.float32, torch.float32), "float64": (np.float64, torch.float64)}
+
+# Tolerance of the per-layer comparisons, in ulps of the dtype:
+# NumPy and torch run the same ops in the same order; what differs is the summation order inside
+# matmuls (BLAS blocking; C = 64/72, I = 256/288 terms), torch's Conv2d vs our patch matmul, and
+# erf/exp implementations (~1 ulp). Three layers compound this, so 512 ulps relative and an absolute
+# floor of 128 ulps of the hidden state's typical magnitude (~1.4): ≈ 2e-5 in float32, 4e-14 in
+# float64. Measured worst cases (printed with -s) are 7e-6 and 9e-15, 3-5× inside.
+LAYER_ULPS = 128
+
+
+def _tiny(tmp_path, flavour, **overrides):
+    directory = write_tiny_vit(tmp_path / flavour, flavour=flavour, dtype="float64", **overrides)
+    return directory, InternVisionConfig.from_pretrained(directory), load_state_dict(directory)
+
+
+def _pixels(rng, batch, height, width, dtype):
+    return rng.standard_normal((batch, 3, height, width)).astype(dtype)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("size", [(56, 56), (84, 42)], ids=["native", "resized-table"])
+def test_numpy_matches_torch_per_layer(tmp_path, rng, flavour, dtype, size):
+    np_dtype, torch_dtype = DTYPES[dtype]
+    _, config, state = _tiny(tmp_path, flavour)
+    ours = InternVisionModel.from_state_dict(config, state, dtype)
+    theirs = TorchInternVisionModel.from_state_dict(config, state, torch_dtype)
+    pixels = _pixels(rng, 2, *size, np_dtype)
+    out = ours(pixels, output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        ref = theirs(torch.from_numpy(pixels), output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == config.num_hidden_layers + 1  # embeddings + each layer
+    grid = (size[0] // 14) * (size[1] // 14)
+    assert out.last_hidden_state.shape == (2, 1 + grid, config.hidden_size)
+    scale = float(np.abs(out.hidden_states[-1]).mean())
+    rtol, atol = tolerance(dtype, LAYER_ULPS, LAYER_ULPS, scale=scale)
+    errors = []
+    for i, (a, r) in enumerate(zip(out.hidden_states, ref.hidden_states)):
+        assert a.dtype == np_dtype
+        errors.append(assert_close(a, r, rtol=rtol, atol=atol, what=f"{flavour} {dtype} hidden_states[{i}]").max_abs)
+    for i, (a, r) in enumerate(zip(out.attentions, ref.attentions)):
+        # probabilities are in [0, 1]: the same ulps, absolute
+        assert_close(a, r, rtol=rtol, atol=tolerance(dtype, LAYER_ULPS)[1], what=f"attentions[{i}]")
+    assert_close(out.pooler_output, ref.pooler_output, rtol=rtol, atol=atol, what="pooler_output")
+    print(f"\n{flavour} {dtype} {size}: per-layer max |numpy - torch| = "
+          + ", ".join(f"{e:.2e}" for e in errors))
+    # every layer must actually change the stream (otherwise the comparison proves little)
+    for i in range(1, len(out.hidden_states)):
+        assert np.abs(out.hidden_states[i] - out.hidden_states[i - 1]).mean() > 0.05 * scale
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_sdpa_backend_matches_eager(tmp_path, rng, flavour):
+    _, config, state = _tiny(tmp_path, flavour)
+    pixels = torch.from_numpy(_pixels(rng, 2, 56, 56, np.float32))
+    eager = TorchInternVisionModel.from_state_dict(config, state, "float32", attn_implementation="eager")
+    sdpa = TorchInternVisionModel.from_state_dict(config, state, "float32", attn_implementation="sdpa")
+    with torch.no_grad():
+        a = eager(pixels).last_hidden_state
+        b = sdpa(pixels).last_hidden_state
+    # tolerance: sdpa scales q and k by √scale each and fuses the softmax; float32 rounding only
+    rtol, atol = tolerance("float32", LAYER_ULPS, LAYER_ULPS, scale=float(a.abs().mean()))
+    assert_close(b, a, rtol=rtol, atol=atol, what=f"{flavour} sdpa vs eager")
+
+
+@requires_cuda
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_flash_backend_matches_eager_on_cuda(tmp_path, rng, flavour):
+    _, config, state = _tiny(tmp_path, flavour)
+    pixels = torch.from_numpy(_pixels(rng, 2, 56, 56, np.float32)).cuda()
+    eager = TorchInternVisionModel.from_state_dict(config, state, "float32", device="cuda")
+    flash = TorchInternVisionModel.from_state_dict(config, state, "bfloat16", device="cuda",
+                                                   attn_implementation="flash")
+    with torch.no_grad():
+        a = eager(pixels).last_hidden_state
+        b = flash(pixels.bfloat16()).last_hidden_state
+    # tolerance: a bfloat16 model against float32: 3 layers of bf16 rounding, ~16 ulps of bf16
+    rtol, atol = tolerance("bfloat16", 16, 16, scale=float(a.abs().mean()))
+    assert_close(b.float(), a, rtol=rtol, atol=atol, what=f"{flavour} flash bf16 vs eager fp32")
+
+
+def test_flash_backend_refuses_cpu_float32(tmp_path, rng):
+    _, config, state = _tiny(tmp_path, "300m")
+    model = TorchInternVisionModel.from_state_dict(config, state, "float32", attn_implementation="flash")
+    with pytest.raises((ShapeError, ConfigError), match="flash"):
+        model(torch.from_numpy(_pixels(rng, 1, 56, 56, np.float32)))
+
+
+def test_patch_embedding_matmul_equals_conv2d(rng):
+    """The stride-14 conv written as a matmul over flattened patches is the same linear map."""
+    weight = rng.standard_normal((8, 3, 14, 14))
+    bias = rng.standard_normal(8)
+    pixels = rng.standard_normal((2, 3, 28, 42))
+    ours = patch_embed(pixels, weight, bias)  # [2, 6, 8]
+    ref = torch.nn.functional.conv2d(torch.from_numpy(pixels), torch.from_numpy(weight), torch.from_numpy(bias),
+                                     stride=14).flatten(2).transpose(1, 2)
+    # tolerance: float64, 588-term dot products in a different order: 64 ulps
+    rtol, atol = tolerance("float64", 64, 64, scale=float(ref.abs().max()))
+    assert_close(ours, ref, rtol=rtol, atol=atol, what="patch embedding")
+
+
+def test_qk_norm_is_one_rmsnorm_over_all_heads(tmp_path, rng):
+    """6B attention against a direct transcription of InternVL's `_naive_attn` (MIV:210-227) in torch."""
+    _, config, state = _tiny(tmp_path, "6b")
+    model = InternVisionModel.from_state_dict(config, state, "float64")
+    from minivl.models.intern_vit import intern_attention
+
+    x = rng.standard_normal((2, 17, config.hidden_size))
+    ours, _ = intern_attention(x, model.layers[0], config)
+    t = {k: torch.from_numpy(v) for k, v in model.layers[0].items()}
+    B, N, C = x.shape
+    H, D = config.num_attention_heads, C // config.num_attention_heads
+    qkv = (torch.from_numpy(x) @ t["attn.qkv.weight"].T).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+
+    def rms(y, w):  # InternRMSNorm over the flattened (heads·D) axis
+        return w * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + config.layer_norm_eps))
+
+    q = rms(q.transpose(1, 2).flatten(2), t["attn.q_norm.weight"]).view(B, N, H, D).transpose(1, 2)
+    k = rms(k.transpose(1, 2).flatten(2), t["attn.k_norm.weight"]).view(B, N, H, D).transpose(1, 2)
+    attn = ((q * D ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+    ref = (attn @ v).transpose(1, 2).reshape(B, N, C) @ t["attn.proj.weight"].T + t["attn.proj.bias"]
+    # tolerance: float64, same math, different reduction orders: 256 ulps
+    rtol, atol = tolerance("float64", 256, 256, scale=float(ref.abs().mean()))
+    assert_close(ours, ref, rtol=rtol, atol=atol, what="6B attention vs transcription")
+    # a per-head RMSNorm (the tempting mistake) gives a visibly different result: the test can fail
+    qh = qkv[0]
+    per_head = qh * torch.rsqrt(qh.pow(2).mean(-1, keepdim=True) + config.layer_norm_eps)
+    full = qh.transpose(1, 2).flatten(2)
+    full = (full * torch.rsqrt(full.pow(2).mean(-1, keepdim=True) + config.layer_norm_eps)).view(B, N, H, D)
+    assert (per_head - full.transpose(1, 2)).abs().max() > 1e-2
+
+
+def test_load_model_both_packages_and_vision_prefix(tmp_path, rng):
+    directory, config, state = _tiny(tmp_path, "300m")
+    pixels = _pixels(rng, 1, 56, 56, np.float32)
+    np_model = minivl.load_model(directory)
+    torch_model = torch_impl.load_model(directory)
+    assert isinstance(np_model, InternVisionModel) and isinstance(torch_model, TorchInternVisionModel)
+    # an InternVL checkpoint nests the tower under vision_model. next to mlp1./language_model. keys
+    nested = {f"vision_model.{k}": v for k, v in state.items()}
+    nested["mlp1.0.weight"] = np.ones(4 * config.hidden_size)
+    prefixed = InternVisionModel.from_state_dict(config, nested, "float32")
+    a = np_model(pixels).last_hidden_state
+    b = prefixed(pixels).last_hidden_state
+    np.testing.assert_array_equal(a, b)  # tolerance 0: identical weights, identical code
+    with torch.no_grad():
+        c = torch_model(torch.from_numpy(pixels)).last_hidden_state
+    rtol, atol = tolerance("float32", LAYER_ULPS, LAYER_ULPS, scale=float(np.abs(a).mean()))
+    assert_close(a, c, rtol=rtol, atol=atol, what="loaded numpy vs torch")
+
+
+def test_bf16_checkpoint_loads_upcast(tmp_path, rng):
+    directory = write_tiny_vit(tmp_path / "bf16", flavour="6b", dtype="bfloat16")
+    model = minivl.load_model(directory, dtype="float32")
+    assert model.params["encoder.layers.0.attn.qkv.weight"].dtype == np.float32
+    out = model(_pixels(rng, 1, 56, 56, np.float32)).last_hidden_state
+    assert np.isfinite(out).all()
+
+
+def test_expected_shapes_follow_the_flavour():
+    shapes_300m = InternVisionModel.expected_shapes(tiny_vit_config("300m"))
+    shapes_6b = InternVisionModel.expected_shapes(tiny_vit_config("6b"))
+    assert "encoder.layers.0.attn.qkv.bias" in shapes_300m and "encoder.layers.0.norm1.bias" in shapes_300m
+    assert "encoder.layers.0.attn.q_norm.weight" not in shapes_300m
+    assert "encoder.layers.0.attn.q_norm.weight" in shapes_6b and shapes_6b["encoder.layers.0.attn.q_norm.weight"] == (72,)
+    assert "encoder.layers.0.attn.qkv.bias" not in shapes_6b and "encoder.layers.0.norm1.bias" not in shapes_6b
+    assert shapes_6b["embeddings.position_embedding"] == (1, 1 + 4 * 4, 72)
+    assert TorchInternVisionModel.expected_shapes(tiny_vit_config("6b")) == shapes_6b
+
+
+def test_bad_inputs_raise_named_errors(tmp_path, rng):
+    _, config, state = _tiny(tmp_path, "300m")
+    model = InternVisionModel.from_state_dict(config, state, "float32")
+    with pytest.raises(ShapeError, match="multiples of patch_size=14"):
+        model(_pixels(rng, 1, 50, 56, np.float32))
+    with pytest.raises(ShapeError, match=r"\[batch, 3, height, width\]"):
+        model(rng.standard_normal((3, 56, 56)).astype(np.float32))
+    with pytest.raises(ShapeError, match="normalised floats"):
+        model(np.zeros((1, 3, 56, 56), np.uint8))
+    with pytest.raises(CheckpointError, match="no final norm"):
+        model(_pixels(rng, 1, 56, 56, np.float32), apply_final_norm=True)
+    broken = dict(state)
+    del broken["encoder.layers.1.ls2"]
+    broken["encoder.layers.0.attn.qkv.weight"] = broken["encoder.layers.0.attn.qkv.weight"][:10]
+    with pytest.raises(CheckpointError, match="ls2") as excinfo:
+        InternVisionModel.from_state_dict(config, broken, "float32")
+    assert "qkv.weight" in str(excinfo.value)  # every problem listed at once
+    with pytest.raises(ConfigError, match="float32 or float64"):
+        InternVisionModel.from_state_dict(config, state, "float16")
+    with pytest.raises(ConfigError, match="attn_implementation"):
+        TorchInternVisionModel(config, attn_implementation="magic")
+    with pytest.raises(ShapeError, match="multiples of patch_size=14"):
+        TorchInternVisionModel.from_state_dict(config, state)(torch.zeros(1, 3, 50, 56))
