@@ -314,13 +314,34 @@ class _HFRopeScalingMixin:
         kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
         return self._rope_base(kind, **params)
 
-    def _refuse_rope_parameters(self) -> None:
-        # transformers >= 5 writes rope_theta and the scaling into one 'rope_parameters' dict; reading
-        # it silently as an unknown key would run the model with the default base 10000
-        if "rope_parameters" in self.extra:
-            raise ConfigError(f"{type(self).__name__}: 'rope_parameters' (written by transformers >= 5) is not "
-                              f"read by minivl (got {self.extra['rope_parameters']!r}); move rope_theta to the "
-                              f"top level and the rest into rope_scaling (with 'rope_type')")
+    def _read_rope_parameters(self) -> None:
+        """Accept transformers >= 5's layout, which puts rope_theta and the scaling in one dict.
+
+        `"rope_parameters": {"rope_type": "llama3", "factor": 8.0, ..., "rope_theta": 5e5}` becomes
+        rope_theta plus rope_scaling; the dict itself stays in `extra`, so a round trip keeps it.
+        Ignoring it instead would silently run the model with the default base 10000.
+        """
+        params = self.extra.get("rope_parameters")
+        if params is None:
+            return
+        if not isinstance(params, dict):
+            raise self._error("rope_parameters", params, "a dict like {'rope_type': 'default', 'rope_theta': 1e6}")
+        params = copy.deepcopy(params)
+        theta = params.pop("rope_theta", None)
+        if theta is not None:
+            default_theta = type(self).__dataclass_fields__["rope_theta"].default
+            if self.rope_theta not in (theta, default_theta):
+                raise ConfigError(f"{type(self).__name__}: rope_theta ({self.rope_theta}) disagrees with "
+                                  f"rope_parameters.rope_theta ({theta}); keep one of them")
+            self.rope_theta = theta
+        is_default = params.get("rope_type", params.get("type", "default")) == "default"
+        scaling = None if is_default and set(params) <= {"rope_type", "type"} else params
+        if self.rope_scaling is not None and self.rope_scaling != scaling:
+            raise ConfigError(f"{type(self).__name__}: rope_scaling ({self.rope_scaling!r}) disagrees with "
+                              f"rope_parameters ({self.extra['rope_parameters']!r}); keep one of them")
+        self.rope_scaling = scaling
+
+    def _check_head_dim(self) -> None:
         if "head_dim" in self.extra and self.extra["head_dim"] != self.head_dim:
             raise ConfigError(f"{type(self).__name__}: head_dim must equal hidden_size // num_attention_heads "
                               f"= {self.head_dim} (got {self.extra['head_dim']!r}); minivl, like transformers "
@@ -344,10 +365,11 @@ class LlamaConfig(_HFRopeScalingMixin, _DecoderConfig):
     attention_dropout: float = 0.0
 
     def validate(self) -> None:
+        self._read_rope_parameters()
         super().validate()
+        self._check_head_dim()
         self._check_int("pretraining_tp")
         self._check_probability("attention_dropout")
-        self._refuse_rope_parameters()
         scaling = self.rope_scaling
         if scaling is None:
             return
@@ -392,12 +414,13 @@ class Qwen2Config(_HFRopeScalingMixin, _DecoderConfig):
     attention_dropout: float = 0.0
 
     def validate(self) -> None:
+        self._read_rope_parameters()
         super().validate()
+        self._check_head_dim()
         self._check_probability("attention_dropout")
         self._check_int("max_window_layers", minimum=0)
         if self.sliding_window is not None:
             self._check_int("sliding_window")
-        self._refuse_rope_parameters()
         if self.rope_scaling is None:
             return
         if not isinstance(self.rope_scaling, dict):

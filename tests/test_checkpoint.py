@@ -19,7 +19,7 @@ from safetensors.torch import save_file as st_torch_save
 
 from minivl.checkpoint import (INDEX_FILE, SINGLE_FILE, check_state_dict, load_state_dict, read_safetensors,
                                save_checkpoint, write_safetensors)
-from minivl.config import InternLM2Config, load_config
+from minivl.config import InternLM2Config, Qwen2Config, load_config
 from minivl.errors import CheckpointError
 from torch_impl import checkpoint as torch_checkpoint
 
@@ -330,3 +330,26 @@ def test_torch_save_checkpoint_round_trips_bf16(tmp_path):
     torch_checkpoint.save_checkpoint(tmp_path, small_config(), tensors)
     assert_same_bits(st_torch_load(str(tmp_path / SINGLE_FILE)), tensors)
     assert_same_bits(torch_checkpoint.load_state_dict(tmp_path), tensors)
+
+
+def test_our_checkpoint_loads_in_transformers(tmp_path):
+    # independent reference: transformers reads the config.json and safetensors that minivl writes
+    transformers = pytest.importorskip("transformers")
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, rope_theta=1e6, architectures=["Qwen2ForCausalLM"])
+    hf_config = transformers.Qwen2Config(**{k: v for k, v in config.to_dict().items() if k != "model_type"})
+    torch.manual_seed(0)
+    weights = transformers.Qwen2ForCausalLM(hf_config).to(torch.bfloat16).state_dict()
+    torch_checkpoint.save_checkpoint(tmp_path, config, weights)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert model.config.rope_parameters["rope_theta"] == 1e6 and model.config.num_key_value_heads == 2
+    reloaded, ours = model.state_dict(), torch_checkpoint.load_state_dict(tmp_path)
+    assert sorted(reloaded) == sorted(ours)
+    for name in ours:
+        assert torch.equal(reloaded[name], ours[name]), name   # bit-exact bf16: no tolerance
+    # and the other way: what transformers' save_pretrained writes loads here (config and weights)
+    model.save_pretrained(tmp_path / "hf")
+    hf_written = load_config(tmp_path / "hf")
+    assert type(hf_written) is Qwen2Config and hf_written.rope_theta == 1e6
+    assert hf_written.num_key_value_heads == 2 and hf_written.head_dim == 8
+    assert_same_bits(torch_checkpoint.load_state_dict(tmp_path / "hf"), reloaded)

@@ -170,6 +170,41 @@ def test_qwen2_rope_scaling_is_accepted_and_honoured():
     assert Qwen2Config().rope_kwargs()["rope_type"] == "default"
 
 
+def test_rope_init_accepts_every_rope_kwargs():
+    # the contract with minivl.rope: rope_kwargs() feeds rope_init unchanged, for every scaling kind
+    from minivl.rope import rope_init
+    configs = [load_config(fixture_path(name)).llm_config for name in sorted(RELEASED)]
+    configs += [LlamaConfig(rope_scaling={"type": "dynamic", "factor": 2.0}),
+                LlamaConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}),
+                LlamaConfig(max_position_embeddings=131072,
+                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+                Phi3Config(hidden_size=64, num_attention_heads=4, max_position_embeddings=8192,
+                           rope_scaling={"type": "yarn", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8})]
+    for config in configs:
+        inv_freq, attention_scaling = rope_init(**config.rope_kwargs())
+        assert inv_freq.shape == (config.head_dim // 2,), type(config).__name__
+        assert attention_scaling >= 1.0
+
+
+def test_configs_written_by_transformers_5_load():
+    # independent reference: the installed transformers (5.x) writes rope_theta inside 'rope_parameters'
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=65536, rope_theta=500000.0,
+                                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    config = load_config(hf.to_dict())
+    assert type(config) is LlamaConfig and config.rope_theta == 500000.0
+    assert config.rope_kwargs() == dict(rope_type="llama3", head_dim=16, rope_theta=500000.0,
+                                        max_position_embeddings=65536, factor=8.0, low_freq_factor=1.0,
+                                        high_freq_factor=4.0, original_max_position_embeddings=8192)
+    assert load_config(config.to_dict()) == config
+    qwen2 = load_config(transformers.Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                 rope_theta=1e6).to_dict())
+    assert qwen2.rope_theta == 1e6 and qwen2.rope_scaling is None and qwen2.rope_kwargs()["rope_type"] == "default"
+
+
 def test_unknown_keys_survive_a_file_round_trip(tmp_path):
     config = InternLM2Config.from_dict({"model_type": "internlm2", "hidden_size": 64, "num_attention_heads": 4,
                                         "my_setting": {"a": [1, 2]}})
@@ -220,8 +255,11 @@ WRONG = [
      "rope_scaling.rope_type must be one of ['default', 'dynamic', 'linear', 'llama3', 'longrope', 'yarn']"),
     ("llama3 missing key", LlamaConfig, dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
      "missing ['high_freq_factor', 'low_freq_factor', 'original_max_position_embeddings']"),
-    ("llama transformers-5 rope_parameters", LlamaConfig,
-     dict(extra={"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}), "move rope_theta to the top level"),
+    ("llama rope_parameters disagree", LlamaConfig,
+     dict(rope_theta=1e6, extra={"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}),
+     "rope_theta (1000000.0) disagrees with rope_parameters.rope_theta (500000.0)"),
+    ("llama head_dim", LlamaConfig, dict(extra={"head_dim": 64}),
+     "head_dim must equal hidden_size // num_attention_heads = 128 (got 64)"),
     ("qwen2 rope_scaling type", Qwen2Config, dict(rope_scaling={"type": "su", "factor": 2.0}),
      "rope_scaling.type must be one of"),
     ("heads do not divide hidden", InternLM2Config, dict(hidden_size=100, num_attention_heads=3),
