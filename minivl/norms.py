@@ -1,0 +1,79 @@
+"""Normalisation layers: RMSNorm in its two rounding orders (HF vs MPT) and LayerNorm.
+
+"Computed in float32" in the references means promote(x.dtype, float32) here, so a float64 run
+stays float64 end to end while a float32 (or bf16, via ml_dtypes) run follows the reference's
+upcast exactly.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from minivl.errors import ConfigError, ShapeError
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """Root-mean-square norm (Zhang & Sennrich, 2019) as HF Llama, InternLM2, Phi-3 and InternViT compute it.
+
+    [..., d], [d] -> [..., d] (dtype: promotion of weight and x, as in the reference)
+    """
+    _check_norm_args("rms_norm", x, weight, None, eps)
+    compute = np.promote_types(x.dtype, np.float32)
+    x32 = x.astype(compute)
+    # var = mean(x²) over the feature axis; y = x · 1/sqrt(var + eps)   (eps inside the root)
+    variance = np.mean(x32 * x32, axis=-1, keepdims=True)
+    y = x32 * (1.0 / np.sqrt(variance + eps))
+    # cast back to x.dtype BEFORE the weight multiply: the reference rounds twice in bf16 (pitfall 3)
+    return weight * y.astype(x.dtype)
+
+
+def rms_norm_mpt(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
+    """RMSNorm as MPT (llm-foundry `norm.py`) computes it: the weight is applied in float32, then one cast.
+
+    [..., d], [d] or None -> [..., d] (x.dtype)
+    """
+    _check_norm_args("rms_norm_mpt", x, weight, None, eps)
+    compute = np.promote_types(x.dtype, np.float32)
+    x32 = x.astype(compute)
+    # y = x · 1/sqrt(mean(x²) + eps) · w, all in float32; a single rounding to x.dtype at the end
+    y = x32 * (1.0 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + eps))
+    if weight is not None:
+        y = y * weight.astype(compute)
+    return y.astype(x.dtype)
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None, eps: float) -> np.ndarray:
+    """LayerNorm (Ba et al., 2016) as torch.nn.LayerNorm computes it: biased variance, eps inside the root.
+
+    weight/bias may be None (MPT `no_bias=True` removes the LayerNorm bias too, pitfall 29).
+    [..., d], [d] | None, [d] | None -> [..., d] (x.dtype; statistics and affine in float32, one rounding)
+    """
+    _check_norm_args("layer_norm", x, weight, bias, eps)
+    compute = np.promote_types(x.dtype, np.float32)
+    x32 = x.astype(compute)
+    mean = np.mean(x32, axis=-1, keepdims=True)
+    centred = x32 - mean
+    # biased variance: mean((x − μ)²), divided by d not d − 1
+    variance = np.mean(centred * centred, axis=-1, keepdims=True)
+    # y = (x − μ) / sqrt(var + eps) · w + b
+    y = centred * (1.0 / np.sqrt(variance + eps))
+    if weight is not None:
+        y = y * weight.astype(compute)
+    if bias is not None:
+        y = y + bias.astype(compute)
+    return y.astype(x.dtype)
+
+
+def _check_norm_args(name, x, weight, bias, eps) -> None:
+    """ShapeError for a weight/bias that is not [d] with d = x.shape[-1]; ConfigError for a bad eps."""
+    if x.ndim < 1:
+        raise ShapeError(f"{name}: x must have a feature axis, got a scalar; pass [..., d]")
+    d = x.shape[-1]
+    for what, param in (("weight", weight), ("bias", bias)):
+        if param is not None and tuple(param.shape) != (d,):
+            raise ShapeError(f"{name}: {what} must have shape ({d},) to match x {tuple(x.shape)}, got "
+                             f"{tuple(param.shape)}; norms act on the last axis only")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ConfigError(f"{name}: eps must be a number >= 0 (the config's rms_norm_eps / layer_norm_eps), "
+                          f"got {eps!r}")

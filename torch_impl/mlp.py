@@ -1,0 +1,55 @@
+"""Feed-forward blocks: SwiGLU (InternLM2, Llama, Qwen2, Phi-3 fused) and GELU MLP (InternViT, MPT)."""
+from __future__ import annotations
+
+import torch
+
+from minivl.errors import ConfigError, ShapeError
+from minivl.mlp import _check_down, _check_pair
+from torch_impl.activations import gelu, gelu_tanh, silu
+from torch_impl.linear import linear
+
+
+def swiglu_mlp(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
+               down_weight: torch.Tensor) -> torch.Tensor:
+    """SwiGLU feed-forward (Shazeer, 2020) as HF LlamaMLP / InternLM2 (w1 = gate, w3 = up, w2 = down).
+
+    [..., hidden], [inter, hidden], [inter, hidden], [hidden, inter] -> [..., hidden]
+    """
+    _check_pair("swiglu_mlp", "gate_weight", gate_weight, "up_weight", up_weight)
+    _check_down("swiglu_mlp", down_weight, gate_weight.shape[0])
+    # down( silu(gate(x)) · up(x) ), no biases
+    return linear(silu(linear(x, gate_weight)) * linear(x, up_weight), down_weight)
+
+
+def fused_swiglu_mlp(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+    """Phi-3's SwiGLU with one fused `gate_up_proj`: the first half of the outputs is the gate, the second up.
+
+    [..., hidden], [2·inter, hidden], [hidden, inter] -> [..., hidden]
+    """
+    if gate_up_weight.ndim != 2 or gate_up_weight.shape[0] % 2:
+        raise ShapeError(f"fused_swiglu_mlp: gate_up_weight must be [2·intermediate, hidden] with an even "
+                         f"number of rows, got {tuple(gate_up_weight.shape)}; for separate gate/up "
+                         f"weights use swiglu_mlp")
+    intermediate = gate_up_weight.shape[0] // 2
+    _check_down("fused_swiglu_mlp", down_weight, intermediate)
+    gate_up = linear(x, gate_up_weight)
+    # chunk(2, dim=-1): [..., :inter] is the gate, [..., inter:] is up (MP3:262-273)
+    gate, up = gate_up[..., :intermediate], gate_up[..., intermediate:]
+    return linear(up * silu(gate), down_weight)
+
+
+def gelu_mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
+             fc2_bias: torch.Tensor | None, approximate: bool | str = False) -> torch.Tensor:
+    """Two-layer GELU MLP: InternViT `InternMLP` (fc1/fc2) and MPT's FFN (up_proj/down_proj), exact erf GELU.
+
+    approximate=True (or "tanh") selects the tanh GELU instead.
+    [..., hidden], [inter, hidden], [inter], [hidden, inter], [hidden] -> [..., hidden]
+    """
+    if approximate not in (False, True, "none", "tanh"):
+        raise ConfigError(f"gelu_mlp: approximate must be False/'none' (exact erf) or True/'tanh', got "
+                          f"{approximate!r}")
+    activation = gelu_tanh if approximate in (True, "tanh") else gelu
+    if fc1_weight.ndim == 2:
+        _check_down("gelu_mlp", fc2_weight, fc1_weight.shape[0], name="fc2_weight")
+    # fc2( gelu( fc1(x) ) )
+    return linear(activation(linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
