@@ -49,6 +49,23 @@ class _DecoderConfig(_Config):
         self._check_choice("hidden_act", ("silu",), "minivl's SwiGLU MLP implements silu only")
         self._check_positive_number("rms_norm_eps")
         self._check_positive_number("rope_theta")
+        self._check_rope_parameters_agree()
+
+    def _check_rope_parameters_agree(self) -> None:
+        """A transformers >= 5 'rope_parameters' dict must not say something the fields do not.
+
+        Llama and Qwen2 read it into rope_theta / rope_scaling first; InternLM2 and Phi-3 (remote
+        code, 4.x layout) do not, so a differing one would otherwise be silently ignored.
+        """
+        params = self.extra.get("rope_parameters")
+        if not isinstance(params, dict):
+            return
+        theta = params.get("rope_theta", self.rope_theta)
+        kind = params.get("rope_type", params.get("type", "default"))
+        if theta != self.rope_theta or (kind != "default" and self.rope_scaling is None):
+            raise ConfigError(f"{type(self).__name__}: rope_parameters {params!r} (the transformers >= 5 layout) "
+                              f"is not read for {self.model_type}; write rope_theta at the top level and "
+                              f"rope_scaling in the 4.x form this class documents")
 
     @property
     def head_dim(self) -> int:
