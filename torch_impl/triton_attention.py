@@ -244,6 +244,7 @@ def _launch(q, k, v, out, lse, extras, slopes, cu_q, cu_k, q_strides, k_strides,
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     (bias, bias_strides), (mask, mask_strides) = extras[0] or (None, (0,) * 4), extras[1] or (None, (0,) * 4)
     slopes_tensor, slope_strides = slopes or (None, (0, 0))
+    _check_device(q)
     kernel = _flash_forward_kernel
     # placeholders for absent optional pointers (never read: the constexpr flags are off)
     grid = (triton.cdiv(max(q_len, 1), block_m), batch * n_heads)
@@ -277,6 +278,10 @@ def _check_inputs(q, k, v, ndim):
                          f"(use 'eager' or 'sdpa' for a float64 run)")
     if not (q.device == k.device == v.device):
         raise ConfigError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+
+
+def _check_device(q):
+    """Compiled kernels need CUDA tensors; the interpreter needs CPU tensors."""
     if INTERPRETED and q.device.type != "cpu":
         raise ConfigError(f"Triton is in interpreter mode (TRITON_INTERPRET=1): it runs CPU tensors "
                           f"only; got tensors on {q.device}. Unset TRITON_INTERPRET to compile for CUDA")
