@@ -103,16 +103,16 @@ def answer(model, tokenizer, generate, messages, settings, system=None, out=sys.
 
     def streamer(token_ids):
         nonlocal n_new
-        token = int(np.asarray(token_ids if not hasattr(token_ids, "cpu") else token_ids.cpu()).reshape(-1)[0])
+        token = int(token_ids.tolist()[0])  # [1] NumPy array or torch tensor
         n_new += 1
         if token in stops:
             return
         out.write(decoder.add(token))
         out.flush()
 
-    generate(model, input_ids=np.asarray([prompt_ids], dtype=np.int64) if not _is_torch(model)
-             else _torch_ids(prompt_ids, model), eos_token_id=sorted(stops), pad_token_id=tokenizer.pad_token_id,
-             streamer=streamer, **settings)
+    # both packages' generate() take a NumPy [1, s] prompt (torch_impl moves it to the model's device)
+    generate(model, input_ids=np.asarray([prompt_ids], dtype=np.int64), eos_token_id=sorted(stops),
+             pad_token_id=tokenizer.pad_token_id, streamer=streamer, **settings)
     out.write(decoder.flush())
     out.write("\n")
     out.flush()
@@ -167,13 +167,3 @@ def _report(args, n_new: int, seconds: float) -> None:
         print(f"[{n_new} tokens in {seconds:.2f} s, {n_new / max(seconds, 1e-9):.1f} tokens/s, "
               f"backend {args.backend}]", file=sys.stderr)
 
-
-def _is_torch(model) -> bool:
-    return type(model).__module__.startswith("torch_impl")
-
-
-def _torch_ids(ids, model):
-    import torch
-
-    device = next(model.parameters()).device
-    return torch.tensor([ids], dtype=torch.long, device=device)
