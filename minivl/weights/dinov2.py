@@ -208,3 +208,47 @@ def dinov2_checkpoint(force: bool = False) -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# ----------------------------------------------------------------------------------------------
+# what the trained weights see: the CLS token's attention over the image
+# ----------------------------------------------------------------------------------------------
+
+def fit_to_patches(width: int, height: int, long_side: int = 448, patch: int = 14) -> tuple[int, int]:
+    """(height, width) in pixels, multiples of `patch`, with the image's aspect and the longer side ≈ long_side."""
+    scale = long_side / max(width, height)
+    return (max(patch, int(round(height * scale / patch)) * patch),
+            max(patch, int(round(width * scale / patch)) * patch))
+
+
+def cls_attention_map(image, size=224, layer: int = -1, model=None):
+    """The DINOv2 CLS token's attention over the image's patches, averaged over heads.
+
+    image: a path or PIL image; size: an int (square input) or (height, width), multiples of 14.
+    -> (the RGB image as the ViT saw it, resized: PIL, attention [height/14, width/14] summing to 1
+    over the patches; the CLS token's attention to itself is left out).
+    """
+    from PIL import Image
+
+    from minivl.errors import ShapeError
+    from minivl.preprocess import open_image
+
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if height % 14 or width % 14 or height < 14 or width < 14:
+        raise ShapeError(f"the DINOv2 input size must be positive multiples of 14 pixels, got {height}×{width}; "
+                         f"e.g. 224 or 448")
+    if model is None:
+        import minivl
+
+        model = minivl.load_model(dinov2_checkpoint(), dtype="float32")
+    n_layers = model.config.num_hidden_layers
+    if not -n_layers <= layer < n_layers:
+        raise ShapeError(f"layer must be in [-{n_layers}, {n_layers - 1}] for this {n_layers}-layer ViT, got {layer}")
+    rgb = open_image(image).resize((width, height), resample=Image.BICUBIC)
+    # ToTensor (uint8 / 255) + ImageNet Normalize, in float32; the image need not be square here
+    pixels = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1)[None] / np.float32(255.0)
+    mean, std = (np.asarray(v, dtype=np.float32).reshape(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    out = model((pixels - mean) / std, output_attentions=True)
+    # attentions[layer]: [1, heads, 1+n, 1+n]; row 0 is the CLS query, columns 1… the patches
+    cls_to_patches = out.attentions[layer][0, :, 0, 1:].mean(axis=0)
+    return rgb, (cls_to_patches / cls_to_patches.sum()).reshape(height // 14, width // 14)
