@@ -101,7 +101,7 @@ def test_attention_map_of_a_tall_image_finds_the_disc(tmp_path, rng, cache):
     mask = np.asarray(Image.fromarray(disc).resize((13 * 14, 32 * 14), Image.NEAREST))
     on_disc = mask.reshape(32, 14, 13, 14).mean(axis=(1, 3)) > 0.5
     mass, area = attention[on_disc].sum(), on_disc.mean()
-    # measured: ~0.6 of the mass on ~8% of the patches; demand 3× the area fraction
+    # measured: 0.44 of the mass on 10% of the patches; demand 3× the area fraction
     assert mass > 3 * area
 
 
