@@ -30,7 +30,7 @@ from minivl.errors import ConfigError, GenerationError, ShapeError
 from minivl.testing import assert_close, tolerance
 from tests.conftest import requires_cuda
 
-DTYPES = [(np.float32, torch.float32), (np.float64, torch.float64)]
+DTYPES = [pytest.param(np.float32, torch.float32, id="float32"), pytest.param(np.float64, torch.float64, id="float64")]
 TYPES = ["default", "linear", "dynamic", "yarn", "longrope", "llama3", "su", "phi3_yarn"]
 HF_TYPES = ["linear", "dynamic", "yarn", "longrope", "llama3"]  # the keys of ROPE_INIT_FUNCTIONS we cover
 MAX_POSITION = 131072
@@ -101,7 +101,7 @@ def test_inv_freq_numpy_matches_torch(rope_type, np_dtype, torch_dtype):
 @pytest.mark.parametrize("np_dtype, torch_dtype", DTYPES)
 def test_cos_sin_numpy_matches_torch_up_to_131072(rope_type, np_dtype, torch_dtype):
     rng = np.random.default_rng(1)
-    positions = np.concatenate([np.arange(16), rng.integers(0, MAX_POSITION + 1, (2, 2048)).ravel(),
+    positions = np.concatenate([np.arange(16), rng.integers(0, MAX_POSITION + 1, (2, 768)).ravel(),
                                 [MAX_POSITION - 1, MAX_POSITION]]).reshape(2, -1)
     for head_dim in (64, 96, 128):
         rope_theta, M, params = make_case(rope_type, head_dim, rng, float(rng.choice([1.0, 0.5])))
@@ -134,7 +134,8 @@ def test_apply_rope_numpy_matches_torch(np_dtype, torch_dtype, partial, rng):
     b, h, n, head_dim = 2, 3, 17, 96
     x = rng.standard_normal((b, h, n, head_dim)).astype(np_dtype)
     position_ids = rng.integers(0, MAX_POSITION, (b, n))
-    inv, s = tr.rope_init("su", head_dim, 1e4, 131072, n, dtype=torch_dtype, **make_case("su", head_dim, rng, partial)[2])
+    params = make_case("su", head_dim, rng, partial)[2]
+    inv, s = tr.rope_init("su", head_dim, 1e4, 131072, n, dtype=torch_dtype, **params)
     cos, sin = tr.rope_cos_sin(torch.as_tensor(position_ids), inv, s)
     out_t = tr.apply_rope(torch.as_tensor(x), cos[:, None], sin[:, None])
     out_np = npr.apply_rope(x, cos.numpy()[:, None], sin.numpy()[:, None])
@@ -485,7 +486,9 @@ class _InternLM2RemoteTable:
     def _build(self, seq_len):
         self.cached = seq_len
         if seq_len > self.max_pos:
-            new_base = self.base * ((self.factor * seq_len / self.max_pos) - (self.factor - 1)) ** (self.dim / (self.dim - 2))
+            # b' = b·(f·L/M − (f−1))^(d/(d−2)) in Python floats
+            kappa = (self.factor * seq_len / self.max_pos) - (self.factor - 1)
+            new_base = self.base * kappa ** (self.dim / (self.dim - 2))
             self.inv_freq = 1.0 / (new_base ** (torch.arange(0, self.dim, 2).float() / self.dim))
         angles = torch.outer(torch.arange(seq_len).float(), self.inv_freq)
         self.cos, self.sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()

@@ -13,7 +13,7 @@ import math
 import torch
 
 from minivl.errors import ConfigError, GenerationError, ShapeError
-from minivl.rope import (  # noqa: F401  (re-exported: the same names as minivl.rope)
+from minivl.rope import (  # the framework-free half, re-exported under the same names
     ROPE_PARAMETER_NAMES,
     ROPE_TYPES,
     RopeParameters,
@@ -22,6 +22,10 @@ from minivl.rope import (  # noqa: F401  (re-exported: the same names as minivl.
     yarn_correction_range,
     yarn_get_mscale,
 )
+
+__all__ = ["ROPE_PARAMETER_NAMES", "ROPE_TYPES", "RopeParameters", "rope_parameters", "yarn_correction_dim",
+           "yarn_correction_range", "yarn_get_mscale", "rope_init", "rope_cos_sin", "rotate_half", "apply_rope",
+           "DynamicNTKRope", "interleaved_to_half", "half_to_interleaved"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
            torch.float64: torch.float64}
@@ -93,7 +97,8 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, rp: RopeParameters) -> torch.Tensor
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(position_ids, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(position_ids, inv_freq: torch.Tensor,
+                 attention_scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables in the rotate-half layout, attention scaling folded in (Hugging Face).
 
     [..., n] positions, [d/2] -> cos [..., n, d], sin [..., n, d], in inv_freq's dtype and device.
