@@ -55,6 +55,11 @@ DISPATCH = {
 }
 N_HEADS, N_KV_HEADS, HEAD_DIM = 4, 2, 8
 
+# whole tiny models loaded with attn_implementation="triton" (a left-padded batch of two prompts)
+MODEL_FAMILIES = ("qwen2", "mpt_alibi")
+MODEL_INPUT_IDS = [[5, 7, 9, 11, 13, 2, 4, 6], [1, 1, 3, 5, 8, 9, 10, 12]]
+MODEL_ATTENTION_MASK = [[1] * 8, [0, 0] + [1] * 6]
+
 
 def _rng(name: str) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(name.encode()))
@@ -138,11 +143,24 @@ def run_interpreted_cases(path: str) -> None:
         out = scaled_dot_product_attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), mask=mask,
                                            bias=None if bias is None else torch.from_numpy(bias), backend="triton")
         results[f"dispatch/{name}/out"] = out.numpy()
+    from minivl.tiny.llm import write_tiny_llm
+    from torch_impl.loading import load_model
+
+    for family in MODEL_FAMILIES:
+        checkpoint = write_tiny_llm(os.path.join(os.path.dirname(path), family), family)
+        model = load_model(checkpoint, dtype="float32", attn_implementation="triton")
+        logits = model(input_ids=torch.tensor(MODEL_INPUT_IDS), attention_mask=torch.tensor(MODEL_ATTENTION_MASK)).logits
+        results[f"model/{family}/logits"] = logits.detach().numpy()
+        results[f"model/{family}/checkpoint"] = np.array(str(checkpoint))
     np.savez(path, **results)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
+    import warnings
+
+    # the interpreter evaluates finfo.min + ALiBi bias in NumPy, which warns on the (intended) overflow to -inf
+    warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
     run_interpreted_cases(sys.argv[1])
     sys.exit(0)
 
@@ -161,7 +179,8 @@ ULPS = 256
 def interpreted(tmp_path_factory):
     """Every case run once through the interpreted kernel, in a subprocess with TRITON_INTERPRET=1."""
     path = tmp_path_factory.mktemp("triton") / "results.npz"
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    # one BLAS thread: the interpreter does thousands of tiny matmuls, which OpenBLAS threads only slow down
+    env = dict(os.environ, TRITON_INTERPRET="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(path)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
@@ -226,6 +245,22 @@ def test_triton_backend_with_model_masks(interpreted, name):
     rtol, atol = tolerance(np.float32, ULPS, scale=float(np.abs(v).max()))
     assert_close(out.transpose(0, 2, 1, 3)[real_rows], ref_out.transpose(0, 2, 1, 3)[real_rows],
                  rtol=rtol, atol=atol, what=f"{name} vs naive float64 (real rows)")
+
+
+@pytest.mark.parametrize("family", MODEL_FAMILIES)
+def test_tiny_model_with_triton_backend_equals_eager(interpreted, family):
+    """A whole tiny model (2 layers) with attn_implementation="triton" vs "eager", left-padded batch, float32.
+
+    The attention outputs differ by rounding only (<= ~10 ulps); two layers and the LM head can
+    amplify that a little: 256 ulps of float32 times max|logits| (seen: ~4 ulps).
+    """
+    from torch_impl.loading import load_model
+
+    logits = interpreted[f"model/{family}/logits"]
+    eager = load_model(str(interpreted[f"model/{family}/checkpoint"]), dtype="float32", attn_implementation="eager")
+    ref = eager(input_ids=torch.tensor(MODEL_INPUT_IDS), attention_mask=torch.tensor(MODEL_ATTENTION_MASK)).logits
+    rtol, atol = tolerance(np.float32, ULPS, scale=float(ref.abs().max()))
+    assert_close(logits, ref, rtol=rtol, atol=atol, what=f"tiny {family} logits, triton vs eager")
 
 
 def test_bad_input_raises_named_error():
