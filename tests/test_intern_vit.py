@@ -217,3 +217,69 @@ def test_bad_inputs_raise_named_errors(tmp_path, rng):
         TorchInternVisionModel(config, attn_implementation="magic")
     with pytest.raises(ShapeError, match="multiples of patch_size=14"):
         TorchInternVisionModel.from_state_dict(config, state)(torch.zeros(1, 3, 50, 56))
+
+
+# ----------------------------------------------------------------------------------------------
+# independent reference: transformers' own port of InternViT (InternVLVisionModel, transformers 5.x)
+# ----------------------------------------------------------------------------------------------
+
+def _to_hf(config, state):
+    """Our (= InternVL's) keys -> transformers' InternVLVisionModel keys; qkv split into q/k/v_proj."""
+    C = config.hidden_size
+    hf = {
+        "embeddings.cls_token": state["embeddings.class_embedding"],
+        "embeddings.patch_embeddings.projection.weight": state["embeddings.patch_embedding.weight"],
+        "embeddings.patch_embeddings.projection.bias": state["embeddings.patch_embedding.bias"],
+        "embeddings.position_embeddings": state["embeddings.position_embedding"],
+    }
+    for i in range(config.num_hidden_layers):
+        ours, theirs = f"encoder.layers.{i}.", f"encoder.layer.{i}."
+        for j, part in enumerate("qkv"):
+            hf[theirs + f"attention.{part}_proj.weight"] = state[ours + "attn.qkv.weight"][j * C:(j + 1) * C]
+            if config.qkv_bias:
+                hf[theirs + f"attention.{part}_proj.bias"] = state[ours + "attn.qkv.bias"][j * C:(j + 1) * C]
+        if config.qk_normalization:
+            hf[theirs + "attention.q_norm.weight"] = state[ours + "attn.q_norm.weight"]
+            hf[theirs + "attention.k_norm.weight"] = state[ours + "attn.k_norm.weight"]
+        hf[theirs + "attention.projection_layer.weight"] = state[ours + "attn.proj.weight"]
+        hf[theirs + "attention.projection_layer.bias"] = state[ours + "attn.proj.bias"]
+        for part in ("fc1", "fc2"):
+            for leaf in ("weight", "bias"):
+                hf[theirs + f"mlp.{part}.{leaf}"] = state[ours + f"mlp.{part}.{leaf}"]
+        for norm, hf_norm in (("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
+            for leaf in ("weight", "bias"):
+                if ours + f"{norm}.{leaf}" in state:
+                    hf[theirs + f"{hf_norm}.{leaf}"] = state[ours + f"{norm}.{leaf}"]
+        hf[theirs + "lambda_1"] = state[ours + "ls1"]
+        hf[theirs + "lambda_2"] = state[ours + "ls2"]
+    return {k: torch.from_numpy(np.array(v)) for k, v in hf.items()}
+
+
+# transformers' InternVLVisionRMSNorm (like InternVL's InternRMSNorm) hard-codes float32, so a float64
+# 6B run there is not a float64 run: compare the 6B flavour in float32 only.
+@pytest.mark.parametrize("flavour,dtype", [("300m", "float64"), ("300m", "float32"), ("6b", "float32")])
+@pytest.mark.parametrize("size", [(56, 56), (84, 42)], ids=["native", "resized-table"])
+def test_numpy_matches_transformers_internvl_vision(tmp_path, rng, flavour, dtype, size):
+    from transformers import InternVLVisionConfig, InternVLVisionModel
+
+    _, config, state = _tiny(tmp_path, flavour)
+    hf_config = InternVLVisionConfig(
+        hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+        attention_bias=config.qkv_bias, use_qk_norm=config.qk_normalization, norm_type=config.norm_type,
+        layer_norm_eps=config.layer_norm_eps, image_size=config.image_size, patch_size=config.patch_size,
+        use_mean_pooling=True, attn_implementation="eager")
+    np_dtype, torch_dtype = DTYPES[dtype]
+    hf_model = InternVLVisionModel(hf_config).to(torch_dtype).eval()
+    missing, unexpected = hf_model.load_state_dict(_to_hf(config, state), strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    pixels = _pixels(rng, 2, *size, np_dtype)
+    out = InternVisionModel.from_state_dict(config, state, dtype)(pixels, output_hidden_states=True)
+    with torch.no_grad():
+        ref = hf_model(torch.from_numpy(pixels), output_hidden_states=True)
+    # tolerance: transformers scales AFTER q·kᵀ and splits qkv, so roundings differ at the 1-ulp level
+    # per op; 128 ulps as above (measured ≈ 1e-14 in float64, ≈ 5e-6 in float32)
+    rtol, atol = tolerance(dtype, LAYER_ULPS, LAYER_ULPS, scale=float(np.abs(out.last_hidden_state).mean()))
+    assert len(ref.hidden_states) == len(out.hidden_states)
+    for i, (a, r) in enumerate(zip(out.hidden_states, ref.hidden_states)):
+        assert_close(a, r, rtol=rtol, atol=atol, what=f"{flavour} vs transformers hidden_states[{i}]")
