@@ -1,0 +1,160 @@
+"""The decoders against transformers 5.23 on the same weights (an implementation we did not write).
+
+Llama, Qwen2, Phi-3 and MPT load the tiny checkpoint directory directly with
+`XForCausalLM.from_pretrained(dir, local_files_only=True)`; InternLM2 is not in transformers, so its
+checkpoint is rewritten as a Llama one with the spec's wqkv -> q/k/v recipe (done independently in
+tests/_decoder_util.py) — which checks the per-KV-head grouping of wqkv against a real Llama.
+
+Everything runs in float32 with attn_implementation="eager": transformers builds its RoPE tables in
+float32 even in a float64 model, so float32 is where both follow the same roundings. Differences
+left: transformers multiplies q·kᵀ by D^-½ where the reference (and minivl) divides by sqrt(D)
+(bit-identical only for power-of-two D; Phi-3's D=96 is not), and summation orders. Measured
+worst error: 11.6 ulps of the logits' max (Phi-3; 4-7 for the others); tolerance TF_ULPS = 64 (the parity bound of
+tests/_decoder_util.py).
+
+Known transformers differences handled here (rope-alibi-notes 4.2, 4.3):
+* 5.23 cannot load a Phi-3 config with rope type 'su' (KeyError on original_max_position_embeddings):
+  the copy given to transformers says 'longrope', the same recipe (4.2 row 2);
+* 5.23's MptAttentionConfig wants attn_pdrop as an int: the copy says 0;
+* transformers' MPT has ALiBi only, no biases, no qk_ln, no clip: the mpt_alibi checkpoint is that.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import minivl  # noqa: E402
+from _decoder_util import MODEL_ULPS, assert_parity, hf_copy, internlm2_as_llama, left_padded_batch  # noqa: E402
+from minivl.generate import generate  # noqa: E402
+from minivl.tiny.llm import write_tiny_llm  # noqa: E402
+
+TF_ULPS = MODEL_ULPS
+
+
+def _hf(cls, path):
+    transformers.logging.set_verbosity_error()
+    return cls.from_pretrained(path, local_files_only=True, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def _to_longrope(config):
+    config["rope_scaling"]["type"] = "longrope"
+
+
+def _mpt_for_transformers(config):
+    config["attn_config"]["attn_pdrop"] = 0
+
+
+CASES = {
+    # family: (transformers class name, overrides, config edit for the transformers copy)
+    "llama": ("LlamaForCausalLM", {}, None),
+    "llama_untied": ("LlamaForCausalLM", {"tie_word_embeddings": False}, None),
+    "qwen2": ("Qwen2ForCausalLM", {}, None),
+    "qwen2_tied": ("Qwen2ForCausalLM", {"tie_word_embeddings": True}, None),
+    "phi3": ("Phi3ForCausalLM", {}, _to_longrope),
+    "mpt_alibi": ("MptForCausalLM", {}, _mpt_for_transformers),
+}
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            cls_name, overrides, edit = CASES[case]
+            family = case.split("_untied")[0].split("_tied")[0]
+            path = write_tiny_llm(root / case, family, **overrides)
+            hf_path = hf_copy(path, root / f"{case}_hf", edit) if edit else path
+            cache[case] = (minivl.load_model(path), _hf(getattr(transformers, cls_name), hf_path))
+        return cache[case]
+    return get
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prefill_logits_and_hidden_states_match_transformers(pairs, case):
+    ours, theirs = pairs(case)
+    ids = np.random.default_rng(5).integers(3, 300, (2, 12))
+    out = ours(ids, output_hidden_states=True)
+    ref = theirs(torch.tensor(ids), output_hidden_states=True)
+    assert_parity(out.logits, ref.logits, "float32", TF_ULPS, what=f"{case} logits vs transformers")
+    # transformers returns L+1 states: embedding, blocks 1..L-1, then the FINAL-NORM output in place of
+    # block L's; minivl returns L+2 (block L's output as well)
+    n = len(ref.hidden_states)
+    assert len(out.hidden_states) == n + 1
+    for i in range(n - 1):
+        assert_parity(out.hidden_states[i], ref.hidden_states[i], "float32", TF_ULPS, what=f"{case} hidden {i}")
+    assert_parity(out.hidden_states[-1], ref.hidden_states[-1], "float32", TF_ULPS, what=f"{case} final norm")
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2", "phi3", "mpt_alibi"])
+def test_left_padded_greedy_generation_matches_transformers(pairs, case):
+    ours, theirs = pairs(case)
+    ids, mask, _ = left_padded_batch(np.random.default_rng(6), [9, 5], 300)
+    new = generate(ours, ids, attention_mask=mask, max_new_tokens=8)
+    ref = theirs.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=8, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(new, ref[:, ids.shape[1]:].numpy())
+
+
+def test_phi3_short_long_switch_across_a_cached_decode_matches_transformers(pairs):
+    """Prefill 28 tokens (short factors, max position 27 < O = 32), then decode one token at a time past
+    position 32: each step re-picks the factors from max(position_ids)+1, while the cached keys keep
+    the short-factor rotation. transformers' longrope does the same per call; compare every step."""
+    ours, theirs = pairs("phi3")
+    original = ours.config.original_max_position_embeddings
+    ids = np.random.default_rng(7).integers(3, 300, (1, original + 6))
+    prompt = original - 4
+    out = ours(ids[:, :prompt], use_cache=True)
+    ref = theirs(torch.tensor(ids[:, :prompt]), use_cache=True)
+    cache, ref_cache = out.past_key_values, ref.past_key_values
+    for t in range(prompt, ids.shape[1]):
+        out = ours(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        ref = theirs(torch.tensor(ids[:, t:t + 1]), past_key_values=ref_cache, use_cache=True)
+        ref_cache = ref.past_key_values
+        assert_parity(out.logits, ref.logits, "float32", TF_ULPS, what=f"phi3 decode at position {t}")
+    # and the switch is real: a full recompute (all keys long-rotated) differs from the cached run
+    full = ours(ids).logits[:, -1]
+    assert np.abs(full - out.logits[:, -1]).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def internlm2_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("internlm2")
+    path = write_tiny_llm(root / "internlm2", "internlm2")
+    llama_path = internlm2_as_llama(path, root / "as_llama")
+    return path, _hf(transformers.LlamaForCausalLM, llama_path)
+
+
+def test_internlm2_matches_transformers_llama_after_wqkv_split(internlm2_pair):
+    path, theirs = internlm2_pair
+    ours = minivl.load_model(path)
+    ids = np.random.default_rng(8).integers(3, 300, (2, 12))
+    assert_parity(ours(ids).logits, theirs(torch.tensor(ids)).logits, "float32", TF_ULPS, what="internlm2 vs llama")
+
+
+def test_internlm2_dynamic_ntk_past_max_positions_matches_transformers(internlm2_pair):
+    """Beyond max_position_embeddings (48) the base grows with the sequence length. For one prefill from
+    position 0, InternLM2's kv_seq_len and transformers' max(position_ids)+1 are the same L, so the two
+    must agree; then each cached decode step grows L by one in both, the older keys keeping the
+    rotation of the base they were written with (base computed in float64 by the reference, float32
+    by transformers: ~1e-7 relative in ω, inside the tolerance at these positions)."""
+    path, theirs = internlm2_pair
+    ours = minivl.load_model(path)
+    max_pos = ours.config.max_position_embeddings
+    ids = np.random.default_rng(9).integers(3, 300, (1, max_pos + 12))
+    prompt = max_pos + 4
+    out = ours(ids[:, :prompt], use_cache=True)
+    ref = theirs(torch.tensor(ids[:, :prompt]), use_cache=True)
+    assert_parity(out.logits, ref.logits, "float32", TF_ULPS, what="internlm2 dynamic prefill")
+    cache, ref_cache = out.past_key_values, ref.past_key_values
+    for t in range(prompt, ids.shape[1]):
+        out = ours(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        ref = theirs(torch.tensor(ids[:, t:t + 1]), past_key_values=ref_cache, use_cache=True)
+        ref_cache = ref.past_key_values
+        assert_parity(out.logits, ref.logits, "float32", TF_ULPS, what=f"internlm2 dynamic decode at {t}")
+    # the scaling did something: a model without rope_scaling gives other logits past max_pos
+    assert ours.rotary.dynamic.base > ours.config.rope_theta
