@@ -8,10 +8,11 @@ the comparisons happen here. All interpreted runs are float32 on small shapes (t
 executes each program serially with NumPy).
 
 Tolerances (float32 kernel vs float64 reference of the same float32 inputs): the same budget as
-the NumPy float32 tiled version, 256 ulps of float32 relative to |ref| and to max|v| (scores up to
-~20 carry ~20 eps into exp(), sums over up to ~50 keys add a few eps; seen: <= ~10 ulps).
-Against torch's eager float32 attention (both float32, each within that budget of the truth):
-2·256 ulps.
+the NumPy float32 tiled version, 32 ulps of float32 relative to |ref| and to max|v| (one rounding
+per op more than the reference; exp of scores up to ~20 carries ~20 eps into the small weights;
+seen: <= 1.4 ulps·max|v| for outputs and lse). Against torch's eager float32 attention (both
+float32, each within that budget of the truth): 2·32 ulps. Whole tiny models (two layers and an
+LM head amplify the attention's rounding a little): 64 ulps of max|logits| (seen: ~4).
 """
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ from flash_reference import naive_attention, naive_varlen, sdpa_reference  # noq
 from minivl.errors import ConfigError, ShapeError  # noqa: E402
 from minivl.testing import assert_close, tolerance  # noqa: E402
 
-ULPS = 256
+ULPS = 32
 
 
 @pytest.fixture(scope="module")
@@ -251,15 +252,15 @@ def test_triton_backend_with_model_masks(interpreted, name):
 def test_tiny_model_with_triton_backend_equals_eager(interpreted, family):
     """A whole tiny model (2 layers) with attn_implementation="triton" vs "eager", left-padded batch, float32.
 
-    The attention outputs differ by rounding only (<= ~10 ulps); two layers and the LM head can
-    amplify that a little: 256 ulps of float32 times max|logits| (seen: ~4 ulps).
+    The attention outputs differ by rounding only (<= ~2 ulps); two layers and the LM head can
+    amplify that a little: 64 ulps of float32 times max|logits| (seen: ~4 ulps).
     """
     from torch_impl.loading import load_model
 
     logits = interpreted[f"model/{family}/logits"]
     eager = load_model(str(interpreted[f"model/{family}/checkpoint"]), dtype="float32", attn_implementation="eager")
     ref = eager(input_ids=torch.tensor(MODEL_INPUT_IDS), attention_mask=torch.tensor(MODEL_ATTENTION_MASK)).logits
-    rtol, atol = tolerance(np.float32, ULPS, scale=float(ref.abs().max()))
+    rtol, atol = tolerance(np.float32, 2 * ULPS, scale=float(ref.abs().max()))
     assert_close(logits, ref, rtol=rtol, atol=atol, what=f"tiny {family} logits, triton vs eager")
 
 
@@ -300,7 +301,12 @@ def test_cpu_tensors_without_interpreter_raise_config_error():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CI has none")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_kernel_on_gpu_equals_sdpa(dtype):
-    """Compiled on a GPU: float32 within 256 ulps of float64 sdpa; bf16 within 4 bf16 ulps·max|v|."""
+    """Compiled on a GPU vs float64 sdpa of the same inputs.
+
+    float32: 256 ulps (tl.exp compiles to the approximate ex2 instruction, a few ulps per weight,
+    unlike the interpreter's NumPy exp). bf16: 4 bf16 ulps·max|v| (P is rounded to bf16 before P·v,
+    the output to bf16 at the end).
+    """
     from torch_impl.triton_attention import INTERPRETED, triton_attention
 
     if INTERPRETED:
