@@ -413,3 +413,91 @@ def test_checkpoint_errors_list_every_prefixed_tensor(checkpoints):
 def test_torch_state_dict_keys_are_the_checkpoints(models, checkpoints):
     _, twin, _ = models(("phi3", "300m"), "float32")
     assert set(twin.state_dict()) == set(load_state_dict(checkpoints[("phi3", "300m")]))
+
+
+# ----------------------------------------------------------------------------- independent reference
+
+def _to_transformers(config, state: dict) -> dict:
+    """InternVL checkpoint keys -> transformers' InternVLForConditionalGeneration keys (qkv split in three)."""
+    vision, C = config.vision_config, config.vision_config.hidden_size
+    hf = {}
+    renames = {"embeddings.class_embedding": "embeddings.cls_token",
+               "embeddings.patch_embedding.weight": "embeddings.patch_embeddings.projection.weight",
+               "embeddings.patch_embedding.bias": "embeddings.patch_embeddings.projection.bias",
+               "embeddings.position_embedding": "embeddings.position_embeddings"}
+    for ours, theirs in renames.items():
+        hf["model.vision_tower." + theirs] = state["vision_model." + ours]
+    for i in range(vision.num_hidden_layers):
+        ours, theirs = f"vision_model.encoder.layers.{i}.", f"model.vision_tower.encoder.layer.{i}."
+        for j, part in enumerate("qkv"):
+            hf[theirs + f"attention.{part}_proj.weight"] = state[ours + "attn.qkv.weight"][j * C:(j + 1) * C]
+            if vision.qkv_bias:
+                hf[theirs + f"attention.{part}_proj.bias"] = state[ours + "attn.qkv.bias"][j * C:(j + 1) * C]
+        for leaf in ("weight", "bias"):
+            hf[theirs + f"attention.projection_layer.{leaf}"] = state[ours + f"attn.proj.{leaf}"]
+            for part in ("fc1", "fc2"):
+                hf[theirs + f"mlp.{part}.{leaf}"] = state[ours + f"mlp.{part}.{leaf}"]
+            for norm, hf_norm in (("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
+                hf[theirs + f"{hf_norm}.{leaf}"] = state[ours + f"{norm}.{leaf}"]
+        hf[theirs + "lambda_1"], hf[theirs + "lambda_2"] = state[ours + "ls1"], state[ours + "ls2"]
+    for index, name in (("0", "layer_norm"), ("1", "linear_1"), ("3", "linear_2")):
+        for leaf in ("weight", "bias"):
+            hf[f"model.multi_modal_projector.{name}.{leaf}"] = state[f"mlp1.{index}.{leaf}"]
+    for key, value in state.items():
+        if key.startswith("language_model.model."):
+            hf["model.language_model." + key[len("language_model.model."):]] = value
+    hf["lm_head.weight"] = state["language_model.lm_head.weight"]
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in hf.items()}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_matches_transformers_internvl_end_to_end(models, checkpoints, dtype):
+    """transformers' own InternVL port (InternVLForConditionalGeneration, Qwen2 text model) as the reference.
+
+    It shares no code with minivl: its own ViT, pixel_shuffle, projector, masked_scatter splice and Qwen2.
+    """
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+    combo = ("qwen2", "300m")
+    model, _, tokenizer = models(combo, dtype)
+    config, state = model.config, load_state_dict(checkpoints[combo])
+    vision = config.vision_config
+    text = {k: v for k, v in config.llm_config.to_dict().items()
+            if k not in ("architectures", "auto_map", "transformers_version", "model_type", "torch_dtype")}
+    hf_config = InternVLConfig(
+        vision_config=InternVLVisionConfig(
+            hidden_size=vision.hidden_size, num_hidden_layers=vision.num_hidden_layers,
+            num_attention_heads=vision.num_attention_heads, intermediate_size=vision.intermediate_size,
+            attention_bias=vision.qkv_bias, use_qk_norm=vision.qk_normalization, norm_type=vision.norm_type,
+            layer_norm_eps=vision.layer_norm_eps, image_size=vision.image_size, patch_size=vision.patch_size,
+            use_mean_pooling=True),
+        text_config=Qwen2Config(**text), image_token_id=tokenizer.token_to_id("<IMG_CONTEXT>"),
+        image_seq_length=model.num_image_token, downsample_ratio=config.downsample_ratio,
+        tie_word_embeddings=False)
+    hf_config._attn_implementation = "eager"
+    torch_dtype = torch.float64 if dtype == "float64" else torch.float32
+    reference = InternVLForConditionalGeneration(hf_config).to(torch_dtype).eval()
+    missing, unexpected = reference.load_state_dict(_to_transformers(config, state), strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+
+    pixel_values = image_tiles().astype(dtype)
+    with torch.no_grad():
+        features = reference.model.get_image_features(
+            torch.from_numpy(pixel_values), vision_feature_layer=-1,
+            vision_feature_select_strategy="default").pooler_output
+    # transformers scales q after q·kᵀ and splits qkv: roundings differ per op (512 ulps, see top)
+    rtol, atol = tol(dtype)
+    c = assert_close(model.extract_feature(pixel_values), features, rtol=rtol, atol=atol,
+                     what="extract_feature vs transformers InternVL")
+    print(f"\nextract_feature vs transformers ({dtype}): {c}")
+
+    input_ids = prompt_ids(tokenizer, model, len(pixel_values))
+    with torch.no_grad():
+        ref_logits = reference(input_ids=torch.from_numpy(input_ids), pixel_values=torch.from_numpy(pixel_values)).logits
+    logits = model.forward(pixel_values, input_ids).logits
+    if dtype == "float64":
+        # transformers' Qwen2RMSNorm hard-codes a float32 upcast, so its "float64" LLM rounds to float32
+        # inside every norm: compare at float32 precision (256 ulps of float32 × logit scale 4)
+        rtol, atol = tolerance("float32", 256, 256, scale=4.0)
+    c = assert_close(logits, ref_logits, rtol=rtol, atol=atol, what="logits vs transformers InternVL")
+    print(f"logits vs transformers ({dtype}): {c}")
