@@ -103,7 +103,7 @@ def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool
             distance = positions[:, None] - keys[None, :]  # i + t - s - j, [Bq, Bk]
             if slopes is not None:
                 # ALiBi: S_ij -= slope·|i + t - s - j|, built per tile from the slopes
-                scores = scores - slopes * np.abs(distance)
+                scores = scores - slopes * np.abs(distance).astype(compute_dtype)
             if not _tile_fully_visible(distance, left, right):
                 # visible iff -right <= (i + t - s - j) <= left
                 visible = (distance <= left) & (distance >= -right)
@@ -193,8 +193,11 @@ def _visible_key_blocks(first_position: int, last_position: int, kv_len: int, le
             for start in range(first_tile, int(highest_key) + 1, block_k)]
 
 
-def _tile_fully_visible(distance: np.ndarray, left: float, right: float) -> bool:
-    """True if every (query, key) pair of the tile is inside the window: no mask needed there."""
+def _tile_fully_visible(distance, left: float, right: float) -> bool:
+    """True if every (query, key) pair of the tile is inside the window: no mask needed there.
+
+    distance [Bq, Bk] = i + t - s - j (a NumPy array or a torch tensor: torch_impl shares this).
+    """
     return bool(distance.max() <= left and distance.min() >= -right)
 
 

@@ -12,7 +12,6 @@ whose relative rounding ~|score|·eps enters the small weights):
   16 ulps (float64 and float32; seen: <= 1.3).
 * vs torch sdpa (float64): 16 ulps of float64, as against the naive formula.
 """
-import math
 import tracemalloc
 
 import numpy as np
@@ -81,7 +80,7 @@ def test_equals_naive_attention(name, dtype, rng):
     q, k, v, kwargs = make_inputs(rng, batch, n_heads, n_kv, q_len, kv_len, head_dim, options, dtype)
     out, lse = flash_attention(q, k, v, block_q=block_q, block_k=block_k, **kwargs)
     assert out.dtype == dtype and out.shape == (batch, n_heads, q_len, options.get("v_dim", head_dim))
-    assert lse.shape == (batch, n_heads, q_len)
+    assert lse.shape == (batch, n_heads, q_len) and lse.dtype == dtype  # computed in promote(dtype, float32)
     check_against_naive(out, lse, q, k, v, kwargs, dtype, name)
 
 

@@ -60,8 +60,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             distance = positions[:, None] - keys[None, :]  # i + t - s - j, [Bq, Bk]
             if slopes is not None:
                 # ALiBi: S_ij -= slope·|i + t - s - j|, built per tile from the slopes
-                scores = scores - slopes * distance.abs()
-            if not _tile_fully_visible(distance.numpy(force=True), left, right):
+                scores = scores - slopes * distance.abs().to(compute_dtype)
+            if not _tile_fully_visible(distance, left, right):
                 # visible iff -right <= (i + t - s - j) <= left
                 visible = (distance <= left) & (distance >= -right)
                 scores = scores.masked_fill(~visible, -math.inf)
