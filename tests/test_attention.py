@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from conftest import requires_cuda
 from minivl import attention as A
+from minivl.alibi import alibi_bias
 from minivl.errors import ConfigError, ShapeError
 from minivl.testing import assert_close, tolerance
 from torch_impl import attention as T
@@ -206,7 +207,7 @@ def test_torch_eager_reproduces_the_references_op_order_bitwise():
     ref = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
     assert torch.equal(T.scaled_dot_product_attention(q, k, v, mask=mask), ref)
     # MPT torch path (MPT-A:34-59), float32 ALiBi bias, causal via masked_fill
-    bias = torch.from_numpy(__import__("minivl.alibi", fromlist=["x"]).alibi_bias(h, s))
+    bias = torch.from_numpy(alibi_bias(h, s))
     scores = (q @ k.transpose(2, 3)) * (1 / math.sqrt(d)) + bias
     causal = torch.ones(s, s, dtype=torch.bool).tril()
     scores = scores.masked_fill(~causal, torch.finfo(q.dtype).min)
@@ -416,7 +417,7 @@ def test_sdpa_backend_matches_eager(dtype, case):
         attention_mask = torch.ones(2, kv_len, dtype=torch.long)
         attention_mask[0, :2] = 0
         kwargs = {"mask": T.build_attention_mask(attention_mask, q_len, kv_len - q_len, tdtype),
-                  "bias": torch.from_numpy(__import__("minivl.alibi", fromlist=["x"]).alibi_bias(12, kv_len))}
+                  "bias": torch.from_numpy(alibi_bias(12, kv_len))}
     eager, probs = T.scaled_dot_product_attention(q, k, v, return_probs=True, **kwargs)
     sdpa = T.scaled_dot_product_attention(q, k, v, backend="sdpa", **kwargs)
     bias = kwargs.get("bias")

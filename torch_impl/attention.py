@@ -14,6 +14,7 @@ fast paths a real deployment uses, and they round differently:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -143,7 +144,7 @@ def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past_l
 
     attention_mask [b, past_len + q_len] (or None) -> [b, 1, q_len, past_len + q_len] ([1, 1, ...] if None)
     """
-    if isinstance(past_len, bool) or not isinstance(past_len, int) or past_len < 0:
+    if isinstance(past_len, bool) or not isinstance(past_len, numbers.Integral) or past_len < 0:
         raise ShapeError(f"build_attention_mask: past_len must be an int >= 0 (the cache length), got {past_len!r}")
     kv_len = past_len + q_len
     device = attention_mask.device if isinstance(attention_mask, torch.Tensor) else None
