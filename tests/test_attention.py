@@ -454,8 +454,8 @@ def test_flash_backend_on_cuda_matches_eager(q_len, kv_len):
 def test_triton_backend_dispatches_by_name(monkeypatch):
     calls = {}
 
-    def fake_triton_attention(q, k, v, *, mask=None, bias=None, scale=None):
-        calls.update(mask=mask, bias=bias, scale=scale)
+    def fake_triton_attention(q, k, v, *, mask=None, bias=None, scale=None, causal=False):
+        calls.update(mask=mask, bias=bias, scale=scale, causal=causal)
         return torch.zeros_like(q)
 
     fake = types.ModuleType("torch_impl.triton_attention")
@@ -465,11 +465,32 @@ def test_triton_backend_dispatches_by_name(monkeypatch):
     bias = torch.zeros(1, 4, 1, 5)
     out = T.scaled_dot_product_attention(q, k, k, bias=bias, scale=0.3, is_causal=True, backend="triton")
     assert out.shape == q.shape and calls["scale"] == 0.3 and calls["bias"] is bias
-    assert torch.equal(calls["mask"], T.causal_mask(3, 5, torch.float32))  # is_causal folded into mask
+    assert calls["mask"] is None and calls["causal"] is True
 
     monkeypatch.setitem(sys.modules, "torch_impl.triton_attention", None)  # "not installed"
     with pytest.raises(ConfigError, match="backend='triton' needs torch_impl/triton_attention.py"):
         T.scaled_dot_product_attention(q, k, k, backend="triton")
+
+
+def test_triton_backend_matches_eager_in_the_interpreter():
+    """The real kernel, when this machine can run it (TRITON_INTERPRET=1 set before triton was
+    imported, or a GPU): same numbers as eager with a padding mask, ALiBi bias and is_causal."""
+    triton_attention = pytest.importorskip("torch_impl.triton_attention")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not triton_attention.INTERPRETED:
+        pytest.skip("the Triton kernel needs a GPU or TRITON_INTERPRET=1 (tests/test_triton_attention.py runs it so)")
+    torch.manual_seed(11)
+    q = torch.randn(1, 4, 5, 32, device=device)
+    k, v = torch.randn(1, 2, 9, 32, device=device), torch.randn(1, 2, 9, 32, device=device)
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1]], device=device)
+    mask = T.padding_mask(attention_mask, torch.float32)
+    bias = torch.from_numpy(alibi_bias(4, 9)).to(device)
+    eager, probs = T.scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, is_causal=True, return_probs=True)
+    fast = T.scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, is_causal=True, backend="triton")
+    scale = attention_error_scale(q.cpu().numpy(), k.cpu().numpy(), v.cpu().numpy(), probs.cpu().double().numpy(),
+                                  bias=bias.cpu().numpy())
+    rtol, atol = tolerance("float32", 4, atol_ulps=2, scale=scale)
+    assert_close(fast.cpu(), eager.cpu(), rtol=rtol, atol=atol, what="triton vs eager")
 
 
 def test_fast_backends_do_not_return_probs():

@@ -9,7 +9,8 @@ fast paths a real deployment uses, and they round differently:
 * "flash": the FlashAttention-2 kernel (flash_attn's `flash_attn_func` if installed, else torch's
   FLASH_ATTENTION sdpa backend). CUDA and fp16/bf16 only; no additive mask or bias, only
   `is_causal` (bottom-right aligned, like flash_attn >= 2.1).
-* "triton": `torch_impl.triton_attention.triton_attention`, imported lazily.
+* "triton": `torch_impl.triton_attention.triton_attention` (the project's FlashAttention-2 kernel,
+  additive mask/bias allowed, `causal` bottom-right aligned), imported lazily.
 """
 from __future__ import annotations
 
@@ -253,10 +254,8 @@ def _triton(q, k, v, mask, bias, scale, is_causal):
     except ImportError as error:
         raise ConfigError(f"attention: backend='triton' needs torch_impl/triton_attention.py with a "
                           f"triton_attention function and the triton package ({error}); use 'sdpa'") from error
-    if is_causal:
-        causal = causal_mask(q.shape[2], k.shape[2], q.dtype, device=q.device)
-        mask = causal if mask is None else mask + causal
-    return triton_attention(q, k, v, mask=mask, bias=bias, scale=scale)
+    # the kernel's `causal` is bottom-right aligned like ours, and lets it skip future key tiles
+    return triton_attention(q, k, v, mask=mask, bias=bias, scale=scale, causal=is_causal)
 
 
 _FAST_BACKENDS = {"sdpa": _sdpa, "flash": _flash, "triton": _triton}
