@@ -222,7 +222,8 @@ class InternVLChatModel:
             vit_embeds = self.vision_model.forward(pixel_values).last_hidden_state
         else:
             # hidden_states[0] is the embedding output, so select_layer = -4 is layer L-3's output
-            vit_embeds = self.vision_model.forward(pixel_values, output_hidden_states=True).hidden_states[self.select_layer]
+            hidden_states = self.vision_model.forward(pixel_values, output_hidden_states=True).hidden_states
+            vit_embeds = hidden_states[self.select_layer]
         vit_embeds = vit_embeds[:, 1:, :]                                    # drop the cls token
         n, n_patches, width = vit_embeds.shape
         side = int(n_patches ** 0.5)

@@ -122,7 +122,8 @@ class InternVLChatModel(nn.Module):
                                   "tokenizer.token_to_id('<IMG_CONTEXT>') (chat and batch_chat do it for you)")
         return input_ids.reshape(-1) == self.img_context_token_id
 
-    def embed_with_images(self, input_ids: torch.Tensor, vit_embeds: torch.Tensor, keep_graph_form: bool) -> torch.Tensor:
+    def embed_with_images(self, input_ids: torch.Tensor, vit_embeds: torch.Tensor,
+                          keep_graph_form: bool) -> torch.Tensor:
         """Token embeddings with each <IMG_CONTEXT> row replaced by the next image feature row.
 
         [b, t], [n, num_image_token, D] -> [b, t, D]   (keep_graph_form: the forward's `e·0.0 + v`)
