@@ -34,7 +34,8 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
     mask, bias: additive, broadcastable to [b, n_heads, s, t]; bias is added before mask.
     is_causal: also apply `causal_mask(s, t)` (bottom-right aligned), without the caller building it.
-    scale: defaults to 1/sqrt(d) (`d ** -0.5` for "scale_q", as InternViT writes it).
+    scale: defaults to 1/sqrt(d) (`d ** -0.5` for "scale_q", as InternViT writes it; the two differ
+    in the last bit for d = 96, 128); "divide" with an explicit scale divides by 1/scale.
     softmax_dtype: "float32" = softmax in promote(scores dtype, float32) then cast to v's dtype;
     None = softmax in the scores' own dtype.
     backend: "eager" | "sdpa" | "flash" | "triton" (see the module docstring).
