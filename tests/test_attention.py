@@ -472,13 +472,8 @@ def test_triton_backend_dispatches_by_name(monkeypatch):
         T.scaled_dot_product_attention(q, k, k, backend="triton")
 
 
-def test_triton_backend_matches_eager_in_the_interpreter():
-    """The real kernel, when this machine can run it (TRITON_INTERPRET=1 set before triton was
-    imported, or a GPU): same numbers as eager with a padding mask, ALiBi bias and is_causal."""
-    triton_attention = pytest.importorskip("torch_impl.triton_attention")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not triton_attention.INTERPRETED:
-        pytest.skip("the Triton kernel needs a GPU or TRITON_INTERPRET=1 (tests/test_triton_attention.py runs it so)")
+def _triton_vs_eager(device):
+    """The real Triton kernel through backend='triton' vs eager: padding mask, ALiBi bias, is_causal."""
     torch.manual_seed(11)
     q = torch.randn(1, 4, 5, 32, device=device)
     k, v = torch.randn(1, 2, 9, 32, device=device), torch.randn(1, 2, 9, 32, device=device)
@@ -491,6 +486,24 @@ def test_triton_backend_matches_eager_in_the_interpreter():
                                   bias=bias.cpu().numpy())
     rtol, atol = tolerance("float32", 4, atol_ulps=2, scale=scale)
     assert_close(fast.cpu(), eager.cpu(), rtol=rtol, atol=atol, what="triton vs eager")
+
+
+def test_triton_backend_matches_eager():
+    """On a GPU directly; on CPU in Triton's interpreter, which must be switched on before triton is
+    first imported, hence a fresh interpreter process."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        _triton_vs_eager("cuda")
+        return
+    import os
+    import subprocess
+
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path[:0] = [{tests_dir!r}, {os.path.dirname(tests_dir)!r}]; " \
+           "import test_attention; test_attention._triton_vs_eager('cpu')"
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_fast_backends_do_not_return_probs():
