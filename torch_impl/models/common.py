@@ -145,17 +145,19 @@ def rope_attention(q, k, v, cos, sin, attn: dict, cache, layer_idx: int) -> torc
 
 
 def attention_args(backend: str, attention_mask, q_len: int, past_len: int, dtype, sliding_window=None) -> dict:
-    """What one attention call needs: the 4-D additive mask, or none and is_causal for the flash kernel.
+    """What one attention call needs: the 4-D additive mask, or none and is_causal for the fused kernels.
 
-    The flash kernel takes no additive mask: an unpadded batch without a window runs it with
-    is_causal (bottom-right aligned); a padded or windowed batch falls back to sdpa with the mask
-    (the reference unpads into flash_attn_varlen_func instead: same values, different kernel).
+    eager always gets the reference's additive mask (causal + padding), even where it is all zeros.
+    sdpa / flash / triton on an unpadded batch without a window get is_causal instead (bottom-right
+    aligned: the same keys hidden), which lets the kernels skip the masked tiles. flash takes no
+    additive mask at all: a padded or windowed batch runs sdpa with the mask (the reference unpads
+    into flash_attn_varlen_func instead: same values, another kernel).
     """
     from torch_impl.attention import build_attention_mask
 
     unpadded = attention_mask is None or bool(attention_mask.bool().all())
-    if backend == "flash" and unpadded and sliding_window is None:
-        return {"mask": None, "is_causal": True, "backend": "flash"}
+    if backend != "eager" and unpadded and sliding_window is None:
+        return {"mask": None, "is_causal": True, "backend": backend}
     mask = build_attention_mask(attention_mask, q_len, past_len, dtype, sliding_window=sliding_window)
     return {"mask": mask, "is_causal": False, "backend": "sdpa" if backend == "flash" else backend}
 
