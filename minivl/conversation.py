@@ -11,12 +11,19 @@ so a single-turn prompt with the generation slot open is, for internlm2-chat / H
 `<|im_start|>system\\n{SYS}<|im_end|><|im_start|>user\\n{Q}<|im_end|><|im_start|>assistant\\n`.
 Note the separators: 'Hermes-2' and 'internlm2-chat' put NO newline after `<|im_end|>`,
 'internvl2_5' does. Generation stops at `sep.strip()` (`<|im_end|>` or `<|end|>`).
+
+The second half turns a chat turn into token ids as InternVLChatModel.chat does (both packages use
+it): `build_query` renders the template and expands each `<image>` into
+`<img>` + `<IMG_CONTEXT>`·(num_image_token·tiles) + `</img>`; `encode` tokenizes with the
+tokenizer's default special tokens; `left_pad` batches prompts for batch_chat.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from minivl.errors import ConfigError
+import numpy as np
+
+from minivl.errors import ConfigError, GenerationError
 
 # The InternVL2 system prompt (kept by the reference "to avoid changes in benchmark performance").
 INTERNVL2_SYSTEM_MESSAGE = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
@@ -129,3 +136,80 @@ register_conv_template(Conversation(
 def image_tokens(num_image_token: int, num_tiles: int) -> str:
     """What one `<image>` placeholder becomes: `<img>` + `<IMG_CONTEXT>`·(tokens per tile · tiles) + `</img>`."""
     return IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (num_image_token * num_tiles) + IMG_END_TOKEN
+
+
+# ----------------------------------------------------------------------------- a chat turn -> token ids
+# (shared by minivl's and torch_impl's InternVLChatModel.chat / batch_chat)
+
+# the arguments minivl.generate.generate takes; chat's generation_config may set any of them
+GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "eos_token_id",
+                   "pad_token_id", "streamer")
+
+
+def token_id(tokenizer, token: str) -> int:
+    """Id of a special token with either tokenizer API (`token_to_id` or HF `convert_tokens_to_ids`)."""
+    lookup = getattr(tokenizer, "token_to_id", None) or getattr(tokenizer, "convert_tokens_to_ids")
+    found = lookup(token)
+    if found is None or (hasattr(tokenizer, "unk_token_id") and found == tokenizer.unk_token_id
+                         and token != getattr(tokenizer, "unk_token", None)):
+        raise ConfigError(f"the tokenizer has no {token!r} token; an InternVL tokenizer adds <img>, </img> and "
+                          f"<IMG_CONTEXT> as special tokens (minivl.tiny.internvl builds one)")
+    return int(found)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids with the tokenizer's default special tokens (InternLM2 / Phi-3 prepend <s>, Qwen2 nothing)."""
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=True))
+    except TypeError:
+        return list(tokenizer.encode(text))
+
+
+def build_query(template_name: str, system_message, question: str, history, num_patches_list,
+                num_image_token: int) -> str:
+    """The prompt string of one chat turn with each `<image>` expanded, as InternVLChatModel.chat builds it."""
+    template = get_conv_template(template_name)
+    template.system_message = system_message
+    for old_question, old_answer in history:
+        template.append_message(template.roles[0], old_question)
+        template.append_message(template.roles[1], old_answer)
+    template.append_message(template.roles[0], question)
+    template.append_message(template.roles[1], None)
+    query = template.get_prompt()
+    # each entry replaces the FIRST remaining <image> of the whole prompt (history included)
+    for index, num_patches in enumerate(num_patches_list):
+        if IMAGE_PLACEHOLDER not in query:
+            raise GenerationError(f"{len(num_patches_list)} images were given but the prompt has only {index} "
+                                  f"'<image>' placeholders; put one '<image>' in the question per image")
+        query = query.replace(IMAGE_PLACEHOLDER, image_tokens(num_image_token, num_patches), 1)
+    return query
+
+
+def generation_kwargs(generation_config, eos_token_id: int) -> dict:
+    """chat's generation_config dict as keyword arguments of generate(), with the template's stop token."""
+    config = dict(generation_config or {})
+    unknown = sorted(set(config) - set(GENERATION_KEYS))
+    if unknown:
+        raise GenerationError(f"generation_config keys {unknown} are not supported; use {list(GENERATION_KEYS)}")
+    config["eos_token_id"] = eos_token_id
+    return config
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to one [b, t] batch and its 0/1 attention mask (batch_chat's padding side)."""
+    longest = max(len(ids) for ids in sequences)
+    input_ids = np.full((len(sequences), longest), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(sequences), longest), dtype=np.int64)
+    for row, ids in enumerate(sequences):
+        input_ids[row, longest - len(ids):] = ids
+        attention_mask[row, longest - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+def pad_id(tokenizer, fallback: int) -> int:
+    """The tokenizer's pad id (else its eos id, else `fallback`): the value of left-padding slots."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, (int, np.integer)):
+            return int(value)
+    return fallback

@@ -63,3 +63,35 @@ def test_image_tokens():
 def test_unknown_template():
     with pytest.raises(ConfigError, match="internvl2_5"):
         get_conv_template("chatml")
+
+
+def test_build_query_expands_the_first_remaining_image_each_time():
+    from minivl.conversation import build_query
+
+    query = build_query("internvl2_5", "S", "<image>\nand <image>?", [("<image>\nfirst", "ok")], [1, 2, 3],
+                        num_image_token=1)
+    ctx = "<IMG_CONTEXT>"
+    # the history's placeholder is the first one: it gets the first image (1 tile), and so on
+    assert query == ("<|im_start|>system\nS<|im_end|>\n"
+                     f"<|im_start|>user\n<img>{ctx}</img>\nfirst<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n"
+                     f"<|im_start|>user\n<img>{ctx * 2}</img>\nand <img>{ctx * 3}</img>?<|im_end|>\n"
+                     "<|im_start|>assistant\n")
+
+
+def test_build_query_refuses_more_images_than_placeholders():
+    from minivl.conversation import build_query
+    from minivl.errors import GenerationError
+
+    with pytest.raises(GenerationError, match="only 1 '<image>' placeholders"):
+        build_query("Hermes-2", "S", "<image>\nq", [], [1, 1], num_image_token=4)
+
+
+def test_left_pad_and_generation_kwargs():
+    from minivl.conversation import generation_kwargs, left_pad
+    from minivl.errors import GenerationError
+
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert generation_kwargs({"max_new_tokens": 3}, 9) == {"max_new_tokens": 3, "eos_token_id": 9}
+    with pytest.raises(GenerationError, match="num_beams"):
+        generation_kwargs({"num_beams": 2}, 9)

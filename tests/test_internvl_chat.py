@@ -77,7 +77,7 @@ def image_tiles(width=100, height=60, seed=0, image_size=56, max_num=4) -> np.nd
 
 def prompt_ids(tokenizer, model, n_tiles, text="Describe it."):
     """A chat prompt with one image of n_tiles tiles, tokenized; sets img_context_token_id."""
-    from minivl.models.internvl_chat import build_query, encode
+    from minivl.conversation import build_query, encode
 
     model.img_context_token_id = tokenizer.token_to_id("<IMG_CONTEXT>")
     # a short system prompt keeps the byte-level prompt short (the real one: test_chat_prompt_is_the_spec_string)

@@ -21,7 +21,10 @@ import importlib
 import numpy as np
 
 from minivl.config import InternVLChatConfig, load_config
-from minivl.conversation import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, get_conv_template
+from minivl.conversation import (
+    IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, build_query, encode, generation_kwargs,
+    get_conv_template, left_pad, pad_id, token_id,
+)
 from minivl.errors import ConfigError, GenerationError, ShapeError
 from minivl.pixel_shuffle import pixel_shuffle
 from minivl.projector import Projector, mlp1_expected_shapes
@@ -29,10 +32,6 @@ from minivl.projector import Projector, mlp1_expected_shapes
 VISION_PREFIX = "vision_model."
 PROJECTOR_PREFIX = "mlp1."
 LLM_PREFIX = "language_model."
-
-# the arguments minivl.generate.generate takes; chat's generation_config may set any of them
-GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "eos_token_id",
-                   "pad_token_id", "streamer")
 
 
 def llm_class(config: InternVLChatConfig, registry: dict):
@@ -59,78 +58,6 @@ def as_chat_config(config) -> InternVLChatConfig:
     if not isinstance(config, InternVLChatConfig):
         raise ConfigError(f"expected an internvl_chat config, got model_type {config.model_type!r}")
     return config
-
-
-# ----------------------------------------------------------------------------- prompt helpers (shared)
-
-def token_id(tokenizer, token: str) -> int:
-    """Id of a special token with either tokenizer API (`token_to_id` or HF `convert_tokens_to_ids`)."""
-    lookup = getattr(tokenizer, "token_to_id", None) or getattr(tokenizer, "convert_tokens_to_ids")
-    found = lookup(token)
-    if found is None or (hasattr(tokenizer, "unk_token_id") and found == tokenizer.unk_token_id
-                         and token != getattr(tokenizer, "unk_token", None)):
-        raise ConfigError(f"the tokenizer has no {token!r} token; an InternVL tokenizer adds <img>, </img> and "
-                          f"<IMG_CONTEXT> as special tokens (minivl.tiny.internvl builds one)")
-    return int(found)
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids with the tokenizer's default special tokens (InternLM2 / Phi-3 prepend <s>, Qwen2 nothing)."""
-    try:
-        return list(tokenizer.encode(text, add_special_tokens=True))
-    except TypeError:
-        return list(tokenizer.encode(text))
-
-
-def build_query(template_name: str, system_message, question: str, history, num_patches_list,
-                num_image_token: int) -> str:
-    """The prompt string of one chat turn with each `<image>` expanded, as InternVLChatModel.chat builds it."""
-    template = get_conv_template(template_name)
-    template.system_message = system_message
-    for old_question, old_answer in history:
-        template.append_message(template.roles[0], old_question)
-        template.append_message(template.roles[1], old_answer)
-    template.append_message(template.roles[0], question)
-    template.append_message(template.roles[1], None)
-    query = template.get_prompt()
-    # each entry replaces the FIRST remaining <image> of the whole prompt (history included)
-    for num_patches in num_patches_list:
-        if IMAGE_PLACEHOLDER not in query:
-            raise GenerationError(f"{len(num_patches_list)} images were given but the prompt has only "
-                                  f"{num_patches_list.index(num_patches)} '<image>' placeholders; put one "
-                                  f"'<image>' in the question per image")
-        image_tokens = IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (num_image_token * num_patches) + IMG_END_TOKEN
-        query = query.replace(IMAGE_PLACEHOLDER, image_tokens, 1)
-    return query
-
-
-def generation_kwargs(generation_config, eos_token_id: int) -> dict:
-    """chat's generation_config dict as keyword arguments of generate(), with the template's stop token."""
-    config = dict(generation_config or {})
-    unknown = sorted(set(config) - set(GENERATION_KEYS))
-    if unknown:
-        raise GenerationError(f"generation_config keys {unknown} are not supported; use {list(GENERATION_KEYS)}")
-    config["eos_token_id"] = eos_token_id
-    return config
-
-
-def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad token lists to one [b, t] batch and its 0/1 attention mask (batch_chat's padding side)."""
-    longest = max(len(ids) for ids in sequences)
-    input_ids = np.full((len(sequences), longest), pad_token_id, dtype=np.int64)
-    attention_mask = np.zeros((len(sequences), longest), dtype=np.int64)
-    for row, ids in enumerate(sequences):
-        input_ids[row, longest - len(ids):] = ids
-        attention_mask[row, longest - len(ids):] = 1
-    return input_ids, attention_mask
-
-
-def pad_id(tokenizer, fallback: int) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, (int, np.integer)):
-            return int(value)
-    return fallback
 
 
 def check_context_count(n_context_tokens: int, n_feature_rows: int, num_image_token: int) -> None:
@@ -319,7 +246,8 @@ class InternVLChatModel:
         `<image>\\n` is prepended only on the first turn (history None) when the question has no
         `<image>`; each image's `<image>` becomes `<img>` + `<IMG_CONTEXT>`·(num_image_token·tiles) +
         `</img>`; generation stops at the template separator (`sep.strip()`); history keeps the
-        question WITH its `<image>` placeholder. tokenizer: any object with encode / decode /
+        question WITH its `<image>` placeholder. The returned history is a new list (the reference
+        appends to the caller's list in place). tokenizer: any object with encode / decode /
         token_to_id (minivl.tokenizer.Tokenizer) or HF's convert_tokens_to_ids.
         """
         if history is None and pixel_values is not None and IMAGE_PLACEHOLDER not in question:

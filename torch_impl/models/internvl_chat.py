@@ -11,11 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from minivl.conversation import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, get_conv_template
+from minivl.conversation import (
+    IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, build_query, encode, generation_kwargs,
+    get_conv_template, left_pad, pad_id, token_id,
+)
 from minivl.errors import ConfigError, GenerationError, ShapeError
 from minivl.models.internvl_chat import (
-    LLM_PREFIX, PROJECTOR_PREFIX, VISION_PREFIX, as_chat_config, build_query, check_context_count, encode,
-    generation_kwargs, left_pad, llm_class, pad_id, strip_prefix, token_id,
+    LLM_PREFIX, PROJECTOR_PREFIX, VISION_PREFIX, as_chat_config, check_context_count, llm_class, strip_prefix,
 )
 from minivl.models.internvl_chat import InternVLChatModel as _NumpyInternVLChatModel
 from minivl.projector import projector_input_size
