@@ -80,8 +80,10 @@ class Comparison:
 
     def __str__(self) -> str:
         status = "OK" if self.ok else f"DIFF ({self.n_bad}/{self.n_total} outside)"
+        # rtol/atol may be arrays (an elementwise error bound): show their largest value
+        rtol, atol = float(np.max(self.rtol)), float(np.max(self.atol))
         return (f"max abs {self.max_abs:.3e}, max rel {self.max_rel:.3e} at {self.worst_index}, "
-                f"tol {self.atol:.1e} + {self.rtol:.1e}·|ref|: {status}")
+                f"tol {atol:.1e} + {rtol:.1e}·|ref|: {status}")
 
 
 def compare(actual, reference, rtol: float, atol: float) -> Comparison:
