@@ -18,6 +18,8 @@ on purpose and documented there:
   black). A fully opaque image gives exactly the reference's pixels.
 * 16-bit and 32-bit integer and float images are scaled to 0..255 (65535 -> 255); Pillow's
   convert clips them at 255, so a 16-bit photo would come out almost all white.
+Like the reference, EXIF orientation is NOT applied (a phone photo stored sideways stays sideways),
+and a multi-frame file (GIF, TIFF) gives its first frame.
 """
 from __future__ import annotations
 
@@ -106,8 +108,10 @@ def open_image(path_or_image) -> Image.Image:
     if isinstance(path_or_image, Image.Image):
         return to_rgb(path_or_image)
     path = os.fspath(path_or_image)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ImageError(f"image file {path!r} does not exist; check the path")
+    if not os.path.isfile(path):
+        raise ImageError(f"{path!r} is not a file; pass the path of one image file")
     try:
         with Image.open(path) as image:
             image.load()                  # decode now so a truncated file fails here, not later
@@ -115,6 +119,9 @@ def open_image(path_or_image) -> Image.Image:
     except UnidentifiedImageError as err:
         raise ImageError(f"{path!r} is not an image Pillow can read (PNG, JPEG, GIF, BMP, TIFF, WebP, ...); "
                          "pass an image file") from err
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"{path!r} has more pixels than Pillow's safety limit ({err}); shrink the image first, "
+                         "or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from err
     except (OSError, SyntaxError, ValueError) as err:
         if isinstance(err, ImageError):
             raise

@@ -236,6 +236,8 @@ def test_truncated_image_names_the_file(tmp_path):
 def test_missing_file_and_bad_arguments(tmp_path):
     with pytest.raises(ImageError, match="does not exist"):
         load_image(tmp_path / "nope.jpg")
+    with pytest.raises(ImageError, match="not a file"):
+        load_image(tmp_path)
     with pytest.raises(ImageError, match="PIL.Image"):
         to_rgb(np.zeros((3, 3)))
     with pytest.raises(ConfigError, match="min_num"):
