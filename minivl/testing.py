@@ -99,7 +99,8 @@ def compare(actual, reference, rtol: float, atol: float) -> Comparison:
     with np.errstate(invalid="ignore"):
         err = np.where(same_special, 0.0, np.abs(a - r))
         err = np.where(np.isnan(err), np.inf, err)
-        allowed = atol + rtol * np.where(same_special, 0.0, np.abs(r))
+        # a NaN or inf reference allows no slack: it must be matched exactly (handled above)
+        allowed = atol + rtol * np.where(np.isfinite(r), np.abs(r), 0.0)
         rel = err / np.maximum(np.abs(r), np.finfo(np.float64).tiny)
     bad = err > allowed
     worst = np.unravel_index(int(np.argmax(err - allowed)), a.shape)

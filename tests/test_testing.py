@@ -26,6 +26,8 @@ def test_array_tolerances_and_special_values():
     assert compare(got, ref, rtol=np.array([1e-8, 0, 0, 0]), atol=np.array([0, 0, 0, 1e-8])).ok
     result = compare(np.array([1.0, 1.0, np.inf, 0.0]), ref, rtol=0.0, atol=np.zeros(4))
     assert not result.ok and result.n_bad == 1  # NaN vs 1.0 is a difference
-    assert "DIFF" in str(result)  # array tolerances format without error
+    assert "DIFF" in str(result)
+    # a finite value against an infinite reference is a difference even with a relative tolerance
+    assert not compare(np.array([1.0]), np.array([np.inf]), rtol=0.5, atol=0.0).ok  # array tolerances format without error
     with pytest.raises(AssertionError, match="shape mismatch"):
         compare(np.ones(3), np.ones(4), rtol=0, atol=0)
