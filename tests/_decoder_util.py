@@ -124,3 +124,21 @@ def left_padded_batch(rng, lengths, vocab: int, low: int = 3):
         mask[i, width - n:] = 1
         rows.append(row)
     return ids, mask, rows
+
+
+def internvl_like_checkpoint(directory, llm_path):
+    """An InternVL-style directory: internvl_chat config with llm_config, LLM tensors under language_model.,
+    plus vision/projector tensors that an LLM-only load must ignore."""
+    from minivl.checkpoint import load_state_dict, save_checkpoint
+
+    with open(os.path.join(llm_path, "config.json")) as f:
+        llm_config = json.load(f)
+    config = {"model_type": "internvl_chat", "architectures": ["InternVLChatModel"], "llm_config": llm_config,
+              "vision_config": {"model_type": "intern_vit_6b", "hidden_size": 32, "num_attention_heads": 2,
+                                "intermediate_size": 64, "num_hidden_layers": 1, "image_size": 56},
+              "template": "Hermes-2", "ps_version": "v2", "downsample_ratio": 0.5, "force_image_size": 56}
+    tensors = {f"language_model.{k}": np.asarray(v) for k, v in load_state_dict(llm_path).items()}
+    tensors["vision_model.embeddings.class_embedding"] = np.zeros((1, 1, 32), np.float32)
+    tensors["mlp1.0.weight"] = np.ones(128, np.float32)
+    save_checkpoint(directory, config, tensors)
+    return os.fspath(directory)

@@ -10,7 +10,7 @@ import torch
 
 import minivl
 import torch_impl
-from _decoder_util import assert_parity
+from _decoder_util import assert_parity, internvl_like_checkpoint
 from minivl.checkpoint import load_state_dict, save_checkpoint
 from minivl.errors import CheckpointError, ConfigError
 from minivl.loading import plan_load
@@ -47,24 +47,8 @@ def test_half_precision_checkpoints_upcast_exactly_in_numpy(tmp_path, stored):
     assert torch_impl.load_model(path, dtype=stored).model.norm.weight.dtype == getattr(torch, stored)
 
 
-def _internvl_checkpoint(directory, llm_path):
-    """An InternVL-style directory: internvl_chat config with llm_config, LLM tensors under language_model.,
-    plus vision/projector tensors that an LLM-only load must ignore."""
-    with open(os.path.join(llm_path, "config.json")) as f:
-        llm_config = json.load(f)
-    config = {"model_type": "internvl_chat", "architectures": ["InternVLChatModel"], "llm_config": llm_config,
-              "vision_config": {"model_type": "intern_vit_6b", "hidden_size": 32, "num_attention_heads": 2,
-                                "intermediate_size": 64, "num_hidden_layers": 1, "image_size": 56},
-              "template": "Hermes-2", "ps_version": "v2", "downsample_ratio": 0.5, "force_image_size": 56}
-    tensors = {f"language_model.{k}": np.asarray(v) for k, v in load_state_dict(llm_path).items()}
-    tensors["vision_model.embeddings.class_embedding"] = np.zeros((1, 1, 32), np.float32)
-    tensors["mlp1.0.weight"] = np.ones(128, np.float32)
-    save_checkpoint(directory, config, tensors)
-    return os.fspath(directory)
-
-
 def test_language_model_nested_in_an_internvl_checkpoint_loads_alone(tmp_path, qwen2_path):
-    nested = _internvl_checkpoint(tmp_path / "internvl", qwen2_path)
+    nested = internvl_like_checkpoint(tmp_path / "internvl", qwen2_path)
     ours = minivl.load_model(qwen2_path)
     inner = minivl.loading.load_model(nested, component="language_model")
     assert type(inner).__name__ == "Qwen2ForCausalLM"
