@@ -530,3 +530,20 @@ def test_torch_bfloat16_tracks_the_float64_gold(tmp_path, combo):
     c = assert_close(logits, gold.forward(pixel_values.astype(np.float64), input_ids).logits, rtol=rtol, atol=atol,
                      what="bf16 logits vs float64")
     print(f"{combo} bf16 logits vs float64: {c}")
+
+
+def test_image_file_to_answer_in_both_packages(models, tmp_path, monkeypatch):
+    """The README flow: load_image(file) -> chat, for a 16-bit grayscale PNG (scaled, not clipped)."""
+    from minivl.preprocess import load_image
+
+    model, twin, tokenizer = models(("phi3", "300m"), "float64")
+    for m in (model, twin):
+        monkeypatch.setattr(m, "system_message", "You are InternVL.")
+    path = tmp_path / "scan.png"
+    ramp = (np.linspace(0, 65535, 150 * 40).reshape(40, 150)).astype(np.uint16)
+    Image.fromarray(ramp).save(path)
+    pixel_values, grid = load_image(path, max_num=6, image_size=56)
+    assert grid == (4, 1) and pixel_values.shape == (5, 3, 56, 56)      # aspect 3.75: 4 tiles + thumbnail
+    config = dict(max_new_tokens=4)
+    answer = model.chat(tokenizer, pixel_values, "What is shown?", dict(config))
+    assert twin.chat(tokenizer, torch.from_numpy(pixel_values), "What is shown?", dict(config)) == answer
