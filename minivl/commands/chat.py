@@ -85,12 +85,13 @@ def sampling_settings(args) -> dict:
                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)
 
 
-def answer(model, tokenizer, generate, messages, settings, system=None, out=sys.stdout) -> tuple[str, int]:
+def answer(model, tokenizer, generate, messages, settings, system=None, out=None) -> tuple[str, int]:
     """Generate the assistant's reply to `messages`, writing it to `out` as it is produced.
 
     Returns (reply text, number of new tokens). Printing decodes ALL ids so far and writes the new
     suffix (IncrementalDecoder): a token may hold half of a multi-byte character.
     """
+    out = out if out is not None else sys.stdout
     prompt_ids = tokenizer.encode_chat(messages, add_generation_prompt=True, system_message=system)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and len(prompt_ids) + settings["max_new_tokens"] > limit:
@@ -131,8 +132,9 @@ def run(args) -> int:
     return interactive(model, tokenizer, generate, settings, args)
 
 
-def interactive(model, tokenizer, generate, settings, args, stdin=sys.stdin) -> int:
+def interactive(model, tokenizer, generate, settings, args, stdin=None) -> int:
     """Read one user message per line; keep the conversation; stop at end of input or /exit."""
+    stdin = stdin if stdin is not None else sys.stdin
     print("minivl chat: SmolLM2-135M-Instruct. One message per line; /reset forgets, /exit quits.",
           file=sys.stderr)
     history: list[dict] = []
