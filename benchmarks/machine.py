@@ -1,0 +1,101 @@
+"""What this machine can do, measured now, in NumPy and in torch: the yardsticks for model timings.
+
+* GEMM rate (GFLOP/s): C = A·B with square float32 matrices, 2·n³ flops per product. A prefill of
+  many tokens is GEMM-bound, so its achieved GFLOP/s is read against this number.
+* Memory read bandwidth (GB/s): y = W·x with a matrix far larger than the caches (GEMV: every
+  byte of W is read once per product, 2 flops per 4 bytes, so it is bandwidth-bound). A cached
+  decode step at batch 1 reads every weight once, exactly this access pattern.
+
+    python3 benchmarks/machine.py            # prints a markdown table
+    from benchmarks.machine import machine_rates
+    rates = machine_rates()                  # {"numpy": {"gemm_gflops": ..., "read_gbs": ...}, "torch": {...}}
+
+Each rate is the best of several timed repeats over at least `min_seconds` (the max filters out
+interference from other processes; these are "what the hardware gave us at its best" numbers).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def _best_rate(run, work: float, min_seconds: float, min_repeats: int = 3) -> float:
+    """max over repeats of work / seconds, repeating until min_seconds have elapsed."""
+    run()  # warm-up: first-touch page faults, BLAS thread start, torch kernel selection
+    best, start, repeats = 0.0, time.perf_counter(), 0
+    while repeats < min_repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        run()
+        best = max(best, work / (time.perf_counter() - t0))
+        repeats += 1
+    return best
+
+
+def gemm_gflops(framework: str = "numpy", n: int = 1024, dtype: str = "float32", min_seconds: float = 0.5) -> float:
+    """GFLOP/s of an n×n by n×n matrix product (2·n³ flops)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n)).astype(dtype), rng.standard_normal((n, n)).astype(dtype)
+    if framework == "torch":
+        import torch
+
+        a, b = torch.from_numpy(a), torch.from_numpy(b)
+        out = torch.empty(n, n, dtype=a.dtype)
+        run = lambda: torch.matmul(a, b, out=out)  # noqa: E731
+    else:
+        out = np.empty((n, n), dtype=dtype)
+        run = lambda: np.matmul(a, b, out=out)  # noqa: E731
+    return _best_rate(run, 2.0 * n ** 3, min_seconds) / 1e9
+
+
+def read_bandwidth_gbs(framework: str = "numpy", megabytes: int = 256, dtype: str = "float32",
+                       min_seconds: float = 0.5) -> float:
+    """GB/s of streaming a `megabytes` matrix through y = W·x (each byte of W read once)."""
+    itemsize = np.dtype(dtype).itemsize
+    cols = 4096
+    rows = megabytes * 2 ** 20 // (cols * itemsize)
+    weight = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32).astype(dtype)
+    x = np.ones(cols, dtype=dtype)
+    if framework == "torch":
+        import torch
+
+        weight, x = torch.from_numpy(weight), torch.from_numpy(x)
+        run = lambda: torch.mv(weight, x)  # noqa: E731
+    else:
+        run = lambda: weight @ x  # noqa: E731
+    return _best_rate(run, float(weight.nbytes), min_seconds) / 1e9
+
+
+def machine_rates(min_seconds: float = 0.5, gemm_n: int = 1024, megabytes: int = 256) -> dict:
+    """{framework: {"gemm_gflops": float32 GEMM GFLOP/s, "read_gbs": float32 GEMV read GB/s}} for numpy and torch."""
+    rates = {}
+    for framework in ("numpy", "torch"):
+        rates[framework] = {"gemm_gflops": gemm_gflops(framework, gemm_n, min_seconds=min_seconds),
+                            "read_gbs": read_bandwidth_gbs(framework, megabytes, min_seconds=min_seconds)}
+    return rates
+
+
+def describe_machine() -> str:
+    """One line: CPU count and BLAS/torch threads, for the table's caption."""
+    import os
+
+    line = f"{os.cpu_count()} CPU cores visible"
+    try:
+        import torch
+
+        line += f", torch {torch.__version__} with {torch.get_num_threads()} threads"
+    except ImportError:
+        pass
+    return line + f", NumPy {np.__version__}"
+
+
+def markdown_table(rates: dict) -> str:
+    lines = ["| | NumPy | torch |", "|---|---|---|",
+             f"| float32 GEMM 1024³ (GFLOP/s) | {rates['numpy']['gemm_gflops']:.1f} | {rates['torch']['gemm_gflops']:.1f} |",
+             f"| float32 GEMV read bandwidth (GB/s) | {rates['numpy']['read_gbs']:.1f} | {rates['torch']['read_gbs']:.1f} |"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(describe_machine())
+    print(markdown_table(machine_rates()))
