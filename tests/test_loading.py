@@ -125,3 +125,10 @@ def test_broken_directories_give_clear_errors(tmp_path, qwen2_path):
         minivl.load_model(qwen2_path, dtype="bfloat16")  # NumPy computes in float32/float64 only
     with pytest.raises(ConfigError, match="attn_implementation"):
         torch_impl.load_model(qwen2_path, attn_implementation="fast")
+
+
+def test_mpt_training_only_options_are_refused(tmp_path):
+    path = write_tiny_llm(tmp_path / "mpt", "mpt_alibi", attn_config={"prefix_lm": True})
+    for load in (minivl.load_model, torch_impl.load_model):
+        with pytest.raises(ConfigError, match="prefix_lm"):
+            load(path)

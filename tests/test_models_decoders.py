@@ -14,7 +14,7 @@ import torch
 import minivl
 import torch_impl
 from _decoder_util import DTYPES, FAMILIES, assert_parity, left_padded_batch
-from minivl.tiny.llm import write_tiny_llm
+from minivl.tiny.llm import tiny_llm_config, write_tiny_llm
 
 # a cached decode runs s=1 matmuls where the recompute runs s=n ones (different BLAS blocking);
 # measured at most 9.2 ulps (float32) and 6.0 (float64) of the logits' max: the same 64-ulp bound
@@ -137,3 +137,39 @@ def test_torch_bfloat16_run_is_close_to_float64(tmp_path):
     logits = bf16(torch.tensor(ids)).logits
     assert logits.dtype == torch.float32
     assert_parity(logits, gold(ids).logits, "bfloat16", ulps=8)
+
+
+VARIANTS = {
+    "internlm2 with biases, linear RoPE": ("internlm2", {"bias": True, "rope_scaling": {"type": "linear", "factor": 2.0}}),
+    "internlm2 without rope_scaling": ("internlm2", {"rope_scaling": None}),
+    "phi3 'yarn', sliding window 5": ("phi3", {"sliding_window": 5, "rope_scaling": {
+        **tiny_llm_config("phi3")["rope_scaling"], "type": "yarn"}}),
+    "phi3 GQA without scaling": ("phi3", {"num_attention_heads": 4, "num_key_value_heads": 2, "rope_scaling": None}),
+    "llama with biases, dynamic RoPE": ("llama", {"attention_bias": True, "tie_word_embeddings": False,
+                                                  "rope_scaling": {"type": "dynamic", "factor": 2.0}}),
+    "qwen2 windowed upper layer": ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}),
+    "mpt multi-query, clip, qk_ln, logit_scale, rmsnorm": ("mpt_learned", {
+        "attn_config": {"attn_type": "multiquery_attention", "clip_qkv": 0.3, "qk_ln": True},
+        "logit_scale": "inv_sqrt_d_model", "norm_type": "rmsnorm"}),
+    "mpt alibi with biases, bias max 16, embedding_fraction": ("mpt_alibi", {
+        "no_bias": False, "attn_config": {"alibi_bias_max": 16, "softmax_scale": 0.2}, "embedding_fraction": 0.5,
+        "logit_scale": 0.7}),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_config_variants_match_torch(tmp_path, variant):
+    """The switches the tiny defaults leave off: every layer and a cached decode, float32 and float64."""
+    family, overrides = VARIANTS[variant]
+    path = write_tiny_llm(tmp_path / "v", family, **overrides)
+    ids = np.random.default_rng(5).integers(3, 300, (2, 10))
+    for dtype in DTYPES:
+        ours, theirs = minivl.load_model(path, dtype=dtype), torch_impl.load_model(path, dtype=dtype)
+        out = ours(ids[:, :7], output_hidden_states=True, use_cache=True)
+        ref = theirs(torch.tensor(ids[:, :7]), output_hidden_states=True, use_cache=True)
+        for i, (a, r) in enumerate(zip(out.hidden_states + (out.logits,), ref.hidden_states + (ref.logits,))):
+            assert_parity(a, r, dtype, what=f"{variant} {dtype} output {i}")
+        step = ours(ids[:, 7:], past_key_values=out.past_key_values, use_cache=True).logits
+        step_ref = theirs(torch.tensor(ids[:, 7:]), past_key_values=ref.past_key_values, use_cache=True).logits
+        assert_parity(step, step_ref, dtype, CACHE_ULPS, what=f"{variant} {dtype} cached step")
+        assert_parity(step, ours(ids).logits[:, 7:], dtype, CACHE_ULPS, what=f"{variant} {dtype} cache vs recompute")

@@ -48,13 +48,18 @@ def _mpt_for_transformers(config):
 
 
 CASES = {
-    # family: (transformers class name, overrides, config edit for the transformers copy)
-    "llama": ("LlamaForCausalLM", {}, None),
-    "llama_untied": ("LlamaForCausalLM", {"tie_word_embeddings": False}, None),
-    "qwen2": ("Qwen2ForCausalLM", {}, None),
-    "qwen2_tied": ("Qwen2ForCausalLM", {"tie_word_embeddings": True}, None),
-    "phi3": ("Phi3ForCausalLM", {}, _to_longrope),
-    "mpt_alibi": ("MptForCausalLM", {}, _mpt_for_transformers),
+    # case: (family, transformers class name, overrides, config edit for the transformers copy)
+    "llama": ("llama", "LlamaForCausalLM", {}, None),
+    "llama_untied": ("llama", "LlamaForCausalLM", {"tie_word_embeddings": False}, None),
+    "llama_bias": ("llama", "LlamaForCausalLM", {"attention_bias": True}, None),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", {}, None),
+    "qwen2_tied": ("qwen2", "Qwen2ForCausalLM", {"tie_word_embeddings": True}, None),
+    # window of 4 keys on layer 1 only (layer 0 < max_window_layers stays full)
+    "qwen2_window": ("qwen2", "Qwen2ForCausalLM",
+                     {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}, None),
+    "phi3": ("phi3", "Phi3ForCausalLM", {}, _to_longrope),
+    "phi3_window": ("phi3", "Phi3ForCausalLM", {"sliding_window": 5}, _to_longrope),
+    "mpt_alibi": ("mpt_alibi", "MptForCausalLM", {}, _mpt_for_transformers),
 }
 
 
@@ -65,8 +70,7 @@ def pairs(tmp_path_factory):
 
     def get(case):
         if case not in cache:
-            cls_name, overrides, edit = CASES[case]
-            family = case.split("_untied")[0].split("_tied")[0]
+            family, cls_name, overrides, edit = CASES[case]
             path = write_tiny_llm(root / case, family, **overrides)
             hf_path = hf_copy(path, root / f"{case}_hf", edit) if edit else path
             cache[case] = (minivl.load_model(path), _hf(getattr(transformers, cls_name), hf_path))

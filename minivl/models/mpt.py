@@ -34,7 +34,7 @@ import math
 import numpy as np
 
 from minivl.checkpoint import check_state_dict
-from minivl.errors import GenerationError, ShapeError
+from minivl.errors import ConfigError, GenerationError, ShapeError
 from minivl.linear import linear
 from minivl.mlp import gelu_mlp
 from minivl.models.common import (CausalLMOutput, as_model_dtype, check_attention_mask, check_inputs,
@@ -179,9 +179,18 @@ class MPTForCausalLM:
         add("transformer.norm_f", d, bias=norm_bias)
         return shapes
 
+    @staticmethod
+    def check_supported(config) -> None:
+        """ConfigError for the training-only MPT options minivl does not implement."""
+        unsupported = [name for name in ("prefix_lm", "attn_uses_sequence_id") if config.attn_config[name]]
+        if unsupported:
+            raise ConfigError(f"MPT: attn_config {unsupported} = true is not implemented in minivl (prefix-LM and "
+                              f"packed-sequence masks are training features); set them to false for inference")
+
     @classmethod
     def from_state_dict(cls, config, state_dict: dict, dtype="float32") -> "MPTForCausalLM":
         """Build from {checkpoint key: array}; every missing/unexpected/mis-shaped tensor is reported at once."""
+        cls.check_supported(config)
         check_state_dict(state_dict, cls.expected_shapes(config), where=f"{cls.__name__} checkpoint")
         return cls(config, state_dict, dtype)
 

@@ -151,6 +151,7 @@ class MPTForCausalLM(nn.Module):
     @classmethod
     def from_state_dict(cls, config, state_dict: dict, dtype="float32", device="cpu",
                         attn_implementation: str = "eager") -> "MPTForCausalLM":
+        _NumpyMPT.check_supported(config)
         check_state_dict(state_dict, cls.expected_shapes(config), where=f"{cls.__name__} checkpoint")
         return build_on_meta(cls, config, state_dict, as_torch_dtype(dtype), device,
                              attn_implementation=attn_implementation)
