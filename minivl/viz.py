@@ -46,10 +46,14 @@ def attention_heatmap(probs, query_labels=None, key_labels=None, title="attentio
     """
     probs = _check_rank("probs", probs, (2,))
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.5, 4.5))
-    image = ax.imshow(probs, cmap="viridis", vmin=0.0, aspect="auto", interpolation="nearest")
+    # entries that are exactly 0 were masked out: draw them white, apart from small probabilities
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("white")
+    image = ax.imshow(np.ma.masked_where(probs == 0, probs), cmap=cmap, vmin=0.0, aspect="auto",
+                      interpolation="nearest")
     ax.set_xlabel("key position")
     ax.set_ylabel("query position")
-    ax.set_title(title)
+    ax.set_title(title + " (white: masked)" if (probs == 0).any() else title)
     _label_axis(ax, key_labels, "x")
     _label_axis(ax, query_labels, "y")
     fig.colorbar(image, ax=ax, label="attention probability")
@@ -165,11 +169,11 @@ def rope_atlas(inv_freqs: dict, original_max_position_embeddings: int | None = N
         ax_wave.plot(pairs, 2 * np.pi / inv_freq, label=name, linewidth=1.5)
     ax_freq.set_yscale("log")
     ax_freq.set_xlabel("dimension pair j")
-    ax_freq.set_ylabel("ω_j (radians per position)")
+    ax_freq.set_ylabel(r"$\omega_j$ (radians per position)")
     ax_freq.set_title("frequency")
     ax_wave.set_yscale("log")
     ax_wave.set_xlabel("dimension pair j")
-    ax_wave.set_ylabel("wavelength 2π/ω_j (positions)")
+    ax_wave.set_ylabel(r"wavelength $2\pi/\omega_j$ (positions)")
     ax_wave.set_title("wavelength")
     if original_max_position_embeddings:
         ax_wave.axhline(original_max_position_embeddings, color="grey", linestyle="--", linewidth=1,
@@ -207,7 +211,9 @@ def rope_pair_rotation(inv_freq, pair_indices=(0, 8, 16), positions=None, title=
         ax.set_xlim(-1.15, 1.15)
         ax.set_ylim(-1.15, 1.15)
         turns = positions.max() * inv_freq[j] / (2 * np.pi)
-        ax.set_title(f"pair j={j}: ω={inv_freq[j]:.3g} rad/pos\n{turns:.3g} turns over the positions", fontsize=9)
+        plural = "" if round(turns, 3) == 1 else "s"
+        ax.set_title(f"pair j={j}: $\\omega$={inv_freq[j]:.3g} rad/pos\n{turns:.3g} turn{plural} over the positions",
+                     fontsize=9)
         ax.set_xlabel("component j")
         if index == 0:
             ax.set_ylabel("component j + d/2")
@@ -277,9 +283,10 @@ def alibi_matrices(bias, slopes=None, heads=None, title="ALiBi bias per head"):
         label = f"head {head}" + (f": slope {float(slopes[head]):.4g}" if slopes is not None else "")
         ax.set_title(label, fontsize=8)
         ax.set_xlabel("key j", fontsize=7)
-        ax.set_ylabel("query i", fontsize=7)
+        if index % cols == 0:
+            ax.set_ylabel("query i", fontsize=7)
     fig.suptitle(title)
-    fig.colorbar(image, ax=axes, shrink=0.8, label="bias added to the score (−slope·distance)")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="bias −slope·|i − j|")
     return fig
 
 
@@ -308,7 +315,8 @@ def gqa_grouping(n_heads: int, n_kv_heads: int, title=None):
     ax.set_xlim(-0.3, n_heads + 0.2)
     ax.set_ylim(-0.2, 2.2)
     ax.set_axis_off()
-    ax.set_title(title or f"{kind}: {n_heads} query heads, {n_kv_heads} KV heads (group size {group})")
+    kv_plural = "s" if n_kv_heads > 1 else ""
+    ax.set_title(title or f"{kind}: {n_heads} query heads, {n_kv_heads} KV head{kv_plural} (group size {group})")
     return fig
 
 
