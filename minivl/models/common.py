@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minivl.errors import GenerationError, ShapeError
+from minivl.errors import ShapeError
 
 
 @dataclass
@@ -78,11 +78,6 @@ def check_attention_mask(attention_mask, batch: int, kv_len: int) -> None:
     if attention_mask is not None and tuple(np.shape(attention_mask)) != (batch, kv_len):
         raise ShapeError(f"forward: attention_mask must be [batch, past + seq] = [{batch}, {kv_len}] "
                          f"(got shape {tuple(np.shape(attention_mask))}); it covers the cached tokens too")
-
-
-def position_limit_error(needed: int, limit: int, what: str) -> GenerationError:
-    return GenerationError(f"{what}: {needed} positions are needed (prompt + max_new_tokens) but the model "
-                           f"serves at most {limit}; shorten the prompt or lower max_new_tokens")
 
 
 def split_heads(x: np.ndarray, n_heads: int) -> np.ndarray:

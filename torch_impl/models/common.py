@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minivl.errors import ConfigError, GenerationError, ShapeError
-from minivl.models.common import check_attention_mask, check_inputs, position_limit_error  # noqa: F401
+from minivl.errors import ConfigError, ShapeError
+from minivl.models.common import check_attention_mask, check_inputs  # noqa: F401  (shared checks)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash", "triton")
