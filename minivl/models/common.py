@@ -204,7 +204,10 @@ class RotaryEmbedding:
     """cos/sin for one model, whatever its RoPE type, from the config's `rope_kwargs()`.
 
     * default, linear, yarn, llama3: static frequencies, computed once (`rope_init`);
-    * dynamic: the reference's stateful `DynamicNTKRope`, keyed on kv_seq_len = past + new keys;
+    * dynamic: the reference's stateful `DynamicNTKRope`, keyed on kv_seq_len = past + new keys
+      (InternLM2's remote code and transformers 4.37's Llama; newer transformers key it on
+      max(position_ids)+1 and reset it below max_position_embeddings — the same values for a
+      contiguous unpadded sequence, different after a longer one or with padding);
     * su / phi3_yarn / longrope: short or long factors chosen PER CALL from max(position_ids)+1
       over the whole batch (Phi-3's rule), so a prefill and a later decode step may differ.
     """
