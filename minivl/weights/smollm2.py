@@ -360,6 +360,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, un
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         staging.chmod(0o755)  # mkdtemp makes it private; the finished checkpoint is an ordinary directory
+        if progress:
+            size = sum(t.nbytes for t in tensors.values())
+            print(f"writing model.safetensors ({size / 1e6:.0f} MB float32)...", file=sys.stderr, flush=True)
         write_safetensors(staging / "model.safetensors", tensors,
                           metadata={"format": "pt", "source": Path(gguf_path).name,
                                     "qk_unpermuted": str(bool(unpermute))})
