@@ -3,8 +3,9 @@
 __version__ = "0.1.0"
 
 
-def load_model(path, dtype="float32", device="cpu", attn_implementation="eager"):
+def load_model(path, dtype="float32", device="cpu", attn_implementation="eager", component=None):
     """Load a checkpoint directory into the matching torch model (nn.Module, eval mode)."""
     from torch_impl.loading import load_model as _load_model
 
-    return _load_model(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    return _load_model(path, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                       component=component)
