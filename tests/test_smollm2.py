@@ -10,8 +10,6 @@ load the same converted directory. What a correct conversion and forward show:
 * without llama.cpp's Q/K row permutation undone, the perplexity explodes and the answer breaks.
 """
 import io
-import math
-import shutil
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ import torch
 
 import minivl
 from minivl.errors import CheckpointError, WeightsNotFoundError
-from minivl.testing import assert_close, compare, tolerance
+from minivl.testing import assert_close, tolerance
 from minivl.weights import smollm2
 
 pytestmark = pytest.mark.realweights

@@ -7,7 +7,6 @@ ahead of time, or again with --force.
 from __future__ import annotations
 
 import shutil
-import sys
 
 from minivl.errors import CheckpointError, WeightsNotFoundError
 from minivl.weights import cache_dir

@@ -5,7 +5,6 @@ Sliding windows of --context tokens, --stride apart, when the text is longer tha
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
