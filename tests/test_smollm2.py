@@ -444,3 +444,19 @@ def test_convert_and_perplexity_commands(smollm2_dir, tmp_path, monkeypatch, cap
     assert PERPLEXITY_BAND[0] / 2 < value < PERPLEXITY_BAND[1] * 2, out  # 64-token windows: less context, wider band
     assert main(["perplexity", str(tmp_path / "missing.txt")]) == 1
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_first_use_converts_with_a_message(smollm2_dir, tmp_path, monkeypatch, capsys):
+    """ensure_smollm2() on an empty cache announces the one-time conversion and converts into the cache
+    (the conversion itself is the session fixture's; here it is stood in for to keep the test fast)."""
+    monkeypatch.setenv("MINIVL_CACHE", str(tmp_path))
+    calls = []
+
+    def record(gguf_path, out_dir, progress=True, **kwargs):
+        calls.append((gguf_path, out_dir, progress))
+        return smollm2_dir
+
+    monkeypatch.setattr(smollm2, "convert_gguf", record)
+    assert smollm2.ensure_smollm2() == smollm2_dir
+    assert calls == [(smollm2.find_gguf(), tmp_path / "smollm2-135m-instruct", True)]
+    assert "converting SmolLM2-135M-Instruct once" in capsys.readouterr().err
