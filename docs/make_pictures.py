@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from minivl.cli import main
+from minivl_cli.cli import main
 
 IMG = Path(__file__).resolve().parent / "img"
 

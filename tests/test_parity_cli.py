@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from minivl.cli import main
+from minivl_cli.cli import main
 from minivl.tiny.llm import write_tiny_llm
 
 

@@ -380,7 +380,7 @@ def test_skipping_the_qk_unpermutation_is_detected(smollm2_dir, gguf_reader, eng
 
 
 def test_chat_command_prints_paris(smollm2_dir, capsys, monkeypatch):
-    from minivl.cli import main
+    from minivl_cli.cli import main
 
     monkeypatch.setenv("MINIVL_CACHE", str(smollm2_dir.parent))
     assert main(["chat", QUESTION, "--max-new-tokens", "12"]) == 0
@@ -390,8 +390,8 @@ def test_chat_command_prints_paris(smollm2_dir, capsys, monkeypatch):
 
 
 def test_chat_interactive_keeps_history_and_exits(smollm2_dir, monkeypatch, capsys, np_model, tokenizer):
-    import minivl.commands.chat as chat
-    from minivl.cli import main
+    import minivl_cli.commands.chat as chat
+    from minivl_cli.cli import main
     from minivl.generate import generate
 
     # the loading path is the one test_chat_command_prints_paris runs; here reuse the loaded model
@@ -415,7 +415,7 @@ def test_chat_interactive_keeps_history_and_exits(smollm2_dir, monkeypatch, caps
 
 
 def test_chat_without_wheel_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    from minivl.cli import main
+    from minivl_cli.cli import main
 
     monkeypatch.setenv("MINIVL_CACHE", str(tmp_path))
 
@@ -428,7 +428,7 @@ def test_chat_without_wheel_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 
 def test_convert_and_perplexity_commands(smollm2_dir, tmp_path, monkeypatch, capsys):
-    from minivl.cli import main
+    from minivl_cli.cli import main
 
     monkeypatch.setenv("MINIVL_CACHE", str(smollm2_dir.parent))
     assert main(["convert", "status"]) == 0

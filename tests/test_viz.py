@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from minivl import viz
-from minivl.cli import main
+from minivl_cli.cli import main
 from minivl.errors import ConfigError, ShapeError
 from minivl.rope import rope_init
 
@@ -109,7 +109,7 @@ def test_viz_command_rejects_unknown_rope_type(tmp_path, capsys):
     assert main(["viz", "rope", "--types", "default,bogus", "--out", str(tmp_path / "x.png")]) == 1
     assert "unknown RoPE type" in capsys.readouterr().err
     with pytest.raises(ConfigError):
-        from minivl.commands.viz import rope_frequencies
+        from minivl_cli.commands.viz import rope_frequencies
 
         rope_frequencies(["bogus"], 64, 1e4, 2.0, 4096)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from minivl.commands.chat import add_model_arguments, load_lm
+from minivl_cli.commands.chat import add_model_arguments, load_lm
 from minivl.errors import GenerationError
 
 

@@ -15,9 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"minivl.commands.{name}")
+            module = importlib.import_module(f"minivl_cli.commands.{name}")
         except ModuleNotFoundError as e:  # a command not written yet is simply absent
-            if e.name == f"minivl.commands.{name}":
+            if e.name == f"minivl_cli.commands.{name}":
                 continue
             raise
         module.register(sub)
