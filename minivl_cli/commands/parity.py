@@ -94,7 +94,7 @@ def run(args) -> int:
         import torch_impl.loading
     except ImportError as error:
         raise ConfigError(f"minivl parity compares against torch_impl, which needs torch ({error}); "
-                          f"install it with `pip install torch`") from None
+                          f"install the CPU wheel with `pip install torch==2.13.0` (a bare `torch` may pull a CUDA build)") from None
     import minivl.loading
 
     directory = os.fspath(args.directory)
