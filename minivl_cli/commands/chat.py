@@ -46,6 +46,16 @@ def add_model_arguments(parser) -> None:
                              "(default: SmolLM2-135M-Instruct, converted on first use)")
 
 
+def require_torch(what: str) -> None:
+    """A clear error, not a traceback, when torch_impl is asked for and torch is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise GenerationError(f"{what} runs torch_impl, which needs torch; install the CPU wheel with "
+                              "`pip install torch==2.13.0` (a bare `torch` may pull a CUDA build), "
+                              "or leave out the option to use the NumPy model")
+
+
 def load_lm(args):
     """(model, tokenizer, generate) for --backend/--dtype/--device/--model-dir; converts SmolLM2 if needed."""
     from minivl.tokenizer import Tokenizer
@@ -64,6 +74,7 @@ def load_lm(args):
 
         model = load_model(directory, dtype=args.dtype)
     else:
+        require_torch("--backend torch")
         from torch_impl.generate import generate
         from torch_impl.loading import load_model
 
