@@ -24,6 +24,15 @@ ORDER_MAX12 = [(1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (2, 2), (4, 1), (1, 4), (
                (1, 12), (6, 2), (2, 6)]
 
 
+# Normalisation constants typed in from the spec (internvl-spec 7.1, CONST:16-21), not imported from
+# minivl.preprocess: expected values must not share a wrong constant with the code under test.
+SPEC_NORMALIZATIONS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "clip": ((0.4814546, 0.4578275, 0.40821073), (0.2686295, 0.2613025, 0.2757711)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
 def photo(width, height, seed=0):
     """A smooth, photograph-like RGB test image (gradients + a disc + mild noise)."""
     rng = np.random.default_rng(seed)
@@ -95,12 +104,16 @@ def test_single_tile_has_no_thumbnail():
     assert len(tiles) == 1
 
 
-@pytest.mark.parametrize("normalize", sorted(NORMALIZATIONS))
+def test_normalisation_names_are_the_specs():
+    assert sorted(NORMALIZATIONS) == sorted(SPEC_NORMALIZATIONS)
+
+
+@pytest.mark.parametrize("normalize", sorted(SPEC_NORMALIZATIONS))
 def test_normalisation_matches_the_float64_formula(normalize):
     tiles = dynamic_preprocess(photo(120, 70, seed=2), max_num=4, image_size=28, use_thumbnail=True)
     pixel_values = to_pixel_values(tiles, 28, normalize)
     assert pixel_values.dtype == np.float32 and pixel_values.shape == (len(tiles), 3, 28, 28)
-    mean, std = (np.array(v, dtype=np.float64).reshape(1, 3, 1, 1) for v in NORMALIZATIONS[normalize])
+    mean, std = (np.array(v, dtype=np.float64).reshape(1, 3, 1, 1) for v in SPEC_NORMALIZATIONS[normalize])
     raw = np.stack([np.asarray(t, dtype=np.float64) for t in tiles]).transpose(0, 3, 1, 2)
     expected = (raw / 255.0 - mean) / std
     # float32 pipeline: x/255 (1 rounding), mean and std rounded to float32 (~0.5 ulp each), the
@@ -113,7 +126,7 @@ def test_normalisation_matches_the_float64_formula(normalize):
 def test_normalisation_of_black_and_white():
     black = to_pixel_values([Image.new("RGB", (14, 14), (0, 0, 0))], 14)
     white = to_pixel_values([Image.new("RGB", (14, 14), (255, 255, 255))], 14)
-    mean, std = NORMALIZATIONS["imagenet"]
+    mean, std = SPEC_NORMALIZATIONS["imagenet"]
     rtol, atol = tolerance("float32", 4, 4, scale=2.7)
     for c in range(3):
         assert_close(black[0, c], np.full((14, 14), -mean[c] / std[c]), rtol=rtol, atol=atol, what="black")
@@ -141,8 +154,14 @@ def test_any_size_down_to_one_pixel(size):
     pixel_values, grid = load_image(image, max_num=12, image_size=14)
     n = grid.columns * grid.rows
     assert pixel_values.shape == (n + (n > 1), 3, 14, 14)
-    # a constant image stays constant through every resize
-    assert np.allclose(pixel_values[:, 0], (200 / 255 - 0.485) / 0.229, atol=1e-5)
+    # a constant image stays exactly constant through every bicubic resize (Pillow's weights sum to
+    # one in fixed point), so every pixel is the float64 formula of (200, 10, 30), to the float32
+    # normalisation budget of test_normalisation_matches_the_float64_formula (4 ulps of ~2.7)
+    mean, std = (np.array(v, dtype=np.float64).reshape(1, 3, 1, 1) for v in SPEC_NORMALIZATIONS["imagenet"])
+    expected = (np.array([200.0, 10.0, 30.0]).reshape(1, 3, 1, 1) / 255.0 - mean) / std
+    rtol, atol = tolerance("float32", 4, 4, scale=2.7)
+    assert_close(pixel_values, np.broadcast_to(expected, pixel_values.shape), rtol=rtol, atol=atol,
+                 what=f"constant {size} image")
     if size == (1, 500):
         assert grid == (1, 12)
     if size == (500, 1):
@@ -212,7 +231,8 @@ def test_every_mode_round_trips_through_a_file_or_memory(mode, tmp_path):
     if mode in ("L", "LA", "P", "RGBA", "I;16", "1"):
         path = tmp_path / "x.png"
         image.save(path)
-        assert load_image(path, image_size=14)[0].shape == pixel_values.shape
+        # PNG is lossless for these modes: the file gives exactly the in-memory pixels
+        np.testing.assert_array_equal(load_image(path, image_size=14)[0], pixel_values)
 
 
 # ----------------------------------------------------------------------------- errors
