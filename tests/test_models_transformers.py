@@ -160,5 +160,6 @@ def test_internlm2_dynamic_ntk_past_max_positions_matches_transformers(internlm2
         ref = theirs(torch.tensor(ids[:, t:t + 1]), past_key_values=ref_cache, use_cache=True)
         ref_cache = ref.past_key_values
         assert_parity(out.logits, ref.logits, "float32", TF_ULPS, what=f"internlm2 dynamic decode at {t}")
-    # the scaling did something: a model without rope_scaling gives other logits past max_pos
+    # the scaling did something: the base was enlarged past max_position_embeddings (a model that enlarged
+    # the base but kept the old inv_freq fails the decode comparisons above: checked by mutation)
     assert ours.rotary.dynamic.base > ours.config.rope_theta
