@@ -88,6 +88,9 @@ class Comparison:
 
 def compare(actual, reference, rtol: float, atol: float) -> Comparison:
     """Compare elementwise with tolerance atol + rtol·|ref| (NaN only matches NaN at the same place)."""
+    if not (np.all(np.isfinite(rtol)) and np.all(np.isfinite(atol))):
+        raise ValueError(f"tolerance must be finite (rtol={rtol}, atol={atol}); compute its scale from the "
+                         "reference, not from the output under test")
     a, r = to_numpy(actual), to_numpy(reference)
     if a.shape != r.shape:
         raise AssertionError(f"shape mismatch: actual {a.shape} vs reference {r.shape}")

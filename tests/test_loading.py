@@ -133,3 +133,16 @@ def test_mpt_training_only_options_are_refused(tmp_path):
     for load in (minivl.load_model, torch_impl.load_model):
         with pytest.raises(ConfigError, match="prefix_lm"):
             load(path)
+
+
+def test_unsupported_model_dtype_is_a_config_error(tmp_path):
+    import minivl
+    import torch_impl
+    from minivl.errors import ConfigError
+    from minivl.tiny.llm import write_tiny_llm
+
+    directory = write_tiny_llm(tmp_path / "llama", "llama")
+    with pytest.raises(ConfigError, match="'float32' or 'float64'"):
+        minivl.load_model(directory, dtype="bfloat16")
+    with pytest.raises(ConfigError, match="torch models run in one of"):
+        torch_impl.load_model(directory, dtype="int8")

@@ -31,3 +31,9 @@ def test_array_tolerances_and_special_values():
     assert not compare(np.array([1.0]), np.array([np.inf]), rtol=0.5, atol=0.0).ok  # array tolerances format without error
     with pytest.raises(AssertionError, match="shape mismatch"):
         compare(np.ones(3), np.ones(4), rtol=0, atol=0)
+
+
+def test_an_infinite_tolerance_is_refused():
+    # an inf in the output under test, used as the tolerance's scale, would otherwise pass everything
+    with pytest.raises(ValueError, match="tolerance must be finite"):
+        compare(np.ones(2), np.ones(2), rtol=1e-6, atol=np.inf)

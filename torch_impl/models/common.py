@@ -33,7 +33,7 @@ def as_torch_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if dtype not in DTYPES:
-        raise ShapeError(f"torch models run in one of {sorted(DTYPES)} (got {dtype!r})")
+        raise ConfigError(f"torch models run in one of {sorted(DTYPES)} (got {dtype!r})")
     return DTYPES[dtype]
 
 
