@@ -209,9 +209,12 @@ class RotaryEmbedding:
 class DecoderLM(nn.Module):
     """The pre-norm decoder loop of the RoPE families (mirror of minivl.models.common.DecoderLM).
 
-    Subclasses define `decoder_layers()`, `embed_tokens`, `final_norm`, `lm_head` and set
+    Subclasses define `decoder_layers()`, `final_norm_module()`, `embed_tokens`, `lm_head` and set
     `config`, `rotary`, `attn_implementation`.
     """
+
+    def final_norm(self, hidden):
+        return self.final_norm_module()(hidden)
 
     def position_limit(self) -> int | None:
         return self.rotary.position_limit()

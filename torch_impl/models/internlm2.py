@@ -113,8 +113,5 @@ class InternLM2ForCausalLM(DecoderLM):
         check_token_ids(input_ids, self.config.vocab_size)
         return self.model.tok_embeddings(input_ids)
 
-    def final_norm(self, hidden):
-        return self.model.norm(hidden)
-
     def lm_head(self, hidden):
         return self.output(hidden)

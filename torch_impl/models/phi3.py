@@ -105,6 +105,3 @@ class Phi3ForCausalLM(DecoderLM):
         input_ids = torch.as_tensor(input_ids, device=self.device)
         check_token_ids(input_ids, self.config.vocab_size)
         return self.model.embed_tokens(input_ids)
-
-    def final_norm(self, hidden):
-        return self.model.norm(hidden)
