@@ -72,6 +72,22 @@ def require_torch(what: str) -> None:
                               "or leave out the option to use the NumPy model")
 
 
+def load_backend_model(directory, args):
+    """(model, generate) from the package --backend names, with --dtype (and --device for torch)."""
+    if args.backend == "numpy":
+        if args.device != "cpu":
+            raise GenerationError(f"--device {args.device} needs --backend torch; the NumPy model runs on the CPU")
+        from minivl.generate import generate
+        from minivl.loading import load_model
+
+        return load_model(directory, dtype=args.dtype), generate
+    require_torch("--backend torch")
+    from torch_impl.generate import generate
+    from torch_impl.loading import load_model
+
+    return load_model(directory, dtype=args.dtype, device=args.device), generate
+
+
 def load_lm(args):
     """(model, tokenizer, generate) for --backend/--dtype/--device/--model-dir; converts SmolLM2 if needed."""
     from minivl.tokenizer import Tokenizer
@@ -82,19 +98,7 @@ def load_lm(args):
         from minivl.weights.smollm2 import ensure_smollm2
 
         directory = ensure_smollm2()
-    if args.backend == "numpy":
-        if args.device != "cpu":
-            raise GenerationError(f"--device {args.device} needs --backend torch; the NumPy model runs on the CPU")
-        from minivl.generate import generate
-        from minivl.loading import load_model
-
-        model = load_model(directory, dtype=args.dtype)
-    else:
-        require_torch("--backend torch")
-        from torch_impl.generate import generate
-        from torch_impl.loading import load_model
-
-        model = load_model(directory, dtype=args.dtype, device=args.device)
+    model, generate = load_backend_model(directory, args)
     return model, Tokenizer.from_file(directory), generate
 
 
@@ -240,17 +244,7 @@ def load_internvl(args):
         raise CheckpointError(f"{directory} has no tokenizer.json{found}; minivl reads only the `tokenizers` "
                               "library's tokenizer.json, SentencePiece tokenizer.model is not supported: write one "
                               "with transformers' AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
-    if args.backend == "numpy":
-        if args.device != "cpu":
-            raise GenerationError(f"--device {args.device} needs --backend torch; the NumPy model runs on the CPU")
-        from minivl.loading import load_model
-
-        model = load_model(directory, dtype=args.dtype)
-    else:
-        require_torch("--backend torch")
-        from torch_impl.loading import load_model
-
-        model = load_model(directory, dtype=args.dtype, device=args.device)
+    model, _ = load_backend_model(directory, args)
     return model, Tokenizer.from_file(directory)
 
 
