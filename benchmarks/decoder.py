@@ -32,7 +32,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from machine import describe_machine, machine_rates  # noqa: E402
+from machine import describe_machine, machine_rates, matmul_params, time_best  # noqa: E402
 
 
 def build_checkpoint(directory, args) -> str:
@@ -42,24 +42,6 @@ def build_checkpoint(directory, args) -> str:
                           num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                           intermediate_size=args.intermediate, vocab_size=args.vocab,
                           max_position_embeddings=4096, seed=1)
-
-
-def matmul_params(config) -> int:
-    """Weights touched by matmuls per token: q, k, v, o, gate, up, down per layer, plus the LM head."""
-    hidden, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
-    kv = config.num_key_value_heads * d
-    per_layer = hidden * hidden * 2 + hidden * kv * 2 + 3 * hidden * inter
-    return config.num_hidden_layers * per_layer + config.vocab_size * hidden
-
-
-def time_best(run, repeats: int) -> float:
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def bench(model, to_input, ids: np.ndarray, new_tokens: int, repeats: int):

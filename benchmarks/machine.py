@@ -89,6 +89,26 @@ def describe_machine() -> str:
     return line + f", NumPy {np.__version__}"
 
 
+def matmul_params(config) -> int:
+    """Weights touched by matmuls per token: q, k, v, o, gate, up, down per layer, plus the LM head (tied or not, it is read once)."""
+    hidden, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q = config.num_attention_heads * d
+    kv = config.num_key_value_heads * d
+    per_layer = hidden * q * 2 + hidden * kv * 2 + 3 * hidden * inter
+    return config.num_hidden_layers * per_layer + config.vocab_size * hidden
+
+
+def time_best(run, repeats: int) -> float:
+    """Best wall time of `repeats` calls after one warm-up (the minimum filters other processes out)."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def markdown_table(rates: dict) -> str:
     lines = ["| | NumPy | torch |", "|---|---|---|",
              f"| float32 GEMM 1024³ (GFLOP/s) | {rates['numpy']['gemm_gflops']:.1f} | {rates['torch']['gemm_gflops']:.1f} |",

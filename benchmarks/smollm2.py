@@ -24,27 +24,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from machine import describe_machine, machine_rates  # noqa: E402
-
-
-def matmul_params(config) -> int:
-    """Weights touched by matmuls per token: q, k, v, o, gate, up, down per layer, plus the (tied) LM head."""
-    hidden, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
-    q = config.num_attention_heads * d
-    kv = config.num_key_value_heads * d
-    per_layer = hidden * q * 2 + hidden * kv * 2 + 3 * hidden * inter
-    return config.num_hidden_layers * per_layer + config.vocab_size * hidden
-
-
-def time_best(run, repeats: int) -> float:
-    """Best wall time of `repeats` calls after one warm-up (the minimum filters other processes out)."""
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from machine import describe_machine, machine_rates, matmul_params, time_best  # noqa: E402
 
 
 def bench_prefill(model, to_input, ids: np.ndarray, repeats: int) -> float:
