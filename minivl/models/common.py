@@ -185,8 +185,9 @@ def as_model_dtype(dtype) -> np.dtype:
     """NumPy models compute in float32 or float64 (float64 is the gold reference)."""
     name = str(np.dtype(dtype)) if not isinstance(dtype, str) else dtype
     if name not in ("float32", "float64"):
-        raise ConfigError(f"NumPy models compute in 'float32' or 'float64' (got {dtype!r}); bf16/fp16 checkpoints "
-                         f"are upcast on load, and torch_impl runs bfloat16/float16")
+        raise ConfigError(f"NumPy models compute in float32 or float64: dtype='float32' or 'float64' "
+                          f"(got {dtype!r}); bf16/fp16 checkpoints are upcast on load, and torch_impl runs "
+                          f"bfloat16/float16")
     return np.dtype(name)
 
 

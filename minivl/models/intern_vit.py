@@ -234,12 +234,10 @@ class InternVisionModel:
     def from_state_dict(cls, config, state_dict: dict, dtype="float32") -> "InternVisionModel":
         """Build from checkpoint tensors (bare InternViT keys, or an InternVL checkpoint's `vision_model.*`)."""
         from minivl.checkpoint import check_state_dict
+        from minivl.models.common import as_model_dtype
 
         config = _as_config(config)
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise ConfigError(f"InternVisionModel (NumPy) computes in float32 or float64, got dtype={dtype}; "
-                              f"use torch_impl for bfloat16/float16")
+        dtype = as_model_dtype(dtype)
         tensors = strip_vision_prefix(state_dict)
         check_state_dict(tensors, cls.expected_shapes(config), where="InternVisionModel")
         # bf16/fp16 tensors (ml_dtypes) are upcast on load

@@ -118,14 +118,12 @@ class InternVLChatModel:
     def from_state_dict(cls, config, state_dict: dict, dtype="float32") -> "InternVLChatModel":
         """Build from a whole InternVL state dict; one CheckpointError lists every missing/extra/mis-shaped tensor."""
         from minivl.checkpoint import check_state_dict
+        from minivl.models.common import as_model_dtype
         from minivl.models import MODEL_REGISTRY
         from minivl.models.intern_vit import InternVisionModel
 
         config = as_chat_config(config)
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise ConfigError(f"InternVLChatModel (NumPy) computes in float32 or float64, got dtype={dtype}; "
-                              f"use torch_impl for bfloat16/float16")
+        dtype = as_model_dtype(dtype)
         check_state_dict(state_dict, cls.expected_shapes(config), where="InternVLChatModel")
         vision_model = InternVisionModel.from_state_dict(config.vision_config, strip_prefix(VISION_PREFIX, state_dict),
                                                          dtype)
