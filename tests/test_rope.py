@@ -323,7 +323,7 @@ def test_dynamic_unchanged_up_to_max_position_embeddings(np_dtype):
 
 @pytest.mark.parametrize("np_dtype", [np.float32, np.float64])
 def test_yarn_and_llama3_between_default_over_factor_and_default(np_dtype):
-    slack = 4 * np.finfo(np_dtype).eps  # blends are a few roundings away from the ends
+    slack = 4 * float(np.finfo(np_dtype).eps)  # blends are a few roundings away from the ends
     cases = [("yarn", 1e4, 32768, dict(factor=8.0, original_max_position_embeddings=4096)),
              ("llama3", 5e5, 131072, dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                           original_max_position_embeddings=8192))]
