@@ -129,3 +129,12 @@ def test_viz_attention_command_on_real_dinov2_weights(tmp_path):
     out = tmp_path / "attention.png"
     assert main(["viz", "attention", str(tmp_path / "scene.png"), "--out", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 5000
+
+
+def test_kv_cache_memory_plots_the_cache_size_formula():
+    # InternVL2-8B's LLM: 32 layers, 8 KV heads, head_dim 128, bf16 -> 128 KiB per token
+    fig = viz.kv_cache_memory({"8B": (32, 8, 128)}, [1024, 32768], bytes_per_value=2)
+    gib = fig.axes[0].get_lines()[0].get_ydata()
+    # bytes = 2 (K and V) · layers · kv_heads · head_dim · tokens · bytes_per_value, written out independently
+    np.testing.assert_allclose(gib, [128 * 1024 * 1024 / 2**30, 128 * 1024 * 32768 / 2**30], rtol=1e-12)
+    viz.save(fig, "/dev/null")
