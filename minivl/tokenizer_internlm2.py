@@ -54,8 +54,10 @@ class InternLM2Tokenizer(Tokenizer):
     """
 
     def __init__(self, sp_model, added_tokens: dict[int, str], special_tokens=(), *, add_eos_token=False,
-                 clean_up_tokenization_spaces=False, **roles):
-        self.sp_model = sp_model                  # a sentencepiece.SentencePieceProcessor
+                 clean_up_tokenization_spaces=False, **settings):
+        """sp_model: a sentencepiece.SentencePieceProcessor; added_tokens: {id: text} matched whole;
+        special_tokens: additional_special_tokens; settings: Tokenizer's (bos_token=, add_bos_token=, ...)."""
+        self.sp_model = sp_model
         self.added_tokens = dict(sorted(added_tokens.items()))  # id -> content, matched whole in text
         self.added_ids = {content: i for i, content in self.added_tokens.items()}
         self.add_eos_token = bool(add_eos_token)
@@ -63,7 +65,7 @@ class InternLM2Tokenizer(Tokenizer):
         # longest first, so that a token is never cut by a shorter one that starts it
         ordered = sorted(self.added_ids, key=len, reverse=True)
         self._added_pattern = re.compile("(" + "|".join(map(re.escape, ordered)) + ")") if ordered else None
-        super().__init__(None, **roles)
+        super().__init__(None, **settings)
         # special = the four roles + additional_special_tokens; only these are dropped by skip_special_tokens
         self._special = [t for t in dict.fromkeys([self.bos_token, self.eos_token, self.unk_token,
                                                    self.pad_token, *special_tokens]) if t is not None]

@@ -35,6 +35,7 @@ whatever trust_remote_code says (its rule for explicitly registered code).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import ClassVar
 
@@ -186,11 +187,12 @@ class InternVLChatConfig(MinivlConfig):
 # ----------------------------------------------------------------------------------------------
 
 class MinivlAutoModel:
-    """from_pretrained / save_pretrained for torch_impl's model classes (mixed in, see `_hf_class`).
+    """from_pretrained / save_pretrained for torch_impl's models; the three model classes below are this.
 
-    The loaded object is exactly what torch_impl.load_model returns (its class gains this mixin), so
-    state_dict() keys are the checkpoint's, forward / chat / generate are torch_impl's, and `config`
-    is the minivl config the model runs on.
+    The loaded object is exactly what torch_impl.load_model returns, its class extended by the model
+    class (`isinstance(model, InternVLChatModel)` and torch_impl's class both hold), so state_dict()
+    keys are the checkpoint's, forward / chat / generate are torch_impl's, and `config` is the minivl
+    config the model runs on.
     """
 
     config_class: ClassVar[type] = None
@@ -224,18 +226,18 @@ class MinivlAutoModel:
             raise ConfigError(f"{cls.__name__}.from_pretrained: the config passed differs from {path}/config.json, "
                               f"and minivl builds the model from the directory; save the changed config there "
                               f"first (config.save_pretrained({path!r}))")
-        if dtype == "auto":
-            dtype = on_disk.torch_dtype or "float32"
+        if dtype == "auto":  # the stored dtype ("dtype" is the key transformers 5 writes)
+            dtype = on_disk.torch_dtype or on_disk.to_dict().get("dtype") or "float32"
         if isinstance(device_map, dict) or device_map == "auto":
             raise ConfigError(f"device_map={device_map!r}: minivl loads the whole model onto one device; "
                               f"pass device_map='cuda' (or device='cuda')")
+        if on_disk.model_type != cls.config_class.model_type:
+            raise CheckpointError(f"{path}: model_type is {on_disk.model_type!r}, not {cls.config_class.model_type!r} "
+                                  f"as {cls.__name__} needs; load it with AutoModel, which picks the class from it")
         model = torch_impl.load_model(path, dtype=_dtype_name(dtype) or "float32",
                                       device=str(device or device_map or "cpu"),
                                       attn_implementation=attn_implementation or "eager")
-        if not isinstance(model, cls.__bases__[1]):
-            raise CheckpointError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}; load it with "
-                                  f"the Auto class of its model_type ({on_disk.model_type!r})")
-        model.__class__ = cls  # the same object, now with save_pretrained
+        model.__class__ = _extended(cls, type(model))  # the same object, now with save_pretrained
         return model
 
     def save_pretrained(self, save_directory, max_shard_size: int | None = None, push_to_hub: bool = False,
@@ -289,18 +291,29 @@ def _check_hub_kwargs(kwargs: dict) -> None:
             raise ConfigError(f"{key}={kwargs[key]!r}: minivl reads the directory itself, with no {key}")
 
 
-def _hf_class(name: str, model_type: str, config_class: type) -> type:
-    """torch_impl's model class for model_type, with MinivlAutoModel mixed in, under InternVL's class name."""
-    from minivl.loading import resolve_class
-    from torch_impl.models import MODEL_REGISTRY
-
-    return type(name, (MinivlAutoModel, resolve_class(MODEL_REGISTRY, model_type)),
-                {"config_class": config_class, "__module__": __name__, "__qualname__": name})
+@functools.cache
+def _extended(model_class: type, torch_impl_class: type) -> type:
+    """torch_impl's class with one of the model classes below (from_pretrained / save_pretrained) in front."""
+    return type(torch_impl_class.__name__, (model_class, torch_impl_class), {"__module__": __name__})
 
 
-InternVLChatModel = _hf_class("InternVLChatModel", "internvl_chat", InternVLChatConfig)
-InternVisionModel = _hf_class("InternVisionModel", "intern_vit_6b", InternVisionConfig)
-InternLM2ForCausalLM = _hf_class("InternLM2ForCausalLM", "internlm2", InternLM2Config)
+class InternVLChatModel(MinivlAutoModel):
+    """InternVL's chat model (AutoModel and AutoModelForCausalLM of internvl_chat): torch_impl's."""
+
+    config_class = InternVLChatConfig
+
+
+class InternVisionModel(MinivlAutoModel):
+    """InternViT (AutoModel of intern_vit_6b): torch_impl's."""
+
+    config_class = InternVisionConfig
+
+
+class InternLM2ForCausalLM(MinivlAutoModel):
+    """InternLM2 (AutoModel and AutoModelForCausalLM of internlm2): torch_impl's."""
+
+    config_class = InternLM2Config
+
 
 REGISTERED = {  # model_type -> (config class, {Auto class: model class})
     "internvl_chat": (InternVLChatConfig, {AutoModel: InternVLChatModel, AutoModelForCausalLM: InternVLChatModel}),
