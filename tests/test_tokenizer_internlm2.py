@@ -319,6 +319,23 @@ def test_streaming_equals_the_full_decode(pair):
         assert "".join(pieces) + decoder.flush() == ours.decode(ids)
 
 
+def test_added_tokens_missing_from_additional_special_tokens_follow_the_reference(tmp_path):
+    # added (added_tokens_decoder) but not listed as additional_special_tokens: not skipped by
+    # skip_special_tokens, decoded as their own piece of text; the reference decides this by the list
+    directory = write_internlm2_tokenizer(tmp_path, train_tiny_sentencepiece(vocab_size=1000))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["additional_special_tokens"] = INTERNLM2_SPECIAL_TOKENS[4:]      # only <|im_end|>, <|im_start|>
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    ours = InternLM2Tokenizer.from_file(directory)
+    reference = ReferenceInternLM2Tokenizer(f"{directory}/tokenizer.model", config)
+    for text in SAMPLES + prompts():
+        ids = reference.encode(text, add_special_tokens=True)
+        assert ours.encode(text, add_special_tokens=True) == ids
+        for skip in (True, False):
+            assert ours.decode(ids, skip) == reference.decode(ids, skip_special_tokens=skip), text
+    assert "<img>" in ours.decode(ours.encode("a<img>b"), skip_special_tokens=True)
+
+
 # ----------------------------------------------------------------------------- files and errors
 
 def test_load_tokenizer_picks_the_file_and_names_both_when_neither_exists(tmp_path):
