@@ -21,19 +21,16 @@ import sys
 import numpy as np
 import pytest
 import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen2Config
 
-transformers = pytest.importorskip("transformers")
-
-import minivl  # noqa: E402
-import torch_impl  # noqa: E402
-import torch_impl.auto as auto  # noqa: E402
-from minivl.config import load_config  # noqa: E402
-from minivl.errors import CheckpointError, ConfigError  # noqa: E402
-from minivl.tiny.internvl import write_tiny_internvl  # noqa: E402
-from minivl.tiny.llm import write_tiny_llm  # noqa: E402
-from minivl.tiny.vision import write_tiny_vit  # noqa: E402
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig,  # noqa: E402
-                          PretrainedConfig, Qwen2Config)
+import minivl
+import torch_impl
+import torch_impl.auto as auto
+from minivl.config import load_config
+from minivl.errors import CheckpointError, ConfigError
+from minivl.tiny.internvl import write_tiny_internvl
+from minivl.tiny.llm import write_tiny_llm
+from minivl.tiny.vision import write_tiny_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,16 +16,14 @@ Tokenization is discrete: ids and text must be identical.
 import json
 
 import pytest
+import sentencepiece as spm  # a dependency of minivl (pyproject.toml): missing means a broken install, not a skip
 
-spm = pytest.importorskip("sentencepiece", reason="InternLM2's tokenizer.model is read with sentencepiece")
-
-from minivl.conversation import get_conv_template, image_tokens  # noqa: E402
-from minivl.errors import CheckpointError, GenerationError  # noqa: E402
-from minivl.tiny.internvl import INTERNVL_SPECIAL_TOKENS  # noqa: E402
-from minivl.tiny.sentencepiece import (INTERNLM2_SPECIAL_TOKENS, train_tiny_sentencepiece,  # noqa: E402
-                                       write_internlm2_tokenizer)
-from minivl.tokenizer import TOKENIZER_FILES, load_tokenizer  # noqa: E402
-from minivl.tokenizer_internlm2 import InternLM2Tokenizer  # noqa: E402
+from minivl.conversation import get_conv_template, image_tokens
+from minivl.errors import CheckpointError, GenerationError
+from minivl.tiny.internvl import INTERNVL_SPECIAL_TOKENS
+from minivl.tiny.sentencepiece import INTERNLM2_SPECIAL_TOKENS, train_tiny_sentencepiece, write_internlm2_tokenizer
+from minivl.tokenizer import TOKENIZER_FILES, load_tokenizer
+from minivl.tokenizer_internlm2 import InternLM2Tokenizer
 
 
 class ReferenceInternLM2Tokenizer:
