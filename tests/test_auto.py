@@ -305,7 +305,7 @@ def test_from_pretrained_errors(checkpoints, tmp_path):
         AutoModel.from_pretrained(path, device_map="auto")
     with pytest.raises(ConfigError, match=r"do not support \['quantization_config'\]"):
         auto.InternVLChatModel.from_pretrained(path, quantization_config={"bits": 4})
-    with pytest.raises(CheckpointError, match="model_type is 'internvl_chat', not 'internlm2' as InternLM2ForCausalLM needs"):
+    with pytest.raises(CheckpointError, match="model_type is 'internvl_chat', not 'internlm2' as InternLM2ForCausalLM"):
         auto.InternLM2ForCausalLM.from_pretrained(path)
 
 

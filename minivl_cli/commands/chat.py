@@ -6,7 +6,7 @@ given. Without a prompt: an interactive conversation on stdin (history kept; `/r
 `/exit` or end of input quits).
 
 With `--model-dir` pointing at an InternVL chat checkpoint (config.json `model_type: internvl_chat`,
-plus a tokenizer.json or tokenizer.model), the answer comes from `InternVLChatModel.chat` and `--image PATH` shows it a
+plus tokenizer.json or .model), the answer comes from `InternVLChatModel.chat` and `--image PATH` shows it a
 picture: tiled as the InternVL README's `load_image` (the checkpoint's own tile size and thumbnail
 setting, at most `--max-tiles` tiles), `<image>` inserted on the first turn only, the image kept for
 every later turn of the conversation as the reference's multi-round example does.
@@ -32,8 +32,8 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n")[0])
     parser.add_argument("prompt", nargs="?", help="the question; omit it for an interactive conversation")
     add_model_arguments(parser, model_help="a Llama-family checkpoint directory, or an InternVL chat checkpoint "
-                                           "(for --image), with tokenizer.json or tokenizer.model (default: SmolLM2-135M-Instruct, "
-                                           "converted on first use)")
+                                           "(for --image), with tokenizer.json or tokenizer.model (default: "
+                                           "SmolLM2-135M-Instruct, converted on first use)")
     parser.add_argument("--system", default=None,
                         help="system message (default: SmolLM2's own, or the InternVL checkpoint's template's)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
