@@ -5,9 +5,10 @@
     tokenizer.encode("<|im_start|>user\\nHi", add_special_tokens=True)   # [bos, <|im_start|>, ...]
 
 It is read with the `sentencepiece` package itself, not converted to a `tokenizers` JSON: InternVL runs
-the slow (sentencepiece) tokenizer (`use_fast=False` in its examples), and the spacing rules below are
-those of that slow tokenizer on top of transformers 4.37's `PreTrainedTokenizer`, which a converted
-fast tokenizer does not reproduce. What the reference does, and minivl with it:
+the slow (sentencepiece) tokenizer (`use_fast=False` in its examples), so SentencePiece's own encode
+and decode are the reference, and the spacing rules below are Python code of that slow tokenizer and of
+transformers 4.37's `PreTrainedTokenizer`, which a `tokenizers` JSON (a fixed pipeline of normalizer,
+model and decoder) would have to imitate. What the reference does, and minivl with it:
 
 * encode: the text is split at every added token (`<s>`, `<|im_start|>`, `<img>`, `<IMG_CONTEXT>`, ...:
   the `added_tokens_decoder` of tokenizer_config.json, matched whole, longest first); each piece between
