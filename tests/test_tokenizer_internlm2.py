@@ -395,3 +395,31 @@ def test_cli_chat_with_an_internlm2_tokenizer_checkpoint(tmp_path, capsys):
         assert main(argv + (["--image", image] if image else []) + ["What is in the picture?"]) == 0
         out = capsys.readouterr().out
         assert out == expected + "\n"
+
+
+def test_cli_text_chat_with_an_internlm2_llm_and_tokenizer_model(tmp_path, capsys):
+    """`minivl chat --model-dir` on a tiny InternLM2 LLM with only tokenizer.model: ChatML after a BOS (as
+    InternLM2's chat template), the streamed reply = the reference's decode of the greedy tokens."""
+    import numpy as np
+
+    import minivl
+    from minivl.generate import generate
+    from minivl.tiny.llm import write_tiny_llm
+    from minivl.tiny.sentencepiece import use_internlm2_tokenizer
+    from minivl_cli.cli import main
+
+    directory = use_internlm2_tokenizer(write_tiny_llm(tmp_path / "internlm2", "internlm2", seed=3,
+                                                       max_position_embeddings=128))
+    config = json.loads((tmp_path / "internlm2" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    reference = ReferenceInternLM2Tokenizer(f"{directory}/tokenizer.model", config)
+    prompt = reference.encode("<|im_start|>user\nthe weather in paris<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt[0] == reference.bos_token_id
+    stops = [reference.eos_token_id, reference.convert_tokens_to_ids("<|im_end|>")]
+    new = generate(minivl.load_model(directory, "float64"), input_ids=np.asarray([prompt]), max_new_tokens=10,
+                   eos_token_id=stops)[0].tolist()
+    new = new[:next((k for k, t in enumerate(new) if t in stops), len(new))]
+    expected = reference.decode(new, skip_special_tokens=True)
+    assert expected.strip(), "the tiny model should say something for the comparison to mean anything"
+    assert main(["chat", "--model-dir", directory, "--dtype", "float64", "--max-new-tokens", "10",
+                 "the weather in paris"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
