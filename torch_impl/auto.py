@@ -274,15 +274,15 @@ def _modelled_fields(config) -> dict:
             for value in [getattr(config, field.name)]}
 
 
-# hub / loading-info keyword arguments transformers passes along; only their "do nothing" values are accepted
-_HUB_DEFAULTS = {"cache_dir": None, "force_download": False, "local_files_only": None, "proxies": None,
-                 "revision": None, "subfolder": "", "token": None, "code_revision": None, "trust_remote_code": None,
-                 "adapter_kwargs": None, "_from_auto": None, "_commit_hash": None, "use_safetensors": None,
-                 "low_cpu_mem_usage": None}
+# keyword arguments transformers passes along (hub, loading info) that mean nothing for a local directory
+# read by torch_impl: accepted and ignored; safetensors is the only format written anyway
+_IGNORED_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token",
+                   "code_revision", "trust_remote_code", "adapter_kwargs", "_from_auto", "_commit_hash",
+                   "use_safetensors", "low_cpu_mem_usage", "safe_serialization")
 
 
 def _check_hub_kwargs(kwargs: dict) -> None:
-    unknown = sorted(key for key in kwargs if key not in _HUB_DEFAULTS)
+    unknown = sorted(key for key in kwargs if key not in _IGNORED_KWARGS)
     if unknown:
         raise ConfigError(f"minivl's from_pretrained / save_pretrained do not support {unknown}; "
                           f"they read and write local directories with torch_impl")
