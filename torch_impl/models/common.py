@@ -3,7 +3,7 @@
 Modules here hold parameters under the checkpoint's own names (so `load_state_dict` is a plain
 name match) and call the torch_impl components in the same order as the NumPy code. Models are
 built on the meta device and filled with the checkpoint tensors (`assign=True`): no random init.
-`build_model` (meta build, dtype cast, tied weights) and `as_torch_dtype` (the dtype table) are
+`build_model` (meta build, dtype cast, tied weights) and `as_model_dtype` (the dtype table) are
 the loading every torch model uses, InternViT and the chat model included.
 """
 from __future__ import annotations
@@ -38,13 +38,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def as_torch_dtype(dtype) -> torch.dtype:
+def as_model_dtype(dtype) -> torch.dtype:
     """'float32' | 'float64' | 'bfloat16' | 'float16' (or the torch dtype) -> torch.dtype."""
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if dtype not in DTYPES:
         raise ConfigError(f"torch models run in one of {sorted(DTYPES)} (got {dtype!r})")
     return DTYPES[dtype]
+
+
+as_torch_dtype = as_model_dtype  # the old name, until InternViT and the chat model move to as_model_dtype
 
 
 def check_attn_implementation(attn_implementation: str) -> str:
@@ -267,7 +270,7 @@ class DecoderLM(nn.Module):
                         attn_implementation: str = "eager"):
         """Build from {checkpoint key: tensor}; every missing/unexpected/mis-shaped tensor is reported at once."""
         cls.check_supported(config)
-        dtype = as_torch_dtype(dtype)
+        dtype = as_model_dtype(dtype)
         model = build_model(cls, config, state_dict, dtype, device, tied=cls.tied_weights(config),
                             attn_implementation=attn_implementation)
         rope_kwargs = config.rope_kwargs()
