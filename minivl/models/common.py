@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minivl import nn
 from minivl.errors import ConfigError, ShapeError
 
 
@@ -78,6 +79,53 @@ def check_attention_mask(attention_mask, batch: int, kv_len: int) -> None:
     if attention_mask is not None and tuple(np.shape(attention_mask)) != (batch, kv_len):
         raise ShapeError(f"forward: attention_mask must be [batch, past + seq] = [{batch}, {kv_len}] "
                          f"(got shape {tuple(np.shape(attention_mask))}); it covers the cached tokens too")
+
+
+class Linear(nn.Module):
+    """weight [out, in] (+ bias [out]) under the checkpoint's names; y = x·Wᵀ + b via minivl.linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter((out_features, in_features))
+        self.bias = nn.Parameter((out_features,)) if bias else None
+
+    def forward(self, x):
+        from minivl.linear import linear
+
+        return linear(x, self.weight, self.bias)
+
+
+class Norm(nn.Module):
+    """A norm's parameters (weight, optional bias) under the checkpoint's names; `kind` picks the formula.
+
+    kind: 'rms' (HF order), 'rms_mpt' (weight multiplied in float32), 'layer'.
+    """
+
+    def __init__(self, dim: int, eps: float, kind: str = "rms", weight: bool = True, bias: bool = False):
+        super().__init__()
+        self.eps, self.kind = eps, kind
+        self.weight = nn.Parameter((dim,)) if weight else None
+        self.bias = nn.Parameter((dim,)) if bias else None
+
+    def forward(self, x):
+        from minivl.norms import layer_norm, rms_norm, rms_norm_mpt
+
+        if self.kind == "rms":
+            return rms_norm(x, self.weight, self.eps)
+        if self.kind == "rms_mpt":
+            return rms_norm_mpt(x, self.weight, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Embedding(nn.Module):
+    """The token table [vocab, hidden] under the name `weight`; forward gathers rows."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter((vocab_size, hidden_size))
+
+    def forward(self, input_ids):
+        return self.weight[np.asarray(input_ids)]
 
 
 def split_heads(x: np.ndarray, n_heads: int) -> np.ndarray:
