@@ -102,7 +102,8 @@ def test_left_padded_batch_matches_rows_alone(models, family, dtype):
 def test_output_attentions_match_torch(models, family, dtype):
     """forward(output_attentions=True): L probability tensors [b, H, s, t], the same in both packages, for a
     left-padded prefill and a cached decode step (t = cached + new keys); asking for them changes no logit.
-    Probabilities are <= 1, so MODEL_ULPS of their max bounds the same summation-order differences as above."""
+    Probabilities are <= 1, so MODEL_ULPS of their max bounds the same summation-order differences as above
+    (measured worst 7.0 ulps, Phi-3 float32; 2.2-6.0 for the others)."""
     np_model, torch_model = models(family, dtype)
     ids, mask, _ = left_padded_batch(np.random.default_rng(11), [8, 5], 300)
     positions = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)
