@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.functional import conv2d
 
 from minivl.config import InternVisionConfig
 from minivl.errors import ShapeError
@@ -49,7 +49,7 @@ class VisionOutput:
 def patch_embed(pixel_values: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The stride-p p×p patch convolution, the reference's Conv2d. [b, 3, H, W], [C, 3, p, p], [C] -> [b, h·w, C]"""
     # [b, C, h, w] -> [b, h·w, C], tokens row-major
-    return F.conv2d(pixel_values, weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
+    return conv2d(pixel_values, weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
 
 
 def resize_position_table(position_embedding: torch.Tensor, grid: int, h: int, w: int) -> torch.Tensor:
