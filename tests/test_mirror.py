@@ -22,12 +22,8 @@ from minivl.tiny.llm import FAMILIES, write_tiny_llm
 ALLOWED_TORCH_ONLY = {
     "ATTN_IMPLEMENTATIONS",         # eager | sdpa | flash | triton
     "check_attn_implementation",
-    "as_torch_dtype",               # the old name of as_model_dtype, until intern_vit/internvl_chat move (issue 11)
 }
 ALLOWED_TORCH_ONLY_MEMBERS = {"device", "set_attn_implementation"}
-# the vision half of issue 11 (InternViT, the chat model) lands on its own branch: strict, so the marker
-# must go the moment those two files mirror
-PENDING = {"intern_vit", "internvl_chat"}
 FRAMEWORK_BASES = (minivl.nn.Module, torch.nn.Module, object)
 
 
@@ -60,12 +56,7 @@ def members(cls) -> set:
     return names
 
 
-def _pending(name):
-    marks = [pytest.mark.xfail(strict=True, reason="vision half of issue 11, on branch mirror-vision")]
-    return pytest.param(name, marks=marks) if name in PENDING else name
-
-
-@pytest.mark.parametrize("name", [_pending(name) for name in twin_modules()])
+@pytest.mark.parametrize("name", twin_modules())
 def test_twin_modules_define_the_same_public_names_and_members(name):
     torch_module = importlib.import_module(f"torch_impl.models.{name}")
     numpy_module = importlib.import_module(f"minivl.models.{name}")

@@ -16,7 +16,7 @@ from minivl.projector import (MLP1_LAYER_NORM_EPS, PROJECTOR_PREFIX, mlp1_expect
                               projector_input_size)
 from torch_impl.activations import gelu
 from torch_impl.linear import linear
-from torch_impl.models.common import Linear, Norm, as_torch_dtype, build_model
+from torch_impl.models.common import Linear, Norm, as_model_dtype, build_model
 from torch_impl.norms import layer_norm
 
 
@@ -59,7 +59,7 @@ class Projector(nn.Sequential):
                                   f"{'missing' if fc1 is None else f'of shape {tuple(fc1.shape)}'}; the checkpoint "
                                   f"is not an InternVL chat checkpoint or is damaged: re-convert it")
         llm_hidden_size, input_size = fc1.shape
-        return build_model(cls, input_size, strip_prefix(state_dict, prefix), as_torch_dtype(dtype), device,
+        return build_model(cls, input_size, strip_prefix(state_dict, prefix), as_model_dtype(dtype), device,
                            llm_hidden_size=llm_hidden_size, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,9 +47,6 @@ def as_model_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-as_torch_dtype = as_model_dtype  # the old name, until InternViT and the chat model move to as_model_dtype
-
-
 def check_attn_implementation(attn_implementation: str) -> str:
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ConfigError(f"attn_implementation must be one of {list(ATTN_IMPLEMENTATIONS)} "

@@ -30,7 +30,7 @@ from minivl.models.intern_vit import (FINAL_NORM_KEY, NORM_KINDS, VISION_PREFIX,
 from torch_impl.attention import scaled_dot_product_attention
 from torch_impl.interpolate import interpolate_bicubic
 from torch_impl.mlp import gelu_mlp
-from torch_impl.models.common import Linear, Norm, as_torch_dtype, build_model, check_attn_implementation
+from torch_impl.models.common import Linear, Norm, as_model_dtype, build_model, check_attn_implementation
 
 @dataclass
 class VisionOutput:
@@ -251,7 +251,7 @@ class InternVisionModel(nn.Module):
     def from_state_dict(cls, config, state_dict: dict, dtype="float32", device="cpu",
                         attn_implementation: str = "eager") -> "InternVisionModel":
         """Build from checkpoint tensors (NumPy or torch; bare keys or an InternVL checkpoint's `vision_model.*`)."""
-        return build_model(cls, as_vision_config(config), strip_vision_prefix(state_dict), as_torch_dtype(dtype),
+        return build_model(cls, as_vision_config(config), strip_vision_prefix(state_dict), as_model_dtype(dtype),
                            device, attn_implementation=attn_implementation)
 
     @property
@@ -265,7 +265,8 @@ class InternVisionModel(nn.Module):
         apply_final_norm=True applies a converted checkpoint's extra final LayerNorm (DINOv2) to
         last_hidden_state / pooler_output only; hidden_states stay the raw layer outputs.
         """
-        check_pixel_values(tuple(pixel_values.shape), self.config)
+        check_pixel_values(tuple(pixel_values.shape), pixel_values.is_floating_point(), pixel_values.dtype,
+                           self.config)
         x = self.embeddings(pixel_values)
         x, hidden_states, attentions = self.encoder(x, output_hidden_states, output_attentions)
         if apply_final_norm:

@@ -18,7 +18,7 @@ from minivl.models.internvl_chat import (as_chat_config, check_context_count, co
                                          no_context_tokens_error, system_message)
 from minivl.projector import PROJECTOR_PREFIX, projector_input_size
 from torch_impl.models import MODEL_REGISTRY
-from torch_impl.models.common import as_torch_dtype
+from torch_impl.models.common import as_model_dtype
 from torch_impl.models.intern_vit import InternVisionModel
 from torch_impl.pixel_shuffle import pixel_shuffle
 from torch_impl.projector import Projector
@@ -72,7 +72,7 @@ class InternVLChatModel(ChatMixin, nn.Module):
         from minivl.checkpoint import check_state_dict
 
         config = as_chat_config(config)
-        dtype = as_torch_dtype(dtype)  # a bad dtype is named before the tensors are checked
+        dtype = as_model_dtype(dtype)  # a bad dtype is named before the tensors are checked
         check_state_dict(state_dict, cls.expected_shapes(config), where="InternVLChatModel")
         vision_model = InternVisionModel.from_state_dict(config.vision_config, strip_prefix(state_dict, VISION_PREFIX),
                                                          dtype, device, attn_implementation)
