@@ -41,7 +41,7 @@ def public_names(module, twin=None) -> dict:
             continue
         if (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__module__ in homes:
             out[name] = obj
-        elif name.isupper():
+        elif name.isupper() and not inspect.ismodule(obj):  # constants, not `F` = torch.nn.functional
             out[name] = obj
     return out
 
