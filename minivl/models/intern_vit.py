@@ -46,7 +46,7 @@ from minivl.errors import CheckpointError, ConfigError, ShapeError
 from minivl.interpolate import interpolate_bicubic
 from minivl.linear import linear
 from minivl.mlp import gelu_mlp
-from minivl.models.common import Linear, Norm, as_model_dtype, build_model
+from minivl.models.common import Linear, Norm, as_model_dtype, build_model, declared_shapes
 
 # prefix of the vision tower inside an InternVL chat checkpoint (spec 8.1)
 VISION_PREFIX = "vision_model."
@@ -278,7 +278,7 @@ class InternVisionModel(nn.Module):
     @classmethod
     def expected_shapes(cls, config) -> dict[str, tuple]:
         """Every tensor of the checkpoint (without the `vision_model.` prefix) and its shape, from the declared parameters."""
-        return {key: tuple(p.shape) for key, p in cls(as_vision_config(config)).state_dict().items()}
+        return declared_shapes(cls, as_vision_config(config))
 
     @classmethod
     def from_state_dict(cls, config, state_dict: dict, dtype="float32") -> "InternVisionModel":

@@ -30,7 +30,8 @@ from minivl.models.intern_vit import (FINAL_NORM_KEY, NORM_KINDS, VISION_PREFIX,
 from torch_impl.attention import scaled_dot_product_attention
 from torch_impl.interpolate import interpolate_bicubic
 from torch_impl.mlp import gelu_mlp
-from torch_impl.models.common import Linear, Norm, as_model_dtype, build_model, check_attn_implementation
+from torch_impl.models.common import (Linear, Norm, as_model_dtype, build_model, check_attn_implementation,
+                                      declared_shapes)
 
 @dataclass
 class VisionOutput:
@@ -243,9 +244,7 @@ class InternVisionModel(nn.Module):
     @classmethod
     def expected_shapes(cls, config) -> dict[str, tuple]:
         """Every tensor of the checkpoint (without the `vision_model.` prefix) and its shape, from the declared parameters."""
-        with torch.device("meta"):
-            model = cls(as_vision_config(config))
-        return {key: tuple(p.shape) for key, p in model.state_dict().items()}
+        return declared_shapes(cls, as_vision_config(config))
 
     @classmethod
     def from_state_dict(cls, config, state_dict: dict, dtype="float32", device="cpu",
