@@ -238,18 +238,17 @@ def _resolve_phi3(r: _RopeRequest) -> RopeParameters:
                     original_max_position_embeddings=O)
 
 
-# one resolver per rope_type (ROPE_TYPES), after rope_parameters' shared checks
+# one resolver per rope_type (the ROPE_TYPES, in that order), after rope_parameters' shared checks
 _RESOLVERS = {
     "default": _resolve_default,
     "linear": _resolve_linear,
     "dynamic": _resolve_dynamic,
     "yarn": _resolve_yarn,
-    "llama3": _resolve_llama3,
     "longrope": _resolve_longrope,
+    "llama3": _resolve_llama3,
     "su": _resolve_phi3,
     "phi3_yarn": _resolve_phi3,
 }
-assert set(_RESOLVERS) == set(ROPE_TYPES)
 
 
 def _float_dtype(dtype) -> np.dtype:

@@ -302,3 +302,28 @@ def test_numpy_matches_transformers_internvl_vision(tmp_path, rng, flavour, dtyp
     assert len(ref.hidden_states) == len(out.hidden_states)
     for i, (a, r) in enumerate(zip(out.hidden_states, ref.hidden_states)):
         assert_close(a, r, rtol=rtol, atol=atol, what=f"{flavour} vs transformers hidden_states[{i}]")
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_both_packages_build_the_same_tree_with_the_checkpoint_keys(tmp_path, flavour):
+    """The mirror rule for InternViT: module for module, parameter for parameter, the checkpoint's keys."""
+    directory, config, state = _tiny(tmp_path, flavour)
+    ours, theirs = minivl.load_model(directory), torch_impl.load_model(directory)
+    assert [(n, type(m).__name__) for n, m in ours.named_modules()] == \
+        [(n, type(m).__name__) for n, m in theirs.named_modules()]
+    assert [(k, tuple(v.shape)) for k, v in ours.state_dict().items()] == \
+        [(k, tuple(v.shape)) for k, v in theirs.state_dict().items()]
+    assert set(ours.state_dict()) == set(state)
+    for key, array in state.items():  # tolerance 0: float64 file -> float32 model, one rounding on both sides
+        np.testing.assert_array_equal(ours.state_dict()[key], np.asarray(array, dtype=np.float32), err_msg=key)
+        np.testing.assert_array_equal(theirs.state_dict()[key].numpy(), ours.state_dict()[key], err_msg=key)
+    assert InternVisionModel.expected_shapes(config) == TorchInternVisionModel.expected_shapes(config) == \
+        {key: tuple(array.shape) for key, array in state.items()}
+    # the attribute paths of issue 11, in both packages
+    for model in (ours, theirs):
+        layer = model.encoder.layers[0]
+        assert tuple(layer.attn.qkv.weight.shape) == (3 * config.hidden_size, config.hidden_size)
+        assert hasattr(layer.attn, "q_norm") == hasattr(layer.attn, "k_norm") == (flavour == "6b")
+        assert tuple(layer.mlp.fc1.weight.shape) == (config.intermediate_size, config.hidden_size)
+        assert tuple(layer.ls1.shape) == tuple(layer.ls2.shape) == (config.hidden_size,)
+        assert tuple(model.embeddings.patch_embedding.weight.shape) == (config.hidden_size, 3, 14, 14)

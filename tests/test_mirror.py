@@ -22,7 +22,6 @@ from minivl.tiny.llm import FAMILIES, write_tiny_llm
 ALLOWED_TORCH_ONLY = {
     "ATTN_IMPLEMENTATIONS",         # eager | sdpa | flash | triton
     "check_attn_implementation",
-    "as_torch_dtype",               # the old name of as_model_dtype, until intern_vit/internvl_chat move (issue 11)
 }
 ALLOWED_TORCH_ONLY_MEMBERS = {"device", "set_attn_implementation"}
 FRAMEWORK_BASES = (minivl.nn.Module, torch.nn.Module, object)

@@ -276,6 +276,11 @@ def build_model(cls, config, state_dict: dict, dtype, tied: dict | None = None, 
     return model
 
 
+def declared_shapes(cls, config, skip=()) -> dict:
+    """{checkpoint key: shape} of `cls(config)` built with declared parameters, the keys in `skip` left out."""
+    return {key: tuple(p.shape) for key, p in cls(config).state_dict().items() if key not in skip}
+
+
 class DecoderLM(nn.Module):
     """embed -> positions -> L x layer -> final norm -> head: the decoder every family runs.
 
@@ -307,8 +312,7 @@ class DecoderLM(nn.Module):
     @classmethod
     def expected_shapes(cls, config) -> dict:
         """{checkpoint key: shape} from the declared parameters (a tied head is not stored)."""
-        tied = cls.tied_weights(config)
-        return {key: tuple(p.shape) for key, p in cls(config).state_dict().items() if key not in tied}
+        return declared_shapes(cls, config, skip=cls.tied_weights(config))
 
     @classmethod
     def from_state_dict(cls, config, state_dict: dict, dtype="float32"):

@@ -46,7 +46,7 @@ from minivl.errors import CheckpointError, ConfigError, ShapeError
 from minivl.interpolate import interpolate_bicubic
 from minivl.linear import linear
 from minivl.mlp import gelu_mlp
-from minivl.models.common import Linear, Norm, as_model_dtype, build_model
+from minivl.models.common import Linear, Norm, as_model_dtype, build_model, declared_shapes
 
 # prefix of the vision tower inside an InternVL chat checkpoint (spec 8.1)
 VISION_PREFIX = "vision_model."
@@ -278,7 +278,7 @@ class InternVisionModel(nn.Module):
     @classmethod
     def expected_shapes(cls, config) -> dict[str, tuple]:
         """Every tensor of the checkpoint (without the `vision_model.` prefix) and its shape, from the declared parameters."""
-        return {key: tuple(p.shape) for key, p in cls(as_vision_config(config)).state_dict().items()}
+        return declared_shapes(cls, as_vision_config(config))
 
     @classmethod
     def from_state_dict(cls, config, state_dict: dict, dtype="float32") -> "InternVisionModel":
@@ -300,10 +300,8 @@ class InternVisionModel(nn.Module):
         last_hidden_state / pooler_output only; hidden_states stay the raw layer outputs.
         """
         pixel_values = np.asarray(pixel_values)
-        check_pixel_values(pixel_values.shape, self.config)
-        if not np.issubdtype(pixel_values.dtype, np.floating):
-            raise ShapeError(f"pixel_values must be normalised floats, got {pixel_values.dtype}; run the "
-                             f"image through minivl.preprocess first")
+        check_pixel_values(pixel_values.shape, np.issubdtype(pixel_values.dtype, np.floating), pixel_values.dtype,
+                           self.config)
         x = self.embeddings(pixel_values)
         x, hidden_states, attentions = self.encoder(x, output_hidden_states, output_attentions)
         if apply_final_norm:
@@ -345,8 +343,8 @@ def check_final_norm(final_norm) -> None:
                               "call forward without apply_final_norm")
 
 
-def check_pixel_values(shape, config: InternVisionConfig) -> None:
-    """pixel_values must be [b, num_channels, H, W] with H, W positive multiples of patch_size."""
+def check_pixel_values(shape, is_float: bool, dtype, config: InternVisionConfig) -> None:
+    """pixel_values must be normalised floats [b, num_channels, H, W], H and W positive multiples of patch_size."""
     p = config.patch_size
     if len(shape) != 4 or shape[1] != config.num_channels:
         raise ShapeError(f"pixel_values must be [batch, {config.num_channels}, height, width], got shape "
@@ -354,6 +352,9 @@ def check_pixel_values(shape, config: InternVisionConfig) -> None:
     if shape[2] % p or shape[3] % p or 0 in (shape[2], shape[3]):
         raise ShapeError(f"pixel_values height and width must be positive multiples of patch_size={p}, got "
                          f"{shape[2]}×{shape[3]}; resize the image (InternVL tiles are {config.image_size} px)")
+    if not is_float:
+        raise ShapeError(f"pixel_values must be normalised floats, got {dtype}; run the image through "
+                         f"minivl.preprocess first")
 
 
 def strip_vision_prefix(state_dict: dict) -> dict:

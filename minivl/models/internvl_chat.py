@@ -23,12 +23,13 @@ import importlib
 import numpy as np
 
 from minivl import nn
+from minivl.checkpoint import check_state_dict
 from minivl.config import InternVLChatConfig, load_config
 from minivl.conversation import ChatMixin, get_conv_template
 from minivl.errors import ConfigError, GenerationError, ShapeError
 from minivl.loading import LLM_PREFIX, strip_prefix
 from minivl.models import MODEL_REGISTRY
-from minivl.models.common import as_model_dtype
+from minivl.models.common import as_model_dtype, declared_shapes
 from minivl.models.intern_vit import VISION_PREFIX, InternVisionModel
 from minivl.pixel_shuffle import pixel_shuffle
 from minivl.projector import PROJECTOR_PREFIX, Projector, projector_input_size
@@ -115,14 +116,8 @@ class InternVLChatModel(ChatMixin, nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def expected_shapes(cls, config) -> dict[str, tuple]:
-        """Every tensor of an InternVL checkpoint and its shape (vision_model.*, language_model.*, mlp1.*), declared."""
-        return {key: tuple(p.shape) for key, p in cls(as_chat_config(config)).state_dict().items()}
-
-    @classmethod
     def from_state_dict(cls, config, state_dict: dict, dtype="float32") -> "InternVLChatModel":
         """Build from a whole InternVL state dict; one CheckpointError lists every missing/extra/mis-shaped tensor."""
-        from minivl.checkpoint import check_state_dict
         config = as_chat_config(config)
         as_model_dtype(dtype)  # a bad dtype is named before the tensors are checked
         check_state_dict(state_dict, cls.expected_shapes(config), where="InternVLChatModel")
@@ -132,6 +127,11 @@ class InternVLChatModel(ChatMixin, nn.Module):
             config.llm_config, strip_prefix(state_dict, LLM_PREFIX), dtype)
         mlp1 = Projector.from_state_dict(state_dict, PROJECTOR_PREFIX, dtype)
         return cls(config, vision_model, language_model, mlp1)
+
+    @classmethod
+    def expected_shapes(cls, config) -> dict[str, tuple]:
+        """Every tensor of an InternVL checkpoint and its shape (vision_model.*, language_model.*, mlp1.*), declared."""
+        return declared_shapes(cls, as_chat_config(config))
 
     @property
     def dtype(self) -> np.dtype:

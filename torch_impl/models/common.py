@@ -47,9 +47,6 @@ def as_model_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-as_torch_dtype = as_model_dtype  # the old name, until InternViT and the chat model move to as_model_dtype
-
-
 def check_attn_implementation(attn_implementation: str) -> str:
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ConfigError(f"attn_implementation must be one of {list(ATTN_IMPLEMENTATIONS)} "
@@ -231,6 +228,13 @@ def build_model(cls, config, state_dict: dict, dtype, device, tied: dict | None 
     return model.eval()
 
 
+def declared_shapes(cls, config, skip=()) -> dict:
+    """{checkpoint key: shape} of `cls(config)` built on the meta device (no allocation), the keys in `skip` left out."""
+    with torch.device("meta"):
+        model = cls(config)
+    return {key: tuple(p.shape) for key, p in model.state_dict().items() if key not in skip}
+
+
 class DecoderLM(nn.Module):
     """embed -> positions -> L x layer -> final norm -> head (mirror of minivl.models.common.DecoderLM).
 
@@ -260,10 +264,7 @@ class DecoderLM(nn.Module):
     @classmethod
     def expected_shapes(cls, config) -> dict:
         """{checkpoint key: shape} from the declared parameters (a tied head is not stored)."""
-        tied = cls.tied_weights(config)
-        with torch.device("meta"):
-            model = cls(config)
-        return {key: tuple(p.shape) for key, p in model.state_dict().items() if key not in tied}
+        return declared_shapes(cls, config, skip=cls.tied_weights(config))
 
     @classmethod
     def from_state_dict(cls, config, state_dict: dict, dtype="float32", device="cpu",

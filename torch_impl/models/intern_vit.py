@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.functional import conv2d
 
 from minivl.config import InternVisionConfig
 from minivl.errors import ShapeError
@@ -30,7 +30,8 @@ from minivl.models.intern_vit import (FINAL_NORM_KEY, NORM_KINDS, VISION_PREFIX,
 from torch_impl.attention import scaled_dot_product_attention
 from torch_impl.interpolate import interpolate_bicubic
 from torch_impl.mlp import gelu_mlp
-from torch_impl.models.common import Linear, Norm, as_torch_dtype, build_model, check_attn_implementation
+from torch_impl.models.common import (Linear, Norm, as_model_dtype, build_model, check_attn_implementation,
+                                      declared_shapes)
 
 @dataclass
 class VisionOutput:
@@ -49,7 +50,7 @@ class VisionOutput:
 def patch_embed(pixel_values: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The stride-p p×p patch convolution, the reference's Conv2d. [b, 3, H, W], [C, 3, p, p], [C] -> [b, h·w, C]"""
     # [b, C, h, w] -> [b, h·w, C], tokens row-major
-    return F.conv2d(pixel_values, weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
+    return conv2d(pixel_values, weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
 
 
 def resize_position_table(position_embedding: torch.Tensor, grid: int, h: int, w: int) -> torch.Tensor:
@@ -243,15 +244,13 @@ class InternVisionModel(nn.Module):
     @classmethod
     def expected_shapes(cls, config) -> dict[str, tuple]:
         """Every tensor of the checkpoint (without the `vision_model.` prefix) and its shape, from the declared parameters."""
-        with torch.device("meta"):
-            model = cls(as_vision_config(config))
-        return {key: tuple(p.shape) for key, p in model.state_dict().items()}
+        return declared_shapes(cls, as_vision_config(config))
 
     @classmethod
     def from_state_dict(cls, config, state_dict: dict, dtype="float32", device="cpu",
                         attn_implementation: str = "eager") -> "InternVisionModel":
         """Build from checkpoint tensors (NumPy or torch; bare keys or an InternVL checkpoint's `vision_model.*`)."""
-        return build_model(cls, as_vision_config(config), strip_vision_prefix(state_dict), as_torch_dtype(dtype),
+        return build_model(cls, as_vision_config(config), strip_vision_prefix(state_dict), as_model_dtype(dtype),
                            device, attn_implementation=attn_implementation)
 
     @property
@@ -265,7 +264,8 @@ class InternVisionModel(nn.Module):
         apply_final_norm=True applies a converted checkpoint's extra final LayerNorm (DINOv2) to
         last_hidden_state / pooler_output only; hidden_states stay the raw layer outputs.
         """
-        check_pixel_values(tuple(pixel_values.shape), self.config)
+        check_pixel_values(tuple(pixel_values.shape), pixel_values.is_floating_point(), pixel_values.dtype,
+                           self.config)
         x = self.embeddings(pixel_values)
         x, hidden_states, attentions = self.encoder(x, output_hidden_states, output_attentions)
         if apply_final_norm:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minivl.checkpoint import check_state_dict
 from minivl.conversation import ChatMixin
 from minivl.errors import ShapeError
 from minivl.loading import LLM_PREFIX, strip_prefix
@@ -18,7 +19,7 @@ from minivl.models.internvl_chat import (as_chat_config, check_context_count, co
                                          no_context_tokens_error, system_message)
 from minivl.projector import PROJECTOR_PREFIX, projector_input_size
 from torch_impl.models import MODEL_REGISTRY
-from torch_impl.models.common import as_torch_dtype
+from torch_impl.models.common import as_model_dtype, declared_shapes
 from torch_impl.models.intern_vit import InternVisionModel
 from torch_impl.pixel_shuffle import pixel_shuffle
 from torch_impl.projector import Projector
@@ -59,20 +60,11 @@ class InternVLChatModel(ChatMixin, nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def expected_shapes(cls, config) -> dict[str, tuple]:
-        """Every tensor of an InternVL checkpoint and its shape (vision_model.*, language_model.*, mlp1.*), declared."""
-        with torch.device("meta"):
-            model = cls(as_chat_config(config))
-        return {key: tuple(p.shape) for key, p in model.state_dict().items()}
-
-    @classmethod
     def from_state_dict(cls, config, state_dict: dict, dtype="float32", device="cpu",
                         attn_implementation: str = "eager") -> "InternVLChatModel":
         """Build from a whole InternVL state dict (NumPy arrays or tensors); one CheckpointError lists every problem."""
-        from minivl.checkpoint import check_state_dict
-
         config = as_chat_config(config)
-        dtype = as_torch_dtype(dtype)  # a bad dtype is named before the tensors are checked
+        dtype = as_model_dtype(dtype)  # a bad dtype is named before the tensors are checked
         check_state_dict(state_dict, cls.expected_shapes(config), where="InternVLChatModel")
         vision_model = InternVisionModel.from_state_dict(config.vision_config, strip_prefix(state_dict, VISION_PREFIX),
                                                          dtype, device, attn_implementation)
@@ -81,6 +73,11 @@ class InternVLChatModel(ChatMixin, nn.Module):
             attn_implementation=attn_implementation)
         mlp1 = Projector.from_state_dict(state_dict, PROJECTOR_PREFIX, dtype, device)
         return cls(config, vision_model, language_model, mlp1).eval()
+
+    @classmethod
+    def expected_shapes(cls, config) -> dict[str, tuple]:
+        """Every tensor of an InternVL checkpoint and its shape (vision_model.*, language_model.*, mlp1.*), declared."""
+        return declared_shapes(cls, as_chat_config(config))
 
     @property
     def dtype(self) -> torch.dtype:
