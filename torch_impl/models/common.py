@@ -259,7 +259,7 @@ class DecoderLM(nn.Module):
 
     @staticmethod
     def check_supported(config) -> None:
-        """ConfigError for a config option the family does not implement (every option, unless overridden)."""
+        """Raise ConfigError for config options the family does not implement (the RoPE families implement all)."""
 
     @classmethod
     def expected_shapes(cls, config) -> dict:
@@ -339,6 +339,7 @@ class DecoderLM(nn.Module):
                 "output_attentions": output_attentions}
 
     def final_norm(self, hidden):
+        """The norm after the last block. [..., hidden] -> [..., hidden]"""
         return self.get_submodule(self.norm_path)(hidden)
 
     def unembed(self, hidden):
