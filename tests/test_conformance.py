@@ -7,28 +7,21 @@ the independent float64 formulas below use Python's `math` (another libm), which
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 
 import numpy as np
 import pytest
+from _tools_util import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VECTORS = os.path.join(ROOT, "docs", "conformance", "internvl_vectors.json")
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("make_conformance", os.path.join(ROOT, "tools", "make_conformance.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tool():
-    return _load_tool()
+    return load_tool("make_conformance")
 
 
 @pytest.fixture(scope="module")

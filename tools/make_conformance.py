@@ -23,7 +23,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 
 import numpy as np
@@ -36,6 +35,7 @@ from minivl.config import load_config  # noqa: E402
 from minivl.pixel_shuffle import num_image_token, pixel_shuffle  # noqa: E402
 from minivl.preprocess import choose_grid  # noqa: E402
 from minivl.rope import rope_init, rope_parameters  # noqa: E402
+from tools._common import write_atomic  # noqa: E402
 
 OUT = os.path.join(ROOT, "docs", "conformance", "internvl_vectors.json")
 CONFIG_DIR = os.path.join(ROOT, "tests", "fixtures", "configs")
@@ -143,15 +143,6 @@ def render(vectors: dict) -> str:
     lines += [f"  {json.dumps(e)}," for e in vectors["rope"][:-1]] + [f"  {json.dumps(vectors['rope'][-1])}", " ]"]
     lines.append("}")
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)                                  # mkstemp makes it private; this is a published file
-    os.replace(tmp, path)
 
 
 # Floats may differ in the last bits between CPUs (NumPy's SIMD pow on AVX-512 vs AVX2): 4 ulps of
