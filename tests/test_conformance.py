@@ -103,6 +103,16 @@ def test_every_tiling_row_matches_the_transcribed_reference(vectors):
         assert (tokens_off, tokens_on) == (n_off * per_tile, n_on * per_tile)
 
 
+def test_transformers_got_ocr2_tiling_agrees_on_every_row(vectors):
+    """transformers' InternVL image processor (GotOcr2's get_optimal_tiled_canvas): a second, independent
+    implementation of the same rule; it orders same-count grids by width, not by set order, which
+    decides no row here."""
+    module = pytest.importorskip("transformers.models.got_ocr2.image_processing_pil_got_ocr2")
+    for width, height, max_num, columns, rows, *_ in vectors["tiling"]["rows"]:
+        assert tuple(module.get_optimal_tiled_canvas((height, width), (448, 448), 1, max_num)) == (columns, rows), \
+            (width, height, max_num)
+
+
 @pytest.mark.parametrize("size, max_num, expected", [
     # worked by hand from the rule "closest ratio; on a tie the later grid only if area > 0.5·448²·i·j"
     ((448, 448), 12, (1, 1, 1, 256, 1, 256)),       # the sglang bug made this 3×3 + thumbnail

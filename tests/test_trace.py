@@ -334,3 +334,21 @@ def test_stages_are_what_the_forward_computes(root, checkpoints, llm):
     np.testing.assert_array_equal(stages["language_model.model.norm"], out.hidden_states[-1])
     vit = model.vision_model.forward(pixel_values)
     np.testing.assert_array_equal(stages["vision_model.encoder.layers.2"], vit.last_hidden_state)
+
+
+def test_transformers_image_processor_tiles_like_internvl(root, checkpoints, hf_trace, capsys):
+    """--image-processor: transformers' GotOcr2 processor tiles and normalises the image itself."""
+    from _tools_util import load_tool
+
+    inputs = trace.load_trace(root / "inputs_for_hf.safetensors")
+    assert inputs.metadata["max_num"] == "12"
+    out = root / "hf_processor.safetensors"
+    hf_dir = str(root / "qwen2_hf")
+    assert load_tool("trace_transformers").main([hf_dir, "--inputs", str(root / "inputs_for_hf.safetensors"),
+                                                 "--out", str(out), "--image-processor"]) == 0
+    produced = trace.load_trace(out)
+    assert produced.metadata["pixels_from"] == "GotOcr2ImageProcessorPil"
+    rows = {row.name: row for row in trace.diff_traces(produced, inputs)}
+    assert rows["tile_grid"].status == "OK" and rows["pixel_values"].status == "OK", rows["pixel_values"]
+    capsys.readouterr()
+    assert main(["diff", str(out), str(root / "inputs_for_hf.safetensors")]) == 0

@@ -9,7 +9,8 @@ below, and `minivl diff` names the first stage where it parts from minivl. This 
 `InternVLForConditionalGeneration` directory (the transformers layout: model.vision_tower.*,
 model.multi_modal_projector.*, model.language_model.*, lm_head.*), takes the tile grid, pixel_values
 and input_ids from a trace written by `minivl trace` (`--inputs`, so that the model stages are
-compared on identical inputs), and records:
+compared on identical inputs; with `--image-processor` the tiles come from transformers' own
+image processor instead, so the diff also checks its tiling and normalisation), and records:
 
     vision_model.embeddings           <- model.vision_tower.embeddings (output)
     vision_model.encoder.layers.{i}   <- model.vision_tower.encoder.layer[i] (output)
@@ -111,6 +112,31 @@ def hf_stages(model, pixel_values: np.ndarray, input_ids: np.ndarray, grid) -> d
     return {name: trace.as_array(value) for name, value in stages.items()}
 
 
+def hf_tiles(model, image_path: str, max_num: int, dtype: str):
+    """(grid, pixel_values) from transformers' own InternVL image processor (GotOcr2, the PIL backend).
+
+    Tiles of image_size px, at most max_num, thumbnail when there is more than one, ImageNet
+    mean/std as InternVL normalises; the grid is the processor's get_optimal_tiled_canvas.
+    """
+    from PIL import Image
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (GotOcr2ImageProcessorPil,
+                                                                           get_optimal_tiled_canvas)
+
+    from minivl.preprocess import NORMALIZATIONS
+
+    size = model.config.vision_config.image_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    mean, std = NORMALIZATIONS["imagenet"]
+    processor = GotOcr2ImageProcessorPil(size={"height": size, "width": size}, crop_to_patches=True, min_patches=1,
+                                         max_patches=max_num, image_mean=list(mean), image_std=list(std))
+    with Image.open(image_path) as image:
+        image = image.convert("RGB")
+        pixel_values = processor(images=image, return_tensors="np")["pixel_values"]
+        width, height = image.size
+    grid = get_optimal_tiled_canvas((height, width), (size, size), 1, max_num) if max_num > 1 else (1, 1)
+    return grid, np.asarray(pixel_values).astype(dtype)
+
+
 def load_hf(directory: str, dtype: str):
     import torch
     import transformers
@@ -128,6 +154,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="trace file to write")
     parser.add_argument("--dtype", choices=("float32", "float64"), default=None,
                         help="default: the --inputs trace's dtype")
+    parser.add_argument("--image-processor", action="store_true",
+                        help="tile and normalise the trace's image with transformers' own image processor "
+                             "(GotOcr2ImageProcessorPil) instead of reusing the trace's pixel_values")
     args = parser.parse_args(argv)
     import torch
     import transformers
@@ -138,13 +167,21 @@ def main(argv=None) -> int:
         raise TraceError(f"{args.inputs!r} lacks the input stages {missing}; write it with `minivl trace`")
     dtype = args.dtype or source.dtype
     model = load_hf(args.directory, dtype)
-    stages = hf_stages(model, np.asarray(source.stages["pixel_values"]), np.asarray(source.stages["input_ids"]),
-                       source.stages["tile_grid"].tolist())
+    grid, pixel_values = source.stages["tile_grid"].tolist(), np.asarray(source.stages["pixel_values"])
+    if args.image_processor:
+        if not source.metadata.get("image") or not source.metadata.get("max_num"):
+            raise TraceError(f"{args.inputs!r} does not record its image and max_num; write it with `minivl trace`")
+        grid, pixel_values = hf_tiles(model, source.metadata["image"], int(source.metadata["max_num"]), dtype)
+        if len(pixel_values) != len(source.stages["pixel_values"]):
+            print(f"note: transformers' processor made {len(pixel_values)} tiles, the trace's prompt has room for "
+                  f"{len(source.stages['pixel_values'])}; the forward will refuse the mismatch", file=sys.stderr)
+    stages = hf_stages(model, pixel_values, np.asarray(source.stages["input_ids"]), grid)
     metadata = {"producer": f"transformers {transformers.__version__} InternVLForConditionalGeneration",
                 "dtype": dtype, "config_sha256": trace.config_sha256(args.directory),
                 "versions": json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
                                         "numpy": np.__version__}),
                 "checkpoint": os.path.abspath(args.directory), "inputs_from": os.path.abspath(args.inputs),
+                "pixels_from": "GotOcr2ImageProcessorPil" if args.image_processor else "the --inputs trace",
                 "prompt": source.metadata.get("prompt", ""), "image": source.metadata.get("image", "")}
     trace.save_trace(args.out, trace.Trace(stages, metadata))
     print(f"wrote {len(stages)} stages to {args.out} ({metadata['producer']}, {dtype})")

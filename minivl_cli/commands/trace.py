@@ -109,6 +109,16 @@ def compute_stages(directory: str, backend: str, model, as_input, image, prompt:
         return trace.internvl_stages(model, pixel_values, input_ids, grid, as_input)
 
 
+def _config_max_num(directory: str) -> int:
+    """The tile limit `minivl trace` uses by default: max_dynamic_patch, or 1 for a static-size config / a bare ViT."""
+    from minivl.config import load_config
+
+    config = load_config(directory)
+    if config.model_type != "internvl_chat":
+        return 1
+    return config.max_dynamic_patch if config.dynamic_image_size else 1
+
+
 def run_trace(args) -> int:
     from minivl import trace
 
@@ -119,7 +129,8 @@ def run_trace(args) -> int:
     metadata = {"producer": f"minivl ({'NumPy' if args.backend == 'numpy' else 'torch_impl'})",
                 "dtype": args.dtype, "versions": json.dumps(versions(args.backend)),
                 "config_sha256": trace.config_sha256(directory), "checkpoint": os.path.abspath(directory),
-                "image": os.path.abspath(args.image), "prompt": args.prompt}
+                "image": os.path.abspath(args.image), "prompt": args.prompt,
+                "max_num": str(args.max_num or _config_max_num(directory))}
     trace.save_trace(args.out, trace.Trace(stages, metadata))
     grid = stages["tile_grid"].tolist()
     print(f"wrote {len(stages)} stages to {args.out} ({metadata['producer']}, {args.dtype}, "
