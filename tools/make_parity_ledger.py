@@ -360,7 +360,25 @@ def model_rows(tmp) -> list[Row]:
             rows.append(measure("InternVL chat", f"{llm} + InternViT-{vision}", dtype, TWIN, pairs, 512, 512,
                                 "ViT (3 layers) + pixel shuffle + mlp1 + LLM over ~100 tokens "
                                 "(tests/test_internvl_chat.py)"))
+            if llm == "qwen2" and dtype == "float32":
+                rows.append(internvl_transformers_row(tmp, path, ours, pv, input_ids))
     return rows
+
+
+def internvl_transformers_row(tmp, path, model, pixel_values, input_ids) -> Row:
+    """Every stage of minivl's InternVL against transformers' InternVLForConditionalGeneration (tests/test_trace.py)."""
+    from minivl import trace
+    from test_trace import to_hf_internvl
+    from tools.trace_transformers import hf_stages, load_hf
+
+    hf_dir = to_hf_internvl(path, os.path.join(tmp, "vl_qwen2_hf"))
+    # the grid only fills the integer stage tile_grid, which this float comparison leaves out
+    ours = trace.internvl_stages(model, pixel_values, input_ids, (2, 1))
+    theirs = hf_stages(load_hf(hf_dir, "float32"), pixel_values, input_ids, (2, 1))
+    floats = [name for name in ours if name not in trace.INT_STAGES]
+    return measure("InternVL chat", "qwen2 + InternViT-300m, every stage", "float32", TRANSFORMERS,
+                   [(ours[name], theirs[name]) for name in floats], 512, 512,
+                   "transformers' port: split qkv, scale after q·kᵀ, masked_scatter splice (tools/trace_transformers.py)")
 
 
 def vision_rows(tmp) -> list[Row]:
