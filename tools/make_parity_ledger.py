@@ -507,6 +507,9 @@ def render_md(rows: list[Row]) -> str:
              "last bits differ between CPUs, the tolerances hold on any.", "",
              f"Measured with NumPy {np.__version__}, torch {torch.__version__}, transformers "
              f"{transformers.__version__}, on {platform.machine()}. Machine-readable: [parity.json](parity.json).", "",
+             "bfloat16 rows are the elementwise components and norms, where NumPy (ml_dtypes) and torch round "
+             "once from the same float32 value; the NumPy models run in float32 and float64 only, so model rows "
+             "are float32 (the reference's run) and float64 (the gold run).", "",
              "| component | case | dtype | compared with | max abs | max rel | tolerance R / A ulps | measured ulps | |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
