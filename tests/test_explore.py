@@ -138,12 +138,16 @@ def click_head(page, section, layer_index, head):
     page.click(*page.center_of(f'#section-{section} canvas.thumb[data-layer="{layer_index}"][data-head="{head}"]'))
 
 
-def assert_row(drawn, expected, heads=None):
-    """drawn ≈ expected within the quantization bound; heads [H, n]: expected is their mean (the "avg" head)."""
+def assert_row(drawn, expected, heads=None, of=None):
+    """drawn ≈ expected within the quantization bound.
+
+    heads [H, n]: expected is their mean (the "avg" head), off by at most the mean of the heads'
+    bounds; of [n]: expected is a slice of this full row, whose maximum sets the bound.
+    """
     drawn, expected = np.asarray(drawn), np.asarray(expected, dtype=np.float64)
     assert drawn.shape == expected.shape
-    # the mean of p̂ over heads is off by at most the mean of the heads' bounds
-    bound = quantization_bound(expected) if heads is None else quantization_bound(heads).mean()
+    rows = heads if heads is not None else (of if of is not None else expected)
+    bound = np.mean(quantization_bound(rows))
     error = np.abs(drawn - expected).max()
     assert error <= bound, (error, bound)
 
@@ -214,7 +218,7 @@ def test_tiny_vit_page_shows_the_models_attention(browser, tmp_path):
     state = shown(page)
     assert (state["layer"], state["head"], state["query"]) == (1, 3, 1 + 5 * 8 + 2)
     assert_row(state["row"], attentions[1][0, 3, 1 + 5 * 8 + 2])
-    assert_row(state["drawn"]["values"], attentions[1][0, 3, 1 + 5 * 8 + 2, 1:])
+    assert_row(state["drawn"]["values"], attentions[1][0, 3, 1 + 5 * 8 + 2, 1:], of=attentions[1][0, 3, 1 + 5 * 8 + 2])
 
     page.hover(*page.center_of("#section-vision .chip.cls"))
     assert shown(page)["query"] == 0
@@ -258,3 +262,46 @@ def test_dinov2_page_within_a_few_megabytes_and_true_to_the_model(browser, tmp_p
     values = np.asarray(state["drawn"]["values"]).reshape(16, 16)
     assert values[4:9, 8:13].mean() > 2 * values.mean()
     check_screenshot(page, tmp_path / "dinov2.png", "explore_dinov2.png")
+
+
+def test_token_view_is_causal_and_draws_text_to_tile_attention(browser, tmp_path, rng):
+    """The text view on maps made here: 2 layers × 3 heads over 14 positions, 2 tiles of 2×2 image tokens at 3…10."""
+    tokens = ["<s>", "Look", ":"] + ["<IMG_CONTEXT>"] * 8 + [" what", "?", "\n"]
+    probs = softmax_maps(rng, (2, 1, 3, 14, 14), causal=True)
+    tiles = [Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)) for _ in range(2)]
+    spans = [{"start": 3, "tile": 0, "grid": 2}, {"start": 7, "tile": 1, "grid": 2}]
+    section = explore.attention_section("text", "synthetic", list(probs), causal=True,
+                                        layout={"kind": "tokens", "image_spans": spans}, tokens=tokens, layers=[4, 9])
+    data = {"title": "synthetic", "images": [explore.image_entry(t, f"tile {k}") for k, t in enumerate(tiles)],
+            "tile_grid": {"columns": 2, "rows": 1, "thumbnail": False}, "sections": [section]}
+    out = tmp_path / "tokens.html"
+    explore.write_page(explore.render_page(data, None, ["synthetic"]), out)
+    page = open_page(browser, out)
+    first = shown(page)
+    assert (first["layer"], first["head"], first["query"]) == (9, "avg", 13)
+    assert_row(first["row"], probs[1, 0, :, 13].mean(axis=0), heads=probs[1, 0, :, 13])
+
+    click_head(page, "text", 0, 2)
+    page.hover(*page.center_of('#section-text .tok[data-q="5"]'))
+    state = shown(page)
+    assert (state["layer"], state["head"], state["query"]) == (4, 2, 5)
+    assert_row(state["row"], probs[0, 0, 2, 5])
+    assert np.all(np.asarray(state["row"][6:]) == 0)  # the causal mask: later positions get nothing
+    masked = page.evaluate("[...document.querySelectorAll('#section-text .tok.masked')].map(e => +e.dataset.q)")
+    assert masked == list(range(6, 14))
+    # position 5 sits inside tile 0's image tokens: it sees tile 0 (positions 3, 4, 5) but not tile 1
+    drawn = state["drawn"]["tiles"]
+    assert drawn[1]["values"] is None
+    assert_row(drawn[0]["values"], probs[0, 0, 2, 5, 3:7], of=probs[0, 0, 2, 5])
+
+    page.hover(*page.center_of('#section-text .tok[data-q="12"]'))
+    drawn = shown(page)["drawn"]["tiles"]
+    assert_row(drawn[1]["values"], probs[0, 0, 2, 12, 7:11], of=probs[0, 0, 2, 12])
+    # the heatmap: hovering cell (row 9, column 4) makes 9 the query and reads key 4
+    box = page.evaluate("""(() => { const c = document.querySelector('#section-text canvas.heatmap');
+        c.scrollIntoView({block: 'center'}); const r = c.getBoundingClientRect(); return [r.left, r.top, r.width]; })()""")
+    page.hover(box[0] + 4.5 * box[2] / 14, box[1] + 9.5 * box[2] / 14)
+    assert shown(page)["query"] == 9
+    readout = page.evaluate("document.querySelector('#section-text .readout').textContent")
+    assert "key 4" in readout and f"{probs[0, 0, 2, 9, 4]:.4f}"[:5] in readout
+    check_screenshot(page, tmp_path / "tokens.png", "explore_tokens_synthetic.png")

@@ -44,6 +44,7 @@ function colour(v) {  // v in [0, 1] -> [r, g, b]
   return [LUT[i], LUT[i + 1], LUT[i + 2]];
 }
 const MASKED = [228, 229, 233];
+const TOKEN_RED = [190, 30, 30];
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -226,7 +227,8 @@ class SectionView {
         const k = Math.floor((event.offsetX / this.heatmap.clientWidth) * n);
         this.setQuery(Math.min(n - 1, Math.max(0, q)), 0, Math.min(n - 1, Math.max(0, k)));
       });
-      detail.append(this.heatmap);
+      this.rowMarker = el("div", { class: "rowmarker" });
+      detail.append(el("div", { class: "heatwrap" }, this.heatmap, this.rowMarker));
     }
     this.readout = el("div", { class: "readout" });
     const bar = el("span", { class: "bar" });
@@ -284,7 +286,8 @@ class SectionView {
       box.append(span);
       return span;
     });
-    return box;
+    return el("div", {}, box, el("div", { class: "legend", text:
+      "token colour: where the query token (red frame) looks, white 0 → red the row's largest; hatched: masked, a later position" }));
   }
 
   drawDetail() {
@@ -349,15 +352,15 @@ class SectionView {
       span.classList.toggle("masked", masked);
       span.classList.toggle("query", k === q);
       if (masked) { span.style.background = ""; span.style.color = ""; return; }
-      const v = row[k] / top, [r, g, b] = colour(v);
+      // tokens: white (0) to red (the row's largest value), so the text stays readable
+      const v = row[k] / top, [r, g, b] = TOKEN_RED.map((c) => Math.round(255 + (c - 255) * v));
       span.style.background = `rgb(${r},${g},${b})`;
-      span.style.color = v > 0.55 ? "#000" : "#fff";
+      span.style.color = v > 0.6 ? "#fff" : "";
     });
-    // mark the query row on the heatmap
-    this.paintMatrix(this.heatmap, this.state.layer, this.state.head);
-    const ctx = this.heatmap.getContext("2d");
-    ctx.fillStyle = "rgba(208, 52, 44, 0.9)";
-    ctx.fillRect(0, q, causal ? q + 1 : n, 1 / 4);
+    // frame the query row on the heatmap
+    const cell = this.heatmap.clientHeight / n;
+    Object.assign(this.rowMarker.style, { top: `${q * cell}px`, height: `${cell}px`,
+                                          width: `${(causal ? q + 1 : n) * cell}px` });
     shown.drawn = { kind: "tokens", values: Array.from(row.slice(0, causal ? q + 1 : n)) };
     const spans = this.layout.image_spans || [];
     if (spans.length) shown.drawn.tiles = this.drawSpans(row, q);
