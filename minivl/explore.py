@@ -223,8 +223,16 @@ def image_explorer_data(image, model, size: int = 224, layers=None, title: str |
 
 
 def token_labels(tokenizer, ids) -> list[str]:
-    """Each token id decoded on its own, as the tokenizer split the text (special tokens kept)."""
-    return [tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
+    """Each token id decoded on its own, as the tokenizer split the text (special tokens kept).
+
+    A token holding part of a multi-byte character decodes to U+FFFD on its own; it is shown as
+    the vocabulary's own string instead (byte-level symbols such as 'æĪ').
+    """
+    labels = []
+    for token in ids:
+        text = tokenizer.decode([int(token)], skip_special_tokens=False)
+        labels.append(tokenizer.id_to_token(int(token)) if "\ufffd" in text else text)
+    return labels
 
 
 def text_explorer_data(model, tokenizer, prompt: str, chat: bool = False, layers=None, max_tokens: int = 256,

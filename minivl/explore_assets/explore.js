@@ -112,6 +112,7 @@ class SectionView {
     this.maps = maps;
     this.layout = spec.layout;
     const n = spec.n_tokens;
+    this.skipSink = false;
     this.state = { layer: spec.layers.length - 1, head: "avg", batch: 0,
                    query: this.layout.kind === "patches" ? 0 : n - 1 };
     this.imageOf = new Map();  // token position -> {span, index} for image tokens (text sections)
@@ -180,14 +181,14 @@ class SectionView {
 
   // the n × n map, each row scaled to its own maximum; masked entries grey (the open head's is kept)
   paintMatrix(canvas, layer, head) {
-    const ctx = canvas.getContext("2d"), id = `${layer}:${head}:${this.state.batch}`;
+    const ctx = canvas.getContext("2d"), id = `${layer}:${head}:${this.state.batch}:${this.skipSink}`;
     if (canvas === this.heatmap && this.heatmapCache && this.heatmapCache.id === id) {
       ctx.putImageData(this.heatmapCache.image, 0, 0);
       return;
     }
     const n = this.spec.n_tokens, image = ctx.createImageData(n, n);
     for (let q = 0; q < n; q++) {
-      const row = this.maps.row(layer, this.state.batch, head, q), top = maxOf(row) || 1;
+      const row = this.maps.row(layer, this.state.batch, head, q), top = this.rowTop(row, q);
       for (let k = 0; k < n; k++) {
         const rgb = this.spec.causal && k > q ? MASKED : colour(row[k] / top);
         image.data.set([rgb[0], rgb[1], rgb[2], 255], 4 * (q * n + k));
@@ -195,6 +196,11 @@ class SectionView {
     }
     ctx.putImageData(image, 0, 0);
     if (canvas === this.heatmap) this.heatmapCache = { id, image };
+  }
+
+  // the colour scale's top: the row's largest value, or the largest after position 0 (the attention sink)
+  rowTop(row, q) {
+    return (this.skipSink && q > 0 ? maxOf(row, 1) : maxOf(row)) || 1;
   }
 
   select(layer, head) {
@@ -286,8 +292,11 @@ class SectionView {
       box.append(span);
       return span;
     });
+    const sink = el("input", { type: "checkbox", class: "sink" });
+    sink.addEventListener("change", () => { this.skipSink = sink.checked; this.drawDetail(); });
     return el("div", {}, box, el("div", { class: "legend", text:
-      "token colour: where the query token (red frame) looks, white 0 → red the row's largest; hatched: masked, a later position" }));
+      "token colour: where the query token (red frame) looks, white 0 → red the row's largest; hatched: masked, a later position" }),
+      el("label", { class: "legend" }, sink, " scale the colours without position 0 (decoders park much attention there: the attention sink)"));
   }
 
   drawDetail() {
@@ -346,14 +355,14 @@ class SectionView {
 
   drawTokenQuery(row, shown, key) {
     const q = shown.query, n = this.spec.n_tokens, causal = this.spec.causal;
-    const top = maxOf(row) || 1;
+    const top = maxOf(row) || 1, colourTop = this.rowTop(row, q);
     this.tokenSpans.forEach((span, k) => {
       const masked = causal && k > q;
       span.classList.toggle("masked", masked);
       span.classList.toggle("query", k === q);
       if (masked) { span.style.background = ""; span.style.color = ""; return; }
       // tokens: white (0) to red (the row's largest value), so the text stays readable
-      const v = row[k] / top, [r, g, b] = TOKEN_RED.map((c) => Math.round(255 + (c - 255) * v));
+      const v = Math.min(1, row[k] / colourTop), [r, g, b] = TOKEN_RED.map((c) => Math.round(255 + (c - 255) * v));
       span.style.background = `rgb(${r},${g},${b})`;
       span.style.color = v > 0.6 ? "#fff" : "";
     });
@@ -504,7 +513,9 @@ function plotLog(canvas, series, range, yLabel, hlines) {
   for (const line of hlines) {
     ctx.strokeStyle = line.colour; ctx.setLineDash(line.dash); ctx.lineWidth = 1.2;
     ctx.beginPath(); ctx.moveTo(x0, Y(line.y)); ctx.lineTo(x1, Y(line.y)); ctx.stroke();
-    ctx.setLineDash([]); ctx.fillStyle = line.colour; ctx.fillText(line.label, x1 - 90, Y(line.y) - 4);
+    // labels left and right, so that L and O stay readable where they meet
+    ctx.setLineDash([]); ctx.fillStyle = line.colour;
+    ctx.fillText(line.label, line.dash.length ? x1 - 90 : x0 + 8, Y(line.y) - 4);
   }
   series.forEach((s, index) => {
     ctx.strokeStyle = ROPE_COLOURS[s.name] || "#333"; ctx.lineWidth = 1.6;
