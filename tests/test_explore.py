@@ -126,8 +126,8 @@ def shown(page):
 
 
 def hover_patch(page, tile, row, col, grid):
-    """Move the mouse onto the centre of patch (row, col) of tile `tile`."""
-    rect = page.evaluate(f"""(() => {{ const img = document.querySelectorAll('.tile img')[{tile}];
+    """Move the mouse onto the centre of patch (row, col) of tile `tile` of the ViT section."""
+    rect = page.evaluate(f"""(() => {{ const img = document.querySelectorAll('#section-vision .tile img')[{tile}];
         img.scrollIntoView({{block: 'center'}}); const r = img.getBoundingClientRect();
         return [r.left, r.top, r.width, r.height]; }})()""")
     left, top, width, height = rect
@@ -305,3 +305,4 @@ def test_token_view_is_causal_and_draws_text_to_tile_attention(browser, tmp_path
     readout = page.evaluate("document.querySelector('#section-text .readout').textContent")
     assert "key 4" in readout and f"{probs[0, 0, 2, 9, 4]:.4f}"[:5] in readout
     check_screenshot(page, tmp_path / "tokens.png", "explore_tokens_synthetic.png")
+

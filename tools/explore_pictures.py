@@ -43,7 +43,7 @@ def _click_head(page, section: str, layer: int, head) -> None:
 
 
 def _hover_patch(page, tile: int, row: float, col: float, grid: int) -> None:
-    left, top, width, height = page.evaluate(f"""(() => {{ const r = document.querySelectorAll('.tile img')[{tile}]
+    left, top, width, height = page.evaluate(f"""(() => {{ const r = document.querySelectorAll('#section-vision .tile img')[{tile}]
         .getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; }})()""")
     page.hover(left + (col + 0.5) * width / grid, top + (row + 0.5) * height / grid)
 
@@ -66,7 +66,7 @@ def smollm2(browser) -> Path:
     html = OUT / "smollm2.html"
     main(["viz", "explore", "--text", PROMPT, "--out", str(html)])
     page = _page(browser, html)
-    _click_head(page, "text", 20, "avg")
+    _click_head(page, "text", 18, 6)  # an induction head: the last " is" looks at " Paris"
     _top(page)
     n = page.evaluate("window.minivl.data.sections[0].n_tokens")
     page.hover(*page.center_of(f'#section-text .tok[data-q="{n - 1}"]'))
