@@ -24,7 +24,8 @@ so |p̂ − p| <= max_k p[q, k] / 510 (plus the float32 rounding of the row maxi
 a causal map keep only k <= q (the rest is masked: exactly 0). The codes are zlib-compressed and
 base64-encoded; the row maxima are base64 float32. The page inflates them with the browser's own
 DecompressionStream: no network, no library. The DINOv2 224-px page (12 layers × 6 heads of
-257 × 257 maps) is about 4 MB this way.
+257 × 257 maps, 4.8 M codes) is 2.7-3.4 MB this way, depending on the image; the page grows with
+tokens², so a 448-px image (1025 tokens) is about 16 times that (keep fewer layers with `layers`).
 """
 from __future__ import annotations
 
