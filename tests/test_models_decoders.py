@@ -46,7 +46,7 @@ def test_prefill_every_layer_matches_torch(models, family, dtype):
     ids = np.random.default_rng(1).integers(3, 300, (2, 11))
     out = np_model(ids, output_hidden_states=True)
     ref = torch_model(torch.tensor(ids), output_hidden_states=True)
-    n_layers = len(np_model.layers) if hasattr(np_model, "layers") else len(np_model.blocks)
+    n_layers = len(np_model.get_submodule(np_model.layers_path))
     # L + 2 hidden states: embedding, each block, final norm
     assert len(out.hidden_states) == len(ref.hidden_states) == n_layers + 2
     for i, (a, r) in enumerate(zip(out.hidden_states, ref.hidden_states)):
@@ -117,8 +117,8 @@ def test_bfloat16_checkpoint_loads_into_numpy_without_torch(tmp_path):
     path = write_tiny_llm(tmp_path / "q", "qwen2", dtype="bfloat16")
     np_model = minivl.load_model(path, dtype="float32")
     torch_model = torch_impl.load_model(path, dtype="float32")
-    assert np_model.embed_weight.dtype == np.float32
-    np.testing.assert_array_equal(np_model.embed_weight, torch_model.model.embed_tokens.weight.numpy())
+    assert np_model.model.embed_tokens.weight.dtype == np.float32
+    np.testing.assert_array_equal(np_model.model.embed_tokens.weight, torch_model.model.embed_tokens.weight.numpy())
     ids = np.arange(3, 12)[None]
     assert_parity(np_model(ids).logits, torch_model(torch.tensor(ids)).logits, "float32")
 

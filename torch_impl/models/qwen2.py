@@ -13,5 +13,4 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     """forward(input_ids [b, s] | inputs_embeds [b, s, hidden], ...) -> CausalLMOutput(logits [b, s, vocab])"""
 
     projection_biases = staticmethod(_NumpyQwen2.projection_biases)
-    layer_sliding_window = _NumpyQwen2.layer_sliding_window
-    expected_shapes = _NumpyQwen2.expected_shapes
+    layer_sliding_window = staticmethod(_NumpyQwen2.layer_sliding_window)
