@@ -9,8 +9,8 @@ so a shown value may differ from the model's by max_k p[q, k] / 510 (the roundin
 plus the float32 rounding of that row maximum (2⁻²⁴ relative); the head average inherits the
 largest of its heads' bounds. Screenshots are saved and checked to be non-blank.
 """
+import base64
 import importlib.util
-import json
 import os
 import shutil
 
@@ -74,7 +74,6 @@ def test_row_quantization_stays_within_its_bound(rng, causal):
 
 
 def test_causal_storage_keeps_only_the_lower_triangle(rng):
-    import base64
     import zlib
 
     probs = softmax_maps(rng, (1, 1, 1, 12, 12), causal=True)
@@ -98,7 +97,7 @@ def test_rope_stops_hold_the_regime_change_and_the_dynamic_base_grows_past_it():
     assert {512, 513, 2048} <= set(stops) and stops == sorted(stops)
     base = dict(zip(stops, atlas["dynamic_base"]))
     assert base[512] == 10000.0 and base[513] > 10000.0 and base[2048] > base[513]
-    inv = np.frombuffer(__import__("base64").b64decode(atlas["inv_freq"]["dynamic"]), "<f4").reshape(len(stops), 32)
+    inv = np.frombuffer(base64.b64decode(atlas["inv_freq"]["dynamic"]), "<f4").reshape(len(stops), 32)
     np.testing.assert_array_equal(inv[stops.index(512)], rope_init("default", 64, 10000.0, 512)[0])
     assert inv[stops.index(513)][-1] < inv[stops.index(512)][-1]  # a larger base: slower slow pairs
 
@@ -208,7 +207,12 @@ def test_tiny_vit_page_shows_the_models_attention(browser, tmp_path):
     assert main(["viz", "explore", "--model-dir", str(checkpoint), "--image", str(image), "--size", "112",
                  "--out", str(out)]) == 0
     attentions = vit_attentions(minivl.load_model(checkpoint), image, 112)  # 3 layers of [1, 4, 65, 65]
+    text = out.read_text(encoding="utf-8")
+    # self-contained: no external script, stylesheet or picture
+    assert "<script src" not in text and "<link" not in text and "http://" not in text and "https://" not in text
     page = open_page(browser, out)
+    fetched = page.evaluate("performance.getEntriesByType('resource').map(e => e.name)")
+    assert all(name.startswith(("data:", "file:")) for name in fetched), fetched
     first = shown(page)
     assert (first["section"], first["layer"], first["head"], first["query"]) == ("vision", 2, "avg", 0)
     assert_row(first["row"], attentions[2][0, :, 0].mean(axis=0), heads=attentions[2][0, :, 0])
