@@ -46,7 +46,8 @@ PAGE_FORMAT = 1
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "su", "phi3_yarn")
 QUANTIZATION_NOTE = ("Each query row is stored as 8-bit codes relative to its own maximum: "
                      "code = round(255·p / row max), shown value p̂ = code/255 · row max, so |p̂ − p| ≤ row max / 510. "
-                     "Causal maps store only the keys k ≤ q. Codes are zlib-compressed, base64, inflated in the browser.")
+                     "Causal maps store only the keys k ≤ q. Codes are zlib-compressed, base64, inflated in the "
+                     "browser.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ def attention_section(section_id: str, label: str, attentions, causal: bool, lay
     tokens: one label per position (text). layers: which layer numbers the maps are (default 0..L−1).
     """
     if not attentions:
-        raise ShapeError(f"section {section_id!r}: no attention maps (was the forward run with output_attentions=True?)")
+        raise ShapeError(f"section {section_id!r}: no attention maps; run the forward with output_attentions=True")
     maps = np.stack([np.asarray(a, dtype=np.float64) for a in attentions])  # [L, b, H, n, n]
     if maps.ndim != 5:
         raise ShapeError(f"section {section_id!r}: each attention must be [batch, heads, n, n], got "

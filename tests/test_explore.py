@@ -303,7 +303,8 @@ def test_token_view_is_causal_and_draws_text_to_tile_attention(browser, tmp_path
     assert_row(drawn[1]["values"], probs[0, 0, 2, 12, 7:11], of=probs[0, 0, 2, 12])
     # the heatmap: hovering cell (row 9, column 4) makes 9 the query and reads key 4
     box = page.evaluate("""(() => { const c = document.querySelector('#section-text canvas.heatmap');
-        c.scrollIntoView({block: 'center'}); const r = c.getBoundingClientRect(); return [r.left, r.top, r.width]; })()""")
+        c.scrollIntoView({block: 'center'}); const r = c.getBoundingClientRect();
+        return [r.left, r.top, r.width]; })()""")
     page.hover(box[0] + 4.5 * box[2] / 14, box[1] + 9.5 * box[2] / 14)
     assert shown(page)["query"] == 9
     readout = page.evaluate("document.querySelector('#section-text .readout').textContent")

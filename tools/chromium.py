@@ -67,8 +67,9 @@ class Browser:
             os.dup2(read_end, 3)
             os.dup2(write_end, 4)
 
+        # --no-sandbox: CI runs as root; --disable-dev-shm-usage: containers have a small /dev/shm
         args = [self.executable, "--headless=new", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
-                "--no-first-run", "--no-default-browser-check", "--disable-extensions",
+                "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
                 "--allow-file-access-from-files", f"--user-data-dir={self.profile}", "about:blank"]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, preexec_fn=child_fds,

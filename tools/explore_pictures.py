@@ -43,8 +43,9 @@ def _click_head(page, section: str, layer: int, head) -> None:
 
 
 def _hover_patch(page, tile: int, row: float, col: float, grid: int) -> None:
-    left, top, width, height = page.evaluate(f"""(() => {{ const r = document.querySelectorAll('#section-vision .tile img')[{tile}]
-        .getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; }})()""")
+    left, top, width, height = page.evaluate(f"""(() => {{
+        const r = document.querySelectorAll('#section-vision .tile img')[{tile}].getBoundingClientRect();
+        return [r.left, r.top, r.width, r.height]; }})()""")
     page.hover(left + (col + 0.5) * width / grid, top + (row + 0.5) * height / grid)
 
 

