@@ -132,11 +132,11 @@ def test_qk_norm_is_one_rmsnorm_over_all_heads(tmp_path, rng):
     """6B attention against a direct transcription of InternVL's `_naive_attn` (MIV:210-227) in torch."""
     _, config, state = _tiny(tmp_path, "6b")
     model = InternVisionModel.from_state_dict(config, state, "float64")
-    from minivl.models.intern_vit import intern_attention
+    layer = model.encoder.layers[0]
 
     x = rng.standard_normal((2, 17, config.hidden_size))
-    ours, _ = intern_attention(x, model.layers[0], config)
-    t = {k: torch.from_numpy(v) for k, v in model.layers[0].items()}
+    ours, _ = layer.attn(x)
+    t = {k: torch.from_numpy(v) for k, v in layer.state_dict().items()}
     B, N, C = x.shape
     H, D = config.num_attention_heads, C // config.num_attention_heads
     qkv = (torch.from_numpy(x) @ t["attn.qkv.weight"].T).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
@@ -187,10 +187,11 @@ def test_bf16_checkpoint_loads_upcast(tmp_path, rng):
     # independent reader (the safetensors package) + torch's bf16 -> float32 cast: bf16 -> float32 is
     # exact, so every tensor must be bit-identical (tolerance 0)
     reference = load_file(os.path.join(directory, "model.safetensors"))
-    assert set(reference) == set(model.params) and {t.dtype for t in reference.values()} == {torch.bfloat16}
+    params = model.state_dict()
+    assert set(reference) == set(params) and {t.dtype for t in reference.values()} == {torch.bfloat16}
     for name, tensor in reference.items():
-        assert model.params[name].dtype == np.float32, name
-        np.testing.assert_array_equal(model.params[name], tensor.float().numpy(), err_msg=name)
+        assert params[name].dtype == np.float32, name
+        np.testing.assert_array_equal(params[name], tensor.float().numpy(), err_msg=name)
     pixels = _pixels(rng, 1, 56, 56, np.float32)
     out = model(pixels).last_hidden_state
     with torch.no_grad():

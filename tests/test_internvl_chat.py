@@ -415,6 +415,17 @@ def test_torch_state_dict_keys_are_the_checkpoints(models, checkpoints):
     assert set(twin.state_dict()) == set(load_state_dict(checkpoints[("phi3", "300m")]))
 
 
+@pytest.mark.parametrize("key", [("qwen2", "300m"), ("internlm2", "6b")], ids=["qwen2-300m", "internlm2-6b"])
+def test_numpy_state_dict_is_the_checkpoint(models, checkpoints, key):
+    """The NumPy module tree holds every checkpoint tensor under its own key, with its values (tolerance 0)."""
+    model, twin, _ = models(key, "float32")
+    state = load_state_dict(checkpoints[key])
+    ours = model.state_dict()
+    assert set(ours) == set(state) == set(twin.state_dict())
+    for name, tensor in state.items():
+        np.testing.assert_array_equal(ours[name], np.asarray(tensor, dtype=np.float32), err_msg=name)
+
+
 # ----------------------------------------------------------------------------- independent reference
 
 def _to_transformers(config, state: dict) -> dict:

@@ -289,7 +289,7 @@ class DecoderLM(nn.Module):
 
     embed_path, layers_path, norm_path, head_path = "model.embed_tokens", "model.layers", "model.norm", "lm_head"
     logit_scale = None  # MPT's logits are multiplied by one
-    rotary = None       # the RotaryEmbedding, set by from_state_dict (None: no RoPE)
+    _rotary = None
 
     def __init__(self, config):
         super().__init__()
@@ -315,14 +315,20 @@ class DecoderLM(nn.Module):
         """Build from {checkpoint key: array}; every missing/unexpected/mis-shaped tensor is reported at once."""
         cls.check_supported(config)
         dtype = as_model_dtype(dtype)
-        model = build_model(cls, config, state_dict, dtype, tied=cls.tied_weights(config))
-        rope_kwargs = config.rope_kwargs()
-        model.rotary = RotaryEmbedding(rope_kwargs, dtype) if rope_kwargs is not None else None
-        return model
+        return build_model(cls, config, state_dict, dtype, tied=cls.tied_weights(config))
 
     @property
     def dtype(self) -> np.dtype:
         return self.get_submodule(self.norm_path).weight.dtype
+
+    @property
+    def rotary(self):
+        """The RotaryEmbedding of config.rope_kwargs(), in promote(model dtype, float32); built on first use
+        after loading, and kept (dynamic NTK is stateful). None without RoPE (MPT)."""
+        if self._rotary is None or self._rotary.rope_kwargs["dtype"] != compute_dtype(self.dtype):
+            rope_kwargs = self.config.rope_kwargs()
+            self._rotary = RotaryEmbedding(rope_kwargs, self.dtype) if rope_kwargs is not None else None
+        return self._rotary
 
     def position_limit(self) -> int | None:
         """Largest number of positions the model serves (None: no limit, e.g. dynamic RoPE scaling)."""

@@ -181,9 +181,8 @@ class MPTModel(nn.Module):
 class MPTForCausalLM(DecoderLM):
     """forward(input_ids [b, s] | inputs_embeds [b, s, d_model] (ALiBi only), ...) -> CausalLMOutput"""
 
-    # the tied unembedding IS wte: logits = h·wteᵀ · logit_scale
-    embed_path, layers_path, norm_path, head_path = "transformer.wte", "transformer.blocks", "transformer.norm_f", \
-        "transformer.wte"
+    embed_path, layers_path, norm_path = "transformer.wte", "transformer.blocks", "transformer.norm_f"
+    head_path = "transformer.wte"  # the tied unembedding IS wte: logits = h·wteᵀ · logit_scale
 
     def __init__(self, config):
         super().__init__(config)

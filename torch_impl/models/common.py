@@ -3,7 +3,7 @@
 Modules here hold parameters under the checkpoint's own names (so `load_state_dict` is a plain
 name match) and call the torch_impl components in the same order as the NumPy code. Models are
 built on the meta device and filled with the checkpoint tensors (`assign=True`): no random init.
-`build_model` (meta build, dtype cast, tied weights) and `as_torch_dtype` (the dtype table) are
+`build_model` (meta build, dtype cast, tied weights) and `as_model_dtype` (the dtype table) are
 the loading every torch model uses, InternViT and the chat model included.
 """
 from __future__ import annotations
@@ -38,13 +38,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def as_torch_dtype(dtype) -> torch.dtype:
+def as_model_dtype(dtype) -> torch.dtype:
     """'float32' | 'float64' | 'bfloat16' | 'float16' (or the torch dtype) -> torch.dtype."""
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if dtype not in DTYPES:
         raise ConfigError(f"torch models run in one of {sorted(DTYPES)} (got {dtype!r})")
     return DTYPES[dtype]
+
+
+as_torch_dtype = as_model_dtype  # the old name, until InternViT and the chat model move to as_model_dtype
 
 
 def check_attn_implementation(attn_implementation: str) -> str:
@@ -238,7 +241,7 @@ class DecoderLM(nn.Module):
 
     embed_path, layers_path, norm_path, head_path = "model.embed_tokens", "model.layers", "model.norm", "lm_head"
     logit_scale = None  # MPT's logits are multiplied by one
-    rotary = None       # the RotaryEmbedding, set by from_state_dict (None: no RoPE)
+    _rotary = None
 
     def __init__(self, config, attn_implementation: str = "eager"):
         super().__init__()
@@ -267,12 +270,9 @@ class DecoderLM(nn.Module):
                         attn_implementation: str = "eager"):
         """Build from {checkpoint key: tensor}; every missing/unexpected/mis-shaped tensor is reported at once."""
         cls.check_supported(config)
-        dtype = as_torch_dtype(dtype)
-        model = build_model(cls, config, state_dict, dtype, device, tied=cls.tied_weights(config),
-                            attn_implementation=attn_implementation)
-        rope_kwargs = config.rope_kwargs()
-        model.rotary = RotaryEmbedding(rope_kwargs, dtype) if rope_kwargs is not None else None
-        return model
+        dtype = as_model_dtype(dtype)
+        return build_model(cls, config, state_dict, dtype, device, tied=cls.tied_weights(config),
+                           attn_implementation=attn_implementation)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -284,6 +284,15 @@ class DecoderLM(nn.Module):
 
     def set_attn_implementation(self, attn_implementation: str) -> None:
         self.attn_implementation = check_attn_implementation(attn_implementation)
+
+    @property
+    def rotary(self):
+        """The RotaryEmbedding of config.rope_kwargs(), in promote(model dtype, float32); built on first use
+        after loading, and kept (dynamic NTK is stateful). None without RoPE (MPT)."""
+        if self._rotary is None or self._rotary.rope_kwargs["dtype"] != compute_dtype(self.dtype):
+            rope_kwargs = self.config.rope_kwargs()
+            self._rotary = RotaryEmbedding(rope_kwargs, self.dtype) if rope_kwargs is not None else None
+        return self._rotary
 
     def position_limit(self) -> int | None:
         """Largest number of positions the model serves (None: no limit, e.g. dynamic RoPE scaling)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from minivl.models.llama import LlamaForCausalLM as _NumpyLlama
 from torch_impl.models.common import DecoderLM, Embedding, Linear, Norm, rope_attention, split_heads
 
 
@@ -91,6 +90,13 @@ class LlamaForCausalLM(DecoderLM):
         self.model = LlamaModel(config, layers)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False)
 
-    # framework-free, written once in minivl
-    projection_biases = staticmethod(_NumpyLlama.projection_biases)
-    layer_sliding_window = staticmethod(_NumpyLlama.layer_sliding_window)
+    @staticmethod
+    def projection_biases(config) -> dict:
+        """Which projections carry a bias: Llama follows config.attention_bias for all four."""
+        bias = bool(getattr(config, "attention_bias", False))
+        return {"q_proj": bias, "k_proj": bias, "v_proj": bias, "o_proj": bias}
+
+    @staticmethod
+    def layer_sliding_window(config, layer_idx: int):
+        """The attention window of one layer (None: every earlier key)."""
+        return None

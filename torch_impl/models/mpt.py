@@ -10,8 +10,7 @@ import math
 import torch
 from torch import nn
 
-from minivl.errors import GenerationError, ShapeError
-from minivl.models.mpt import MPTForCausalLM as _NumpyMPT
+from minivl.errors import ConfigError, GenerationError, ShapeError
 from minivl.models.mpt import NORM_EPS
 from torch_impl.models.common import DecoderLM, Embedding, Linear, Norm, compute_dtype, merge_heads, split_heads
 
@@ -148,9 +147,8 @@ class MPTModel(nn.Module):
 class MPTForCausalLM(DecoderLM):
     """forward(input_ids [b, s] | inputs_embeds [b, s, d_model] (ALiBi only), ...) -> CausalLMOutput"""
 
-    # the tied unembedding IS wte: logits = h·wteᵀ · logit_scale
-    embed_path, layers_path, norm_path, head_path = "transformer.wte", "transformer.blocks", "transformer.norm_f", \
-        "transformer.wte"
+    embed_path, layers_path, norm_path = "transformer.wte", "transformer.blocks", "transformer.norm_f"
+    head_path = "transformer.wte"  # the tied unembedding IS wte: logits = h·wteᵀ · logit_scale
 
     def __init__(self, config, attn_implementation: str = "eager"):
         super().__init__(config, attn_implementation)
@@ -159,7 +157,13 @@ class MPTForCausalLM(DecoderLM):
         # 'inv_sqrt_d_model' = 1/sqrt(d_model)
         self.logit_scale = 1.0 / math.sqrt(config.d_model) if scale == "inv_sqrt_d_model" else scale
 
-    check_supported = staticmethod(_NumpyMPT.check_supported)  # framework-free, written once in minivl
+    @staticmethod
+    def check_supported(config) -> None:
+        """ConfigError for the training-only MPT options minivl does not implement."""
+        unsupported = [name for name in ("prefix_lm", "attn_uses_sequence_id") if config.attn_config[name]]
+        if unsupported:
+            raise ConfigError(f"MPT: attn_config {unsupported} = true is not implemented in minivl (prefix-LM and "
+                              f"packed-sequence masks are training features); set them to false for inference")
 
     def position_limit(self) -> int:
         """max_seq_len: the wpe table's length, and the length the ALiBi bias is built for."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from minivl.models.phi3 import Phi3ForCausalLM as _NumpyPhi3
 from torch_impl.models.common import Linear, rope_attention, split_heads
 from torch_impl.models.llama import LlamaForCausalLM
 
@@ -51,9 +50,19 @@ class Phi3MLP(nn.Module):
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
-    """forward(input_ids [b, s] | inputs_embeds [b, s, hidden], ...) -> CausalLMOutput(logits [b, s, vocab])"""
+    """Llama's blocks (same names, same forward: resid_pdrop and embd_pdrop are the identity at
+    inference) around Phi-3's fused attention and MLP, a window on every layer, no biases.
+
+    forward(input_ids [b, s] | inputs_embeds [b, s, hidden], ...) -> CausalLMOutput(logits [b, s, vocab])
+    """
 
     attention_class, mlp_class = Phi3Attention, Phi3MLP
-    # framework-free, written once in minivl
-    projection_biases = staticmethod(_NumpyPhi3.projection_biases)
-    layer_sliding_window = staticmethod(_NumpyPhi3.layer_sliding_window)
+
+    @staticmethod
+    def projection_biases(config) -> dict:
+        return {"qkv_proj": False, "o_proj": False}
+
+    @staticmethod
+    def layer_sliding_window(config, layer_idx: int):
+        # visible keys pos − w < j <= pos on every layer (None: the whole past)
+        return config.sliding_window
