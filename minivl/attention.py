@@ -176,7 +176,8 @@ def causal_mask(q_len: int, kv_len: int, dtype, sliding_window: int | None = Non
     visible = keys <= positions
     if sliding_window is not None:
         visible &= keys > positions - sliding_window
-    return np.where(visible, 0.0, np.finfo(dtype).min).astype(dtype)
+    # both branches already in dtype: no float64 [q_len, kv_len] temporary (an 8k prefill's mask is 256 MiB)
+    return np.where(visible, dtype.type(0), np.finfo(dtype).min)
 
 
 def padding_mask(attention_mask: np.ndarray, dtype) -> np.ndarray:
