@@ -187,3 +187,19 @@ def test_kv_cache_writes_in_place_and_grows_geometrically(module, wrap, address)
     np.testing.assert_array_equal(np.asarray(k_all), keys)
     np.testing.assert_array_equal(np.asarray(v_all), values)
     np.testing.assert_array_equal(earlier, keys[:, :, :5])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_is_bit_equal_to_silu_times_up(dtype):
+    """The one-buffer SwiGLU product against the formula, including e^(−x) overflow (x = −100 -> −0)."""
+    from minivl.activations import silu, silu_mul
+    from torch_impl.activations import silu_mul as torch_silu_mul
+
+    rng = np.random.default_rng(7)
+    gate = (rng.standard_normal((3, 17, 40)) * 6).astype(dtype)
+    gate[0, 0, :4] = [-100.0, -1000.0, 88.0, 0.0]
+    up = rng.standard_normal((3, 17, 40)).astype(dtype)
+    expected = silu(gate) * up
+    np.testing.assert_array_equal(silu_mul(gate, up), expected)
+    rtol, atol = tolerance(dtype, 4, scale=float(np.abs(expected).max()))
+    assert_close(torch_silu_mul(torch.from_numpy(gate), torch.from_numpy(up)), expected, rtol=rtol, atol=atol)

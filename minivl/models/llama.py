@@ -54,10 +54,11 @@ class LlamaMLP(nn.Module):
         fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x):
-        from minivl.activations import silu
+        from minivl.activations import silu_mul
 
         gate, up = project(x, self.gate_proj, self.up_proj)
-        return self.down_proj(silu(gate) * up)
+        # down(silu(gate) · up)
+        return self.down_proj(silu_mul(gate, up))
 
 
 class LlamaDecoderLayer(nn.Module):
