@@ -106,7 +106,11 @@ def _gelu_fast_chunk(x: np.ndarray, z: np.ndarray, t: np.ndarray, r: np.ndarray)
         z *= t
         z *= r
         np.subtract(1.0, z, out=z)
-        np.copysign(z, x, out=z)
+        # copysign(z, x) as a bit operation (NumPy's copysign is a scalar loop): z >= +0 here, so
+        # setting x's sign bit into z is exactly copysign
+        sign_bits = t.view(np.uint32)
+        np.bitwise_and(x.view(np.uint32), np.uint32(0x80000000), out=sign_bits)
+        np.bitwise_or(z.view(np.uint32), sign_bits, out=z.view(np.uint32))
         # gelu(x) = (x·½)·(1 + erf(x/√2))
         z += 1.0
         np.multiply(x, 0.5, out=t)

@@ -145,3 +145,25 @@ def test_position_table_cache_is_bit_equal_and_follows_its_inputs(tmp_path, dtyp
     tokens = embeddings(pixels)
     np.testing.assert_array_equal(embeddings(pixels), tokens)
     np.testing.assert_array_equal(embeddings.position_table(6, 3, dtype), fresh(6, 3, embeddings.position_embedding))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("affine", [(True, True), (True, False), (False, False)], ids=["w+b", "w", "none"])
+def test_layer_norm_in_place_steps_are_bit_equal_to_the_formula(dtype, affine):
+    """minivl.norms.layer_norm writes its affine steps into its own centred buffer: the formula out of place."""
+    from minivl.norms import layer_norm
+
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((2, 7, 48)) * 3 + 1).astype(dtype)
+    weight = rng.standard_normal(48).astype(dtype) if affine[0] else None
+    bias = rng.standard_normal(48).astype(dtype) if affine[1] else None
+    x_before = x.copy()
+    mean = np.mean(x, axis=-1, keepdims=True)
+    centred = x - mean
+    y = centred * (1.0 / np.sqrt(np.mean(centred * centred, axis=-1, keepdims=True) + 1e-6))
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    np.testing.assert_array_equal(layer_norm(x, weight, bias, 1e-6), y)
+    np.testing.assert_array_equal(x, x_before)
