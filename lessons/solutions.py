@@ -1,0 +1,31 @@
+"""One solution for each "your turn" cell of the lessons, in lesson order.
+
+Try the exercise first: these are here so that a stuck reader can compare, and so that CI can prove
+each check passes with a right answer (tests/test_lessons.py runs every check with these functions,
+and also with the empty stub, where it must fail).
+"""
+import math
+
+import numpy as np
+
+
+# --- lesson 04: the RoPE atlas -------------------------------------------------------------------
+
+def yarn_inv_freq(head_dim, theta, original_max_position_embeddings, factor, beta_fast=32.0, beta_slow=1.0):
+    j = np.arange(head_dim // 2, dtype=np.float64)
+    inv_freq = theta ** (-2 * j / head_dim)
+
+    def correction_dim(turns):
+        # the pair that completes `turns` turns inside O: d·ln(O / (2π r)) / (2 ln θ)
+        return head_dim * math.log(original_max_position_embeddings / (2 * math.pi * turns)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+    ramp = np.clip((j - low) / (high - low), 0, 1)          # γ_j: 0 = keep, 1 = divide by f
+    return (1 - ramp) * inv_freq + ramp * inv_freq / factor
+
+
+def su_inv_freq(head_dim, theta, short_factor, long_factor, original_max_position_embeddings, seq_len):
+    factors = np.asarray(long_factor if seq_len > original_max_position_embeddings else short_factor, np.float64)
+    j = np.arange(head_dim // 2, dtype=np.float64)
+    return 1.0 / (factors * theta ** (2 * j / head_dim))
