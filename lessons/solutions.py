@@ -29,3 +29,18 @@ def su_inv_freq(head_dim, theta, short_factor, long_factor, original_max_positio
     factors = np.asarray(long_factor if seq_len > original_max_position_embeddings else short_factor, np.float64)
     j = np.arange(head_dim // 2, dtype=np.float64)
     return 1.0 / (factors * theta ** (2 * j / head_dim))
+
+
+# --- lesson 06: ALiBi ----------------------------------------------------------------------------
+
+def my_alibi_slopes(n_heads, alibi_bias_max=8):
+    n = 2 ** math.ceil(math.log2(n_heads))
+    slopes = 2.0 ** (-np.arange(1, n + 1) * alibi_bias_max / n)   # m_k = 2^(−k·a/N)
+    if n != n_heads:
+        slopes = np.concatenate([slopes[1::2], slopes[0::2]])[:n_heads]   # even k first, then odd k
+    return slopes.astype(np.float32)
+
+
+def my_full_alibi(slopes, length):
+    i = np.arange(length)
+    return -np.asarray(slopes)[:, None, None] * np.abs(i[:, None] - i[None, :])
