@@ -44,3 +44,20 @@ def my_alibi_slopes(n_heads, alibi_bias_max=8):
 def my_full_alibi(slopes, length):
     i = np.arange(length)
     return -np.asarray(slopes)[:, None, None] * np.abs(i[:, None] - i[None, :])
+
+
+# --- lesson 03: RoPE basics ----------------------------------------------------------------------
+
+def my_rope(x, positions, inv_freq):
+    angles = np.outer(positions, inv_freq)                 # [n, d/2]: p·ω_j
+    angles = np.concatenate([angles, angles], axis=-1)     # pair j and j + d/2 share an angle
+    half = x.shape[-1] // 2
+    rotated_half = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * np.cos(angles) + rotated_half * np.sin(angles)
+
+
+def my_interleaved_to_half(w, n_heads):
+    rows, hidden = w.shape
+    d = rows // n_heads
+    # [heads, d/2 pairs, 2 (even, odd), hidden] -> [heads, 2, d/2, hidden]: evens first, then odds
+    return w.reshape(n_heads, d // 2, 2, hidden).transpose(0, 2, 1, 3).reshape(rows, hidden)
