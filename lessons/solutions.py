@@ -61,3 +61,40 @@ def my_interleaved_to_half(w, n_heads):
     d = rows // n_heads
     # [heads, d/2 pairs, 2 (even, odd), hidden] -> [heads, 2, d/2, hidden]: evens first, then odds
     return w.reshape(n_heads, d // 2, 2, hidden).transpose(0, 2, 1, 3).reshape(rows, hidden)
+
+
+# --- lesson 02: norms ----------------------------------------------------------------------------
+
+def my_rms_norm_hf(x, weight, eps):
+    x32 = x.astype(np.float32)
+    normalised = x32 * (1.0 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + eps))
+    return weight * normalised.astype(x.dtype)        # round, then multiply (and round again)
+
+
+def my_rms_norm_mpt(x, weight, eps):
+    x32 = x.astype(np.float32)
+    normalised = x32 * (1.0 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + eps))
+    return (normalised * weight.astype(np.float32)).astype(x.dtype)   # multiply in float32, round once
+
+
+# --- lesson 05: attention ------------------------------------------------------------------------
+
+def my_gqa_attention(q, k, v):
+    b, n_heads, s, d = q.shape
+    n_kv = k.shape[1]
+    group = n_heads // n_kv
+    q_grouped = q.reshape(b, n_kv, group, s, d)                        # head h = (h // G, h % G)
+    scores = q_grouped @ k[:, :, None].swapaxes(-1, -2) / np.sqrt(d)   # [b, K, G, s, s]: K broadcast over G
+    scores = scores + np.triu(np.full((s, s), np.finfo(q.dtype).min), k=1)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights = weights / weights.sum(-1, keepdims=True)
+    return (weights @ v[:, :, None]).reshape(b, n_heads, s, d)
+
+
+def my_causal_mask(s, t, sliding_window=None):
+    position = (t - s) + np.arange(s)[:, None]       # p_i, bottom-right aligned
+    key = np.arange(t)[None, :]
+    visible = key <= position
+    if sliding_window is not None:
+        visible &= key > position - sliding_window
+    return np.where(visible, 0.0, np.finfo(np.float32).min).astype(np.float32)
