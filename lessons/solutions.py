@@ -98,3 +98,44 @@ def my_causal_mask(s, t, sliding_window=None):
     if sliding_window is not None:
         visible &= key > position - sliding_window
     return np.where(visible, 0.0, np.finfo(np.float32).min).astype(np.float32)
+
+
+# --- lesson 07: MLPs -----------------------------------------------------------------------------
+
+def my_fused_swiglu(x, gate_up_weight, down_weight):
+    gate, up = np.split(x @ gate_up_weight.T, 2, axis=-1)   # first half: gate
+    return (gate / (1 + np.exp(-gate)) * up) @ down_weight.T
+
+
+def my_gelu_tanh(z):
+    return z / 2 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
+
+
+# --- lesson 12: FlashAttention -------------------------------------------------------------------
+
+def my_online_attention(q_vec, keys, values, block):
+    m, l, acc = -np.inf, 0.0, np.zeros(values.shape[-1])
+    for start in range(0, len(keys), block):
+        scores = keys[start:start + block] @ q_vec / np.sqrt(q_vec.size)
+        m_new = max(m, scores.max())
+        alpha = np.exp(m - m_new)                  # re-expresses what was summed against the new max
+        weights = np.exp(scores - m_new)
+        l = alpha * l + weights.sum()
+        acc = alpha * acc + weights @ values[start:start + block]
+        m = m_new
+    return acc / l
+
+
+def my_tile_kinds(length, tile, sliding_window=None):
+    n = length // tile
+    first_q = np.arange(n)[:, None] * tile        # a query tile's smallest and largest position
+    last_q = first_q + tile - 1
+    first_k = np.arange(n)[None, :] * tile
+    last_k = first_k + tile - 1
+    # some (q, k) with k <= q and, with a window, k > q − w
+    any_visible = first_k <= last_q
+    all_visible = last_k <= first_q
+    if sliding_window is not None:
+        any_visible &= last_k > first_q - sliding_window
+        all_visible &= first_k > last_q - sliding_window
+    return np.where(~any_visible, 0, np.where(all_visible, 2, 1))
