@@ -139,3 +139,37 @@ def my_tile_kinds(length, tile, sliding_window=None):
         any_visible &= last_k > first_q - sliding_window
         all_visible &= first_k > last_q - sliding_window
     return np.where(~any_visible, 0, np.where(all_visible, 2, 1))
+
+
+# --- lesson 10: tiling and pixel shuffle ---------------------------------------------------------
+
+def my_choose_grid(width, height, max_num=12, image_size=448):
+    from minivl.preprocess import candidate_grids
+    aspect, area = width / height, width * height
+    best_diff, best = float("inf"), (1, 1)
+    for columns, rows in candidate_grids(1, max_num):
+        diff = abs(aspect - columns / rows)
+        if diff < best_diff:
+            best_diff, best = diff, (columns, rows)
+        elif diff == best_diff and area > 0.5 * image_size * image_size * columns * rows:
+            best = (columns, rows)        # an equal ratio: the larger grid, if the image has the pixels
+    return best
+
+
+def my_pixel_shuffle_v2(x):
+    n, rows, cols, channels = x.shape
+    blocks = x.reshape(n, rows // 2, 2, cols // 2, 2, channels)      # [n, r, d_r, c, d_c, C]
+    return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(n, rows // 2, cols // 2, 4 * channels)
+
+
+# --- lesson 11: the InternVL chat model ----------------------------------------------------------
+
+def my_image_tokens(num_image_token, num_tiles):
+    return "<img>" + "<IMG_CONTEXT>" * (num_image_token * num_tiles) + "</img>"
+
+
+def my_embed_with_images(plain_embeds, ids, image_features, context_token_id):
+    embeds = plain_embeds.copy()
+    # boolean-mask assignment walks the selected rows in (batch, position) order: feature k -> k-th context row
+    embeds[ids == context_token_id] = image_features.reshape(-1, image_features.shape[-1])
+    return embeds
