@@ -173,3 +173,43 @@ def my_embed_with_images(plain_embeds, ids, image_features, context_token_id):
     # boolean-mask assignment walks the selected rows in (batch, position) order: feature k -> k-th context row
     embeds[ids == context_token_id] = image_features.reshape(-1, image_features.shape[-1])
     return embeds
+
+
+# --- lesson 08: a decoder, and SmolLM2 -----------------------------------------------------------
+
+def my_greedy(model, prompt_ids, max_new_tokens):
+    out = model(prompt_ids, use_cache=True)                 # prefill: every prompt position at once
+    new = []
+    for _ in range(max_new_tokens):
+        next_id = out.logits[:, -1].argmax(-1)              # [1]
+        new.append(next_id)
+        out = model(next_id[:, None], past_key_values=out.past_key_values, use_cache=True)
+    return np.stack(new, axis=1)
+
+
+def my_tied_logits(normed_hidden, embedding_table):
+    return embedding_table @ normed_hidden                   # ĥ·Eᵀ, one score per token
+
+
+# --- lesson 09: InternViT and DINOv2 -------------------------------------------------------------
+
+def my_patch_embed(pixels, weight, bias):
+    n, channels, height, width = pixels.shape
+    p = weight.shape[-1]
+    gh, gw = height // p, width // p
+    # [n, 3, gh, p, gw, p] -> [n, gh, gw, 3, p, p]: a patch's (channel, row, column), the conv weight's order
+    patches = pixels.reshape(n, channels, gh, p, gw, p).transpose(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, -1)
+    return patches @ weight.reshape(weight.shape[0], -1).T + bias
+
+
+def my_cubic_weights(in_size, out_size, A=-0.75):
+    src = (np.arange(out_size) + 0.5) * in_size / out_size - 0.5
+    t = src - np.floor(src)
+
+    def keys(s):
+        s = np.abs(s)
+        near = ((A + 2) * s - (A + 3)) * s * s + 1
+        far = ((A * s - 5 * A) * s + 8 * A) * s - 4 * A
+        return np.where(s <= 1, near, far)
+
+    return np.stack([keys(1 + t), keys(t), keys(1 - t), keys(2 - t)], axis=-1)
