@@ -213,3 +213,19 @@ def my_cubic_weights(in_size, out_size, A=-0.75):
         return np.where(s <= 1, near, far)
 
     return np.stack([keys(1 + t), keys(t), keys(1 - t), keys(2 - t)], axis=-1)
+
+
+# --- lesson 13: SmolLM2 by hand ------------------------------------------------------------------
+
+def my_attention_repeat_kv(q, k, v):
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)   # head h reads KV head h // G
+    s, d = q.shape[2], q.shape[3]
+    scores = q @ k.swapaxes(-1, -2) / d ** 0.5 + np.triu(np.full((s, s), -np.inf, dtype=q.dtype), k=1)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    return weights / weights.sum(-1, keepdims=True) @ v
+
+
+def my_logit_lens(stream_row, norm_weight, embedding_table):
+    normed = stream_row / np.sqrt((stream_row * stream_row).mean() + 1e-5) * norm_weight
+    return embedding_table @ normed
