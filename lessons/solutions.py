@@ -229,3 +229,24 @@ def my_attention_repeat_kv(q, k, v):
 def my_logit_lens(stream_row, norm_weight, embedding_table):
     normed = stream_row / np.sqrt((stream_row * stream_row).mean() + 1e-5) * norm_weight
     return embedding_table @ normed
+
+
+# --- lesson 14: DINOv2 by hand -------------------------------------------------------------------
+
+def my_layer_norm(t, weight, bias, eps):
+    mu = t.mean(-1, keepdims=True)
+    return (t - mu) / np.sqrt(((t - mu) ** 2).mean(-1, keepdims=True) + eps) * weight + bias
+
+
+def my_embeddings(pixels, W, bicubic_matrix):
+    weight = W["embeddings.patch_embedding.weight"]
+    hidden, _, p, _ = weight.shape
+    gh, gw = pixels.shape[2] // p, pixels.shape[3] // p
+    tokens = my_patch_embed(pixels, weight, W["embeddings.patch_embedding.bias"])   # lesson 09's answer
+    table = W["embeddings.position_embedding"]
+    native = int(round((table.shape[1] - 1) ** 0.5))      # the trained grid: 1 + native² rows
+    grid_table = table[0, 1:].reshape(native, native, hidden).astype(np.float64)
+    resized = np.einsum("ia,jb,abc->ijc", bicubic_matrix(native, gh), bicubic_matrix(native, gw),
+                        grid_table).reshape(1, gh * gw, hidden)
+    x = np.concatenate([W["embeddings.class_embedding"], tokens], axis=1)     # CLS first
+    return x + np.concatenate([table[:, :1], resized.astype(np.float32)], axis=1)
