@@ -214,7 +214,7 @@ def rope_pair_rotation(inv_freq, pair_indices=(0, 8, 16), positions=None, title=
         ax.set_xlim(-1.15, 1.15)
         ax.set_ylim(-1.15, 1.15)
         turns = positions.max() * inv_freq[j] / (2 * np.pi)
-        plural = "" if round(turns, 3) == 1 else "s"
+        plural = "" if f"{turns:.3g}" == "1" else "s"  # the plural of the number as printed
         ax.set_title(f"pair j={j}: $\\omega$={inv_freq[j]:.3g} rad/pos\n{turns:.3g} turn{plural} over the positions",
                      fontsize=9)
         ax.set_xlabel("component j")

@@ -11,6 +11,7 @@ Budget: each lesson (exercise checks included) must finish within LESSON_BUDGET_
 the measured time is printed (pytest -s) and written to out/lesson_times.tsv.
 """
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ MIN_EXERCISES = 2  # "your turn" cells per lesson, from lesson 02 on
 
 def test_there_are_lessons():
     # guards against the parametrised tests below silently running on an empty list
-    assert len(LESSONS) >= 12, f"expected at least 12 lessons/NN_topic.ipynb, found {len(LESSONS)}"
+    assert len(LESSONS) >= 14, f"expected at least 14 lessons/NN_topic.ipynb, found {len(LESSONS)}"
 
 
 def cells(path):
@@ -105,3 +106,18 @@ def test_exercise_checks_have_teeth(tmp_path):
         else:
             with pytest.raises(build_lessons.ExerciseError, match=expected):
                 build_lessons.execute(path, check_exercises=True)
+
+
+def test_readme_pictures_are_the_executed_figures():
+    # lessons/img/NAME.png is cut from the executed copy's cell tagged picture:NAME; a picture that
+    # differs was drawn by older code (the committed rope_atlas.png once printed a literal "ω_j")
+    found = {}
+    for path in LESSONS:
+        executed = build_lessons.executed_path(path)
+        if executed.exists():
+            found.update(build_lessons.pictures(nbformat.read(executed, as_version=4)))
+    readme = (ROOT / "lessons" / "README.md").read_text()
+    shown = set(re.findall(r"\(img/([\w-]+)\.png\)", readme))
+    assert shown and shown <= set(found), f"README pictures without a tagged cell: {sorted(shown - set(found))}"
+    stale = [name for name, png in found.items() if (build_lessons.IMG_DIR / f"{name}.png").read_bytes() != png]
+    assert not stale, f"lessons/img/{stale[0]}.png differs from its executed cell: run python3 tools/build_lessons.py"
