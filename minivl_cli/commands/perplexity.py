@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from minivl_cli.commands._checks import check_int
 from minivl_cli.commands.chat import add_model_arguments, load_lm
 from minivl.errors import GenerationError
 
@@ -24,6 +25,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    check_int("--context", args.context, 1, 2**20, "e.g. 1024; it is capped at the model's positions anyway",
+              error=GenerationError)
+    if args.stride is not None:
+        check_int("--stride", args.stride, 1, 2**20, "leave it out for context // 2", error=GenerationError)
     path = Path(args.file)
     if not path.is_file():
         raise GenerationError(f"{path} is not a file; pass the path of a UTF-8 text file")
