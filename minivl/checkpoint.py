@@ -11,12 +11,12 @@ No pickle, so loading never runs code. A checkpoint directory is `config.json` p
 `model.safetensors.index.json` (`{"metadata": {"total_size": ...}, "weight_map": {name: file}}`).
 
 The `safetensors` package parses and checks the header (sizes against shapes, the data block
-covered exactly once, so no two tensors share bytes) and reads the bytes; its NumPy backend gives
+covered exactly once, so no two tensors share bytes) and writes the files; its NumPy backend gives
 bf16 as `ml_dtypes.bfloat16` (NumPy has no bf16 of its own), bit-exact, without torch.
 What minivl adds on top:
 
-* lazy reading: `SafetensorsFile` opens a file with `safe_open` and copies a tensor out of the
-  memory map the first time it is looked up, once;
+* lazy reading: `SafetensorsFile` opens a file with `safe_open` and hands out read-only views into
+  a memory map of it, so a checkpoint costs no RAM until the model casts its weights (one copy);
 * a CheckpointError for every broken file that names the file and the fix (two overlapping
   tensors by name), and the refusal of pickle checkpoints (.bin/.pt), which run code when loaded;
 * the shard-index checks of a sharded directory;
@@ -28,6 +28,7 @@ What minivl adds on top:
 from __future__ import annotations
 
 import json
+import mmap as mmaplib
 import os
 import re
 import secrets
@@ -95,37 +96,64 @@ def _open(path: str, framework: str):
 
 
 class SafetensorsFile(Mapping):
-    """The tensors of one .safetensors file, `{name: array}`, each read when first looked up.
+    """The tensors of one .safetensors file, `{name: array}`, each read only when looked up.
 
-    `safe_open` memory-maps the file and checks its header; a tensor's bytes are copied out of the
-    map on its first lookup and kept, so a tensor is never copied twice and one never used is never
-    read. framework="numpy": NumPy arrays (bf16 as `ml_dtypes.bfloat16`); "pt": torch tensors.
-    `.shapes` and `.dtypes` (safetensors codes) come from the header; `.metadata` its string pairs.
+    `safe_open` checks the header: sizes against shapes, and the tensors back to back in offset
+    order, the data block covered exactly once (no gap, no overlap, no trailing byte).
+    framework="pt": the package's torch tensors, which are backed by its memory map (no copy).
+    framework="numpy": each array is a read-only view into a memory map of the file, at the
+    offsets that checked layout implies, so nothing is copied until the model casts a weight.
+    (The package's NumPy `get_tensor` would copy each tensor out of its map, and the model's cast
+    copy it a second time; `read_safetensors(..., mmap=False)` uses it, and tests hold the two
+    readers bit-equal.) `.shapes`, `.dtypes` (safetensors codes) and `.metadata` come from the header.
     """
 
     def __init__(self, path: str | os.PathLike, framework: str = "numpy"):
         self.path = os.fspath(path)
+        self.framework = framework
         if not os.path.isfile(self.path):
             raise CheckpointError(f"{self.path}: no such safetensors file")
-        self._handle = _open(self.path, framework)
-        slices = {name: self._handle.get_slice(name) for name in self._handle.offset_keys()}
-        self.dtypes = {name: piece.get_dtype() for name, piece in slices.items()}
-        self.shapes = {name: tuple(piece.get_shape()) for name, piece in slices.items()}
-        unreadable = {name: code for name, code in self.dtypes.items() if code not in SAFETENSORS_DTYPES}
-        if unreadable:
-            name, code = next(iter(unreadable.items()))
-            more = f" (and {len(unreadable) - 1} more tensors)" if len(unreadable) > 1 else ""
-            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {code!r}{more}, which minivl does not "
-                                  f"read (it reads {sorted(SAFETENSORS_DTYPES)}); {_FIX} in one of those")
-        self.metadata = self._handle.metadata() or {}
-        self._read: dict = {}
+        with open(self.path, "rb") as f:
+            opened = os.fstat(f.fileno())
+            self._handle = _open(self.path, framework)
+            if os.stat(self.path).st_ino != opened.st_ino:
+                raise CheckpointError(f"{self.path}: the file was replaced while it was being opened (a conversion "
+                                      f"or save finishing now?); load it again")
+            names = self._handle.offset_keys()  # in data order
+            slices = {name: self._handle.get_slice(name) for name in names}
+            self.dtypes = {name: piece.get_dtype() for name, piece in slices.items()}
+            self.shapes = {name: tuple(piece.get_shape()) for name, piece in slices.items()}
+            unreadable = {name: code for name, code in self.dtypes.items() if code not in SAFETENSORS_DTYPES}
+            if unreadable:
+                name, code = next(iter(unreadable.items()))
+                more = f" (and {len(unreadable) - 1} more tensors)" if len(unreadable) > 1 else ""
+                raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {code!r}{more}, which minivl does "
+                                      f"not read (it reads {sorted(SAFETENSORS_DTYPES)}); {_FIX} in one of those")
+            self.metadata = self._handle.metadata() or {}
+            if framework == "numpy":
+                self._spans, self._data = self._map(f, names, opened.st_size)
+
+    def _map(self, f, names: list[str], file_size: int):
+        """(name -> (begin, end) in the data block, the data block as a read-only uint8 memory map)."""
+        spans, offset = {}, 0
+        for name in names:
+            # bytes = prod(shape) · itemsize, tensors back to back (the layout safe_open checked)
+            n_bytes = int(np.prod(self.shapes[name], dtype=np.int64)) * SAFETENSORS_DTYPES[self.dtypes[name]].itemsize
+            spans[name] = (offset, offset + n_bytes)
+            offset += n_bytes
+        if offset == 0:  # an empty data block cannot be memory-mapped
+            return spans, np.zeros(0, dtype=np.uint8)
+        mapped = mmaplib.mmap(f.fileno(), 0, access=mmaplib.ACCESS_READ)
+        # the data block ends the file; the views keep the map alive, it closes with the last of them
+        return spans, np.frombuffer(mapped, dtype=np.uint8, count=offset, offset=file_size - offset)
 
     def __getitem__(self, name: str):
-        if name not in self._read:
-            if name not in self.shapes:
-                raise KeyError(name)
-            self._read[name] = self._handle.get_tensor(name)
-        return self._read[name]
+        if name not in self.shapes:
+            raise KeyError(name)
+        if self.framework != "numpy":
+            return self._handle.get_tensor(name)
+        begin, end = self._spans[name]
+        return self._data[begin:end].view(SAFETENSORS_DTYPES[self.dtypes[name]]).reshape(self.shapes[name])
 
     def __iter__(self):
         return iter(self.shapes)
@@ -134,21 +162,23 @@ class SafetensorsFile(Mapping):
         return len(self.shapes)
 
     def __repr__(self) -> str:
-        return f"SafetensorsFile({self.path!r}, {len(self)} tensors, {len(self._read)} read)"
+        return f"SafetensorsFile({self.path!r}, {len(self)} tensors)"
 
 
 def read_safetensors(path: str | os.PathLike, *, mmap: bool = True, with_metadata: bool = False):
     """Every tensor of a .safetensors file as NumPy arrays (bf16 as `ml_dtypes.bfloat16`).
 
-    mmap=True (default): a `SafetensorsFile`, each tensor read from the memory-mapped file on
-    first use; mmap=False: a dict with every tensor read now. Returns `{name: array}`, or
+    mmap=True (default): a `SafetensorsFile`, read-only views into the memory-mapped file, which
+    cost no RAM until used (`.astype` / `.copy()` for an array of your own); mmap=False: a dict of
+    arrays of their own, every tensor read now by the package's NumPy backend. Returns `{name: array}`, or
     `({name: array}, metadata)` with `with_metadata=True`.
     Raises CheckpointError naming the file for a missing, truncated or corrupt file.
     """
     tensors = SafetensorsFile(path)
     metadata = tensors.metadata
     if not mmap:
-        tensors = dict(tensors)
+        # the package's own reader: each tensor copied out of its map into an array of its own
+        tensors = {name: tensors._handle.get_tensor(name) for name in tensors}
     return (tensors, metadata) if with_metadata else tensors
 
 
@@ -285,8 +315,8 @@ def open_checkpoint(directory: str | os.PathLike, framework: str = "numpy") -> l
 def load_state_dict(directory: str | os.PathLike) -> Mapping:
     """All tensors of a checkpoint: a directory (single file or shards + index) or one .safetensors file.
 
-    Returns `{name: array}` in the file's dtypes (bf16 as `ml_dtypes.bfloat16`), each tensor read
-    from its memory-mapped file on first use (one mapping over all shards).
+    Returns `{name: array}` in the file's dtypes (bf16 as `ml_dtypes.bfloat16`), read-only views
+    into the memory-mapped files (one mapping over all shards).
     """
     shards = open_checkpoint(directory)
     return shards[0] if len(shards) == 1 else ChainMap(*shards)
@@ -428,9 +458,13 @@ def check_state_dict(tensors: Mapping, expected: dict, where: str = "") -> None:
 
 
 def _nonfinite_counts(tensor) -> tuple[int, int]:
-    """(number of NaN, number of ±inf) of a NumPy array or torch tensor."""
+    """(number of NaN, number of ±inf) of a NumPy array or torch tensor; one pass when all is finite."""
     if isinstance(tensor, np.ndarray):
+        if np.isfinite(tensor).all():
+            return 0, 0
         return int(np.isnan(tensor).sum()), int(np.isinf(tensor).sum())
+    if bool(tensor.isfinite().all()):
+        return 0, 0
     return int(tensor.isnan().sum()), int(tensor.isinf().sum())
 
 

@@ -295,3 +295,21 @@ def test_top_level_turns_expected_failures_into_one_line(capsys, monkeypatch, er
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, argv=None: _Args(error))
     got, err = run_cli(capsys, "viz")
     assert got == code and fragment in one_line(err)
+
+
+def test_nan_perplexity_is_exit_5(capsys, monkeypatch, tmp_path):
+    import types
+
+    import minivl.perplexity
+    from minivl_cli.commands import perplexity as command
+
+    (tmp_path / "t.txt").write_text("some words")
+    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=64))
+    tokenizer = types.SimpleNamespace(encode=lambda text: [1, 2, 3, 4])
+    monkeypatch.setattr(command, "load_lm", lambda args: (model, tokenizer, None))
+    monkeypatch.setattr(minivl.perplexity, "perplexity", lambda *a, **k: types.SimpleNamespace(
+        perplexity=float("nan"), nll=float("nan"), n_tokens=3, n_windows=1))
+    code, err = run_cli(capsys, "perplexity", str(tmp_path / "t.txt"))
+    assert code == 5
+    assert "NonFiniteError: the mean negative log-likelihood over" in one_line(err)
+    assert capsys.readouterr().out == ""
