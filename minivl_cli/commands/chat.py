@@ -111,6 +111,7 @@ def check_json_files(directory) -> None:
 
 def load_backend_model(directory, args):
     """(model, generate) from the package --backend names, with --dtype (and --device for torch)."""
+    check_json_files(directory)
     if args.backend == "numpy":
         if args.device != "cpu":
             raise GenerationError(f"--device {args.device} needs --backend torch; the NumPy model runs on the CPU")
@@ -136,7 +137,6 @@ def load_lm(args):
         from minivl.weights.smollm2 import ensure_smollm2
 
         directory = ensure_smollm2()
-    check_json_files(directory)
     model, generate = load_backend_model(directory, args)
     return model, Tokenizer.from_file(directory), generate
 
@@ -287,7 +287,6 @@ def load_internvl(args):
     from minivl.tokenizer import Tokenizer
 
     directory = args.model_dir
-    check_json_files(directory)
     if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
         found = " (it has a SentencePiece tokenizer.model)" if os.path.isfile(
             os.path.join(directory, "tokenizer.model")) else ""

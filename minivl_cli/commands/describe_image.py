@@ -41,17 +41,8 @@ def register(subparsers) -> None:
 
 def tokens_per_tile(image_size: int = 448, patch_size: int = 14, downsample_ratio: float = 0.5) -> int:
     """InternVL's num_image_token = int((image_size // patch_size)² · downsample_ratio²) (spec 2.12)."""
-    check_int("--patch-size", patch_size, 1, MAX_IMAGE_SIZE, "InternViT uses 14")
-    check_int("--image-size", image_size, patch_size, MAX_IMAGE_SIZE, "InternVL2 tiles are 448")
     if image_size % patch_size:
         raise ConfigError(f"--image-size {image_size} must be a multiple of --patch-size {patch_size}")
-    check_float("--downsample-ratio", downsample_ratio, 0.0, 1.0, "InternVL2 uses 0.5", low_open=True)
-    # pixel shuffle regroups the (s/p)×(s/p) patch grid into (s/p·r)×(s/p·r) tokens: a whole number
-    side = image_size // patch_size * downsample_ratio
-    if side != int(side):
-        raise ConfigError(f"--downsample-ratio {downsample_ratio}: pixel shuffle needs (image size / patch size) × "
-                          f"ratio = {image_size // patch_size} × {downsample_ratio} = {side:g} to be a whole number; "
-                          f"use 0.5 with an even patch grid, or 1")
     return int((image_size // patch_size) ** 2 * downsample_ratio ** 2)
 
 
@@ -61,7 +52,17 @@ def check_arguments(args) -> None:
 
     check_int("--min-num", args.min_num, 1, MAX_TILES, "InternVL uses 1")
     check_int("--max-num", args.max_num, args.min_num, MAX_TILES, "InternVL uses 12; it must be >= --min-num")
-    tokens_per_tile(args.image_size, args.patch_size, args.downsample_ratio)
+    check_int("--patch-size", args.patch_size, 1, MAX_IMAGE_SIZE, "InternViT uses 14")
+    check_int("--image-size", args.image_size, args.patch_size, MAX_IMAGE_SIZE, "InternVL2 tiles are 448")
+    if args.image_size % args.patch_size:
+        raise ConfigError(f"--image-size {args.image_size} must be a multiple of --patch-size {args.patch_size}")
+    check_float("--downsample-ratio", args.downsample_ratio, 0.0, 1.0, "InternVL2 uses 0.5", low_open=True)
+    # pixel shuffle regroups the (s/p)×(s/p) patch grid into (s/p·r)×(s/p·r) tokens: a whole number
+    grid = args.image_size // args.patch_size
+    if grid * args.downsample_ratio != int(grid * args.downsample_ratio):
+        raise ConfigError(f"--downsample-ratio {args.downsample_ratio}: pixel shuffle needs (image size / patch "
+                          f"size) × ratio = {grid} × {args.downsample_ratio} = {grid * args.downsample_ratio:g} to "
+                          f"be a whole number; use 0.5 with an even patch grid, or 1")
     if not args.no_attention:
         check_int("--attention-size", args.attention_size, 14, MAX_ATTENTION_SIZE, "DINOv2 sees 224 or 448")
         check_int("--layer", args.layer, -12, 11, "DINOv2-S has 12 layers: 0..11, or -1 for the last")
