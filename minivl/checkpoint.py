@@ -22,8 +22,8 @@ What minivl adds on top:
 * the shard-index checks of a sharded directory;
 * atomic writes: every tensor is checked first, the files go to a staging path and are renamed
   into place (minivl/staging.py), so the previous checkpoint stays loadable until then;
-* `check_state_dict` (does a state dict fit a model: ONE error listing every missing, unexpected,
-  mis-shaped or non-float tensor) and `check_finite` (NaN/inf weights, named).
+* `check_state_dict` (does a state dict fit a model: ONE error listing every missing, unexpected
+  and mis-shaped tensor) and `check_weights` (ONE error naming every int/bool or NaN/inf weight).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from minivl.errors import CheckpointError
 from minivl.staging import fsync_file, make_staging_dir, sweep_stale
 
 __all__ = ["SafetensorsFile", "read_safetensors", "write_safetensors", "load_state_dict", "open_checkpoint",
-           "save_checkpoint", "check_state_dict", "check_finite", "SAFETENSORS_DTYPES", "SINGLE_FILE",
+           "save_checkpoint", "check_state_dict", "check_weights", "SAFETENSORS_DTYPES", "SINGLE_FILE",
            "INDEX_FILE"]
 
 SINGLE_FILE = "model.safetensors"
@@ -422,23 +422,20 @@ def _is_float(tensor) -> bool:
 
 
 def check_state_dict(tensors: Mapping, expected: dict, where: str = "") -> None:
-    """Raise ONE CheckpointError listing every missing, unexpected, mis-shaped and non-float tensor.
+    """Raise ONE CheckpointError listing every missing, unexpected and mis-shaped tensor.
 
-    `tensors`: `{name: array}` (anything with `.shape` and `.dtype`: NumPy arrays, torch tensors);
-    `expected`: `{name: shape tuple}` from the model's `expected_shapes(config)`. Every weight of a
-    model is floating point: an int or bool tensor means a wrong file, and is not cast silently.
+    `tensors`: `{name: array}` (anything with `.shape`: NumPy arrays, torch tensors);
+    `expected`: `{name: shape tuple}` from the model's `expected_shapes(config)`.
     Each list shows the first 20 names and a count of the rest.
     """
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    present = sorted(set(expected) & set(tensors))
-    wrong_shape = [name for name in present if tuple(tensors[name].shape) != tuple(expected[name])]
-    not_float = [name for name in present if not _is_float(tensors[name])]
-    if not (missing or unexpected or wrong_shape or not_float):
+    wrong_shape = sorted(name for name in set(expected) & set(tensors)
+                         if tuple(tensors[name].shape) != tuple(expected[name]))
+    if not (missing or unexpected or wrong_shape):
         return
     counts = ", ".join(f"{n} {what}" for n, what in ((len(missing), "missing"), (len(unexpected), "unexpected"),
-                                                      (len(wrong_shape), "with the wrong shape"),
-                                                      (len(not_float), "not floating point")) if n)
+                                                      (len(wrong_shape), "with the wrong shape")) if n)
     lines = [f"{where + ': ' if where else ''}the checkpoint does not fit the model: {counts} tensors"]
     if missing:
         lines.append(f"  missing {len(missing)}: {_name_list(missing)}")
@@ -448,10 +445,6 @@ def check_state_dict(tensors: Mapping, expected: dict, where: str = "") -> None:
         shapes = [f"{name} (checkpoint {tuple(tensors[name].shape)}, model {tuple(expected[name])})"
                   for name in wrong_shape]
         lines.append(f"  wrong shape {len(wrong_shape)}: {_name_list(shapes)}")
-    if not_float:
-        dtypes = [f"{name} ({tensors[name].dtype})" for name in not_float]
-        lines.append(f"  not floating point {len(not_float)}: {_name_list(dtypes)} (weights are float16, bfloat16, "
-                     f"float32 or float64)")
     lines.append("  fix: check that config.json belongs to these weights (sizes, layer count, qkv_bias, "
                  "LLM architecture), or re-convert the checkpoint")
     raise CheckpointError("\n".join(lines))
@@ -468,20 +461,32 @@ def _nonfinite_counts(tensor) -> tuple[int, int]:
     return int(tensor.isnan().sum()), int(tensor.isinf().sum())
 
 
-def check_finite(tensors: Mapping, where: str = "") -> None:
-    """Raise ONE CheckpointError naming every floating tensor that holds NaN or ±inf.
+def check_weights(tensors: Mapping, where: str = "", allow_nonfinite: bool = False) -> None:
+    """Raise ONE CheckpointError naming every tensor that is not a usable model weight:
 
-    Such weights make every logit NaN, and greedy decoding then picks token 0 without a word.
-    Loaders call it unless asked not to (`load_model(..., allow_nonfinite=True)`).
+    * not floating point (int, bool): every weight of a minivl model is a float, so such a tensor
+      means a wrong or broken file, and it is not cast to float silently;
+    * holding NaN or ±inf (unless allow_nonfinite): such weights make every logit NaN, and greedy
+      decoding then picks token 0 without a word.
+
+    The loaders run it on every checkpoint (`load_model(..., allow_nonfinite=False)`).
     """
-    bad = []
+    not_float, not_finite = [], []
     for name in sorted(tensors):
         tensor = tensors[name]
-        if _is_float(tensor):
+        if not _is_float(tensor):
+            not_float.append(f"{name} ({tensor.dtype})")
+        elif not allow_nonfinite:
             n_nan, n_inf = _nonfinite_counts(tensor)
             if n_nan or n_inf:
-                bad.append(f"{name} ({n_nan} NaN, {n_inf} inf of {int(np.prod(tensor.shape))})")
-    if bad:
-        raise CheckpointError(f"{where + ': ' if where else ''}{len(bad)} weight tensors are not finite: "
-                              f"{_name_list(bad)}; the checkpoint is damaged: {_FIX} (or pass allow_nonfinite=True "
-                              f"to load it anyway)")
+                not_finite.append(f"{name} ({n_nan} NaN, {n_inf} inf of {int(np.prod(tensor.shape))})")
+    problems = []
+    if not_float:
+        problems.append(f"{len(not_float)} weight tensors are not floating point: {_name_list(not_float)} (weights "
+                        f"are float16, bfloat16, float32 or float64; check that the file is this model's weights)")
+    if not_finite:
+        problems.append(f"{len(not_finite)} weight tensors are not finite: {_name_list(not_finite)} (pass "
+                        f"allow_nonfinite=True to load them anyway)")
+    if problems:
+        raise CheckpointError(f"{where + ': ' if where else ''}{'; '.join(problems)}; the checkpoint is damaged or "
+                              f"not a model's: {_FIX}")

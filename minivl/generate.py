@@ -97,7 +97,7 @@ def check_finite_logits(logits: np.ndarray, step: int) -> None:
     if broken.any():
         raise NonFiniteError(f"generate: the model's logits at step {step} are NaN/inf (batch rows "
                              f"{np.flatnonzero(broken).tolist()}); its weights or inputs are not finite: check the "
-                             f"checkpoint (minivl.checkpoint.check_finite) and the input embeddings or pixel values")
+                             f"checkpoint (minivl.checkpoint.check_weights) and the input embeddings or pixel values")
 
 
 def check_length(model, prompt_len: int, max_new_tokens: int) -> None:

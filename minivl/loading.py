@@ -85,13 +85,12 @@ def load_model(path, dtype="float32", component=None, allow_nonfinite=False):
 
     dtype: 'float32' (the reference's float32 run) or 'float64' (gold). component: None or
     'language_model' (the LLM of an InternVL chat checkpoint, its prefix stripped).
-    NaN/inf weights are a CheckpointError naming the tensors unless allow_nonfinite=True.
+    Int/bool weights, and NaN/inf ones unless allow_nonfinite=True, are a CheckpointError naming them.
     """
-    from minivl.checkpoint import check_finite, load_state_dict
+    from minivl.checkpoint import check_weights, load_state_dict
     from minivl.models import MODEL_REGISTRY
 
     config, cls, prefix = plan_load(path, component, MODEL_REGISTRY)
     state_dict = strip_prefix(load_state_dict(path), prefix)
-    if not allow_nonfinite:
-        check_finite(state_dict, where=os.fspath(path))
+    check_weights(state_dict, where=os.fspath(path), allow_nonfinite=allow_nonfinite)
     return cls.from_state_dict(config, state_dict, dtype)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import minivl.checkpoint
-from minivl.checkpoint import (INDEX_FILE, SINGLE_FILE, check_finite, check_state_dict, load_state_dict,
+from minivl.checkpoint import (INDEX_FILE, SINGLE_FILE, check_state_dict, check_weights, load_state_dict,
                                read_safetensors, save_checkpoint, write_safetensors)
 from minivl.errors import CheckpointError
 from minivl.loading import load_model
@@ -269,10 +269,12 @@ def test_integer_or_bool_weights_are_not_cast_silently(tiny_llama, loader, dtype
     with pytest.raises(CheckpointError) as info:
         loader(tiny_llama)
     message = str(info.value)
-    assert "1 not floating point" in message
-    assert f"model.norm.weight ({np.dtype(dtype).name if dtype is not np.bool_ else 'bool'}" in message \
-        or "model.norm.weight (torch." in message
-    assert "fix: check that config.json belongs to these weights" in message
+    kind = "bool" if dtype is np.bool_ else np.dtype(dtype).name
+    assert f"1 weight tensors are not floating point: model.norm.weight ({kind}" in message \
+        or f"1 weight tensors are not floating point: model.norm.weight (torch.{kind}" in message
+    assert "check that the file is this model's weights" in message and "re-download or re-convert" in message
+    with pytest.raises(CheckpointError, match="not floating point"):  # no opt-out for these
+        loader(tiny_llama, allow_nonfinite=True)
 
 
 @pytest.mark.parametrize("loader", [load_model, torch_load_model], ids=["numpy", "torch"])
@@ -292,24 +294,17 @@ def test_nonfinite_weights_are_named(tiny_llama, loader, bad_value, counts):
     assert model.config.model_type == "llama"
 
 
-def test_check_finite_covers_bf16_and_torch():
+def test_check_weights_covers_bf16_torch_and_lists_everything_at_once():
     import ml_dtypes
 
     tensors = {"a": np.array([1, np.nan], dtype=ml_dtypes.bfloat16), "b": torch.tensor([float("inf"), 1.0]),
-               "ids": np.array([1, 2], np.int64), "ok": np.ones(2, np.float32)}
-    with pytest.raises(CheckpointError, match=r"2 weight tensors are not finite: a \(1 NaN, 0 inf of 2\), "
-                                              r"b \(0 NaN, 1 inf of 2\)"):
-        check_finite(tensors, where="ckpt")
-
-
-def test_check_state_dict_lists_dtype_kind_with_the_other_problems():
-    expected = {"a": (2,), "b": (3,), "c": (1,)}
-    tensors = {"a": np.zeros(2, np.int32), "b": torch.zeros(3, dtype=torch.bool), "x": np.zeros(1)}
+               "ids": np.array([1, 2], np.int64), "mask": torch.ones(2, dtype=torch.bool), "ok": np.ones(2, np.float32)}
     with pytest.raises(CheckpointError) as info:
-        check_state_dict(tensors, expected, where="ckpt/")
+        check_weights(tensors, where="ckpt")
     message = str(info.value)
-    assert "1 missing, 1 unexpected, 2 not floating point tensors" in message
-    assert "not floating point 2: a (int32), b (torch.bool)" in message
+    assert message.startswith("ckpt: 2 weight tensors are not floating point: ids (int64), mask (torch.bool)")
+    assert "2 weight tensors are not finite: a (1 NaN, 0 inf of 2), b (0 NaN, 1 inf of 2)" in message
+    check_weights({"a": tensors["a"], "ok": tensors["ok"]}, allow_nonfinite=True)  # the opt-out
 
 
 @pytest.mark.parametrize("path", [None, 3, ["dir"]])

@@ -94,7 +94,7 @@ def test_nan_logits_are_a_named_error_not_token_zero(tmp_path, backend):
         generate(model, input_ids=np.array([[1, 2], [3, 4]]), max_new_tokens=3)
     message = str(info.value)
     assert "logits at step 0 are NaN/inf (batch rows [0, 1])" in message
-    assert "check the checkpoint (minivl.checkpoint.check_finite)" in message
+    assert "check the checkpoint (minivl.checkpoint.check_weights)" in message
 
 
 def test_finite_logits_with_minus_inf_are_fine():

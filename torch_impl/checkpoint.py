@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from minivl import checkpoint as np_checkpoint
-from minivl.checkpoint import check_finite, check_state_dict, read_safetensors, write_safetensors  # noqa: F401
+from minivl.checkpoint import check_state_dict, check_weights, read_safetensors, write_safetensors  # noqa: F401
 from minivl.errors import CheckpointError
 
-__all__ = ["load_state_dict", "save_checkpoint", "check_state_dict", "check_finite", "read_safetensors",
+__all__ = ["load_state_dict", "save_checkpoint", "check_state_dict", "check_weights", "read_safetensors",
            "write_safetensors", "to_torch", "to_numpy"]
 
 _DTYPE_NAMES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,

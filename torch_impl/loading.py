@@ -18,9 +18,9 @@ def load_model(path, dtype="float32", device="cpu", attn_implementation="eager",
 
     dtype: float32 | float64 | bfloat16 | float16; device: 'cpu', 'cuda', ...;
     attn_implementation: eager (the reference's op order) | sdpa | flash (CUDA fp16/bf16) | triton.
-    NaN/inf weights are a CheckpointError naming the tensors unless allow_nonfinite=True.
+    Int/bool weights, and NaN/inf ones unless allow_nonfinite=True, are a CheckpointError naming them.
     """
-    from torch_impl.checkpoint import check_finite, load_state_dict
+    from torch_impl.checkpoint import check_weights, load_state_dict
     from torch_impl.models import MODEL_REGISTRY
 
     check_attn_implementation(attn_implementation)
@@ -28,8 +28,7 @@ def load_model(path, dtype="float32", device="cpu", attn_implementation="eager",
     config, cls, prefix = plan_load(path, component, MODEL_REGISTRY)
     # read in the checkpoint's own dtype; from_state_dict casts once, after the prefix is stripped
     state_dict = strip_prefix(load_state_dict(path, device="cpu"), prefix)
-    if not allow_nonfinite:
-        check_finite(state_dict, where=os.fspath(path))
+    check_weights(state_dict, where=os.fspath(path), allow_nonfinite=allow_nonfinite)
     accepted = inspect.signature(cls.from_state_dict).parameters
     kwargs = {name: value for name, value in (("device", device), ("attn_implementation", attn_implementation))
               if name in accepted}

@@ -50,7 +50,7 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
     if result.nll != result.nll:  # NaN: the weights or the computation broke, not a property of the text
         raise NonFiniteError(f"the mean negative log-likelihood over {path} is NaN: the model's logits are not "
-                             f"finite; check the checkpoint (minivl.checkpoint.check_finite) or use --dtype float64")
+                             f"finite; check the checkpoint (minivl.checkpoint.check_weights) or use --dtype float64")
     print(f"perplexity {result.perplexity:.3f}  (mean NLL {result.nll:.4f} nats over {result.n_tokens} tokens, "
           f"{result.n_windows} window(s) of {context} tokens, stride {min(stride, context)}; "
           f"backend {args.backend} {args.dtype}; {seconds:.1f} s)")
