@@ -18,7 +18,11 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU; CI has none")
+CUDA_SKIP_REASON = "needs a CUDA GPU; CI has none"
+requires_cuda = pytest.mark.skipif(not cuda_available(), reason=CUDA_SKIP_REASON)
+
+# no silent skips in CI: with CI=true every skip but "needs a CUDA GPU" fails (tests/ci_policy.py)
+from ci_policy import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402,F401  (hooks)
 
 
 @pytest.fixture

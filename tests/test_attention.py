@@ -13,7 +13,6 @@ import math
 import sys
 import tracemalloc
 import types
-import warnings
 
 import numpy as np
 import pytest
@@ -331,28 +330,34 @@ def test_padding_and_build_mask_values():
         np.testing.assert_array_equal(ours, theirs.numpy())
 
 
-@pytest.mark.parametrize("window", [None, 2, 4])  # transformers refuses its window 0 (our w = 1)
+@pytest.mark.parametrize("window", [None, 1, 2, 4])
 @pytest.mark.parametrize("q_len,past", [(5, 0), (3, 4), (1, 6)])
-def test_build_mask_vs_transformers_prepare_4d_causal_attention_mask(q_len, past, window):
-    """Same visible set as transformers' _prepare_4d_causal_attention_mask; where a key is hidden twice
-    they masked_fill (finfo.min) and InternLM2 adds (−inf). One drift: transformers 5.23's window of w
-    shows w + 1 keys (flash_attn's window_size=(w, w)); transformers 4.37 (InternVL's pin) and our
-    API show w. So ours with w equals theirs with w − 1."""
-    from transformers.modeling_attn_mask_utils import _prepare_4d_causal_attention_mask
+def test_build_mask_vs_transformers_eager_mask(q_len, past, window):
+    """Same visible set as transformers' public mask API (`transformers.masking_utils.eager_mask` with
+    `causal_mask_function` / `sliding_window_causal_mask_function` and a padding mask: what
+    `create_causal_mask` / `create_sliding_window_causal_mask` build for an eager model). Where a key is
+    hidden twice transformers writes finfo.min once and InternLM2 adds (−inf).
+
+    Encodes transformers >= 4.53 (masking_utils; pinned 5.24.0 in constraints.txt): a window of w shows
+    w keys, itself included, as our API and InternVL's pin (transformers 4.37) do. The private
+    `modeling_attn_mask_utils._prepare_4d_causal_attention_mask` this test used before (removed in 5.24)
+    showed w + 1 keys for sliding_window=w (flash_attn's window_size=(w, w)), so there ours(w) matched
+    theirs(w − 1)."""
+    from transformers.masking_utils import causal_mask_function, eager_mask, sliding_window_causal_mask_function
 
     kv_len = past + q_len
     attention_mask = torch.ones(2, kv_len, dtype=torch.long)
     attention_mask[0, :2] = 0
-    embeds = torch.zeros(2, q_len, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        theirs = _prepare_4d_causal_attention_mask(attention_mask, (2, q_len), embeds, past,
-                                                   sliding_window=None if window is None else window - 1)
+    mask_function = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
+    theirs = eager_mask(2, q_len, kv_len, q_offset=past, mask_function=mask_function,
+                        attention_mask=attention_mask.bool(), dtype=torch.float32)
     ours = T.build_attention_mask(attention_mask, q_len, past, torch.float32, sliding_window=window)
     ours = ours.expand_as(theirs) if ours.shape != theirs.shape else ours
     assert torch.equal(ours == 0, theirs == 0)
+    assert bool((theirs[theirs != 0] == torch.finfo(torch.float32).min).all())
     hidden = theirs != 0
-    assert bool(((ours[hidden] == torch.finfo(torch.float32).min) | (ours[hidden] == -torch.inf)).all())
+    assert bool(hidden.any()) and bool(((ours[hidden] == torch.finfo(torch.float32).min)
+                                        | (ours[hidden] == -torch.inf)).all())
 
 
 # ----------------------------------------------------------------------------- KV cache and decode

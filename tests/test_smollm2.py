@@ -120,8 +120,9 @@ def test_qk_rows_are_unpermuted_like_transformers_gguf_loader(smollm2_dir, gguf_
         for gguf_name, hf, n_kv in [("attn_q", "q_proj", 9), ("attn_k", "k_proj", 3), ("attn_v", "v_proj", None),
                                     ("attn_output", "o_proj", None)]:
             rows = smollm2.dequantize_tensor(raw[f"blk.{layer}.{gguf_name}.weight"])
-            if n_kv is not None:
-                rows = processor(config={})._reverse_permute_weights(rows, 9, n_kv)
+            if n_kv is not None:  # the loader's public per-tensor hook (its permute helper is private)
+                config = {"num_attention_heads": 9, "num_key_value_heads": 3}
+                rows = processor(config=config).process(rows, f"blk.{layer}.{gguf_name}.weight").weights
             # exact: dequantization and a row permutation do no arithmetic twice
             np.testing.assert_array_equal(tensors[f"model.layers.{layer}.self_attn.{hf}.weight"], rows)
 

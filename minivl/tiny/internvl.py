@@ -30,14 +30,16 @@ import tempfile
 
 import numpy as np
 
+from minivl.conversation import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from minivl.errors import ConfigError
+from minivl.tiny.vision import DTYPES
 
 # ids 0..9: the base tokenizer's control tokens (a union of the InternLM2 / Qwen2 / Phi-3 ones)
 BASE_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>",
                        "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # added by InternVL's fine-tuning script, in this order, after the base vocabulary (spec 6.6)
-INTERNVL_SPECIAL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>",
-                           "<box>", "</box>"]
+INTERNVL_SPECIAL_TOKENS = [IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, "<quad>", "</quad>",
+                           "<ref>", "</ref>", "<box>", "</box>"]
 
 LLM_SETTINGS = {
     # template, tokenizer roles (bos / eos / pad), whether the tokenizer prepends <s>
@@ -46,7 +48,6 @@ LLM_SETTINGS = {
     "phi3": dict(template="phi3-chat", bos="<s>", eos="<|endoftext|>", pad="<|endoftext|>", add_bos=True),
 }
 VISION_FLAVOURS = ("300m", "6b")
-DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 def tiny_internvl_vocab() -> list[str]:
