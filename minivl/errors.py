@@ -39,3 +39,7 @@ class DeviceError(MinivlError, RuntimeError):
 
 class FileSystemError(MinivlError, OSError):
     """A path minivl must read or write is unusable: the message names the path, why, and what to do."""
+
+
+class TraceError(MinivlError, ValueError):
+    """A per-stage trace file (minivl.trace) that is missing, not a trace, or inconsistent."""

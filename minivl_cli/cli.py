@@ -13,7 +13,7 @@ import sys
 
 from minivl.errors import DeviceError, FileSystemError, MinivlError, NonFiniteError
 
-COMMANDS = ["chat", "perplexity", "parity", "describe_image", "viz", "convert"]
+COMMANDS = ["chat", "perplexity", "parity", "describe_image", "viz", "convert", "trace"]  # trace also registers diff
 
 # exit code -> what it means; printed by `minivl --help` and listed in the README
 EXIT_CODES = {

@@ -125,6 +125,13 @@ def check_position_ids(position_ids, batch: int, seq_len: int) -> None:
                          f"(got shape {tuple(np.shape(position_ids))})")
 
 
+def check_logits_to_keep(logits_to_keep) -> None:
+    """logits_to_keep must be an int >= 0 (0: every position)."""
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+        raise ShapeError(f"forward: logits_to_keep must be an int >= 0 (0 = every position, 1 = the last one, as "
+                         f"generation needs), got {logits_to_keep!r}")
+
+
 class Linear(nn.Module):
     """weight [out, in] (+ bias [out]) under the checkpoint's names; y = x·Wᵀ + b via minivl.linear."""
 
@@ -137,6 +144,56 @@ class Linear(nn.Module):
         from minivl.linear import linear
 
         return linear(x, self.weight, self.bias)
+
+
+class FusedProjection:
+    """Several Linear modules that read the same input, their weights (and biases) views of ONE matrix.
+
+    A speed device, not semantics: `project` then computes them with one GEMM instead of one per
+    module (Llama's q/k/v, gate/up; fewer, larger GEMMs run nearer the machine's rate, and a decode
+    step makes fewer calls). The modules keep their names, shapes and values, so state_dict() is
+    unchanged. tests/test_fused_projections.py holds the fused and separate paths equal.
+    """
+
+    def __init__(self, linears):
+        self.weight = np.concatenate([linear.weight for linear in linears])
+        self.bias = np.concatenate([linear.bias for linear in linears]) if linears[0].bias is not None else None
+        ends = np.cumsum([linear.weight.shape[0] for linear in linears])
+        self.bounds = list(zip([0, *ends[:-1]], ends))
+        for linear, (start, stop) in zip(linears, self.bounds):
+            linear.weight = self.weight[start:stop]
+            if self.bias is not None:
+                linear.bias = self.bias[start:stop]
+            linear.fused = self
+        self.views = [linear.weight for linear in linears]
+
+    def serves(self, linears) -> bool:
+        """True while these are still the fused modules, in order, holding the views (no reload since)."""
+        return len(linears) == len(self.views) and all(linear.weight is view for linear, view in zip(linears, self.views))
+
+
+def fuse_linears(*linears) -> None:
+    """Make these Linear modules (same input width, all biased or none) one FusedProjection."""
+    if len({linear.weight.shape[1] for linear in linears}) == 1 and len({linear.bias is None for linear in linears}) == 1:
+        FusedProjection(linears)
+
+
+def project(x, *linears) -> list:
+    """[linear(x) for linear in linears], as one GEMM split by columns when they are one FusedProjection."""
+    from minivl.linear import linear as affine
+
+    fused = getattr(linears[0], "fused", None)
+    if fused is None or not fused.serves(linears):
+        return [linear(x) for linear in linears]
+    y = affine(x, fused.weight, fused.bias)
+    return [y[..., start:stop] for start, stop in fused.bounds]
+
+
+def fuse_projections(model) -> None:
+    """Call `fuse_projections()` of every module that defines it (after loading: the weights are real)."""
+    for _, module in model.named_modules():
+        if hasattr(type(module), "fuse_projections"):
+            module.fuse_projections()
 
 
 class Norm(nn.Module):
@@ -192,7 +249,7 @@ def rope_attention(q, k, v, rope, attn: dict, cache, layer_idx: int):
     Order as the reference: rotate q and k, append k/v to the cache (post-RoPE, pre-GQA),
     scores = (q·kᵀ)/sqrt(d) + mask, softmax in float32 cast back, times v.
     """
-    from minivl.attention import scaled_dot_product_attention
+    from minivl.attention import causal_attention_blocks, scaled_dot_product_attention
     from minivl.rope import apply_rope
 
     # cos/sin are computed in float32 and cast to the activation dtype before use, as the reference
@@ -201,10 +258,13 @@ def rope_attention(q, k, v, rope, attn: dict, cache, layer_idx: int):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)
-    out = scaled_dot_product_attention(q, k, v, mask=attn["mask"], scale_mode="divide", softmax_dtype="float32",
-                                       return_probs=attn["output_attentions"])
-    out, probs = out if attn["output_attentions"] else (out, None)
-    return merge_heads(out), probs
+    if attn["output_attentions"]:
+        out, probs = scaled_dot_product_attention(q, k, v, mask=attn["mask"], scale_mode="divide",
+                                                  softmax_dtype="float32", return_probs=True)
+        return merge_heads(out), probs
+    # the same attention over blocks of queries that skip the keys the causal mask hides
+    out = causal_attention_blocks(q, k, v, mask=attn["mask"], scale_mode="divide", softmax_dtype="float32")
+    return merge_heads(out), None
 
 
 class RotaryEmbedding:
@@ -295,6 +355,7 @@ def build_model(cls, config, state_dict: dict, dtype, tied: dict | None = None, 
     model = cls(config, **kwargs)
     tensors = {key: cast_tensor(value, dtype) for key, value in state_dict.items()}
     model.load_state_dict(tie_weights(tensors, tied or {}), strict=True)
+    fuse_projections(model)
     return model
 
 
@@ -403,11 +464,13 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None,
                 past_key_values=None, use_cache=False, output_hidden_states=False,
-                output_attentions=False) -> CausalLMOutput:
+                output_attentions=False, logits_to_keep: int = 0) -> CausalLMOutput:
         """input_ids [b, s] or inputs_embeds [b, s, hidden] -> CausalLMOutput (logits [b, s, vocab])
 
         position_ids [b, s] default past..past+s-1; attention_mask [b, past+s] 0/1 (left padding);
-        past_key_values: a KVCache to extend (one is created when use_cache and none is given).
+        past_key_values: a KVCache to extend (one is created when use_cache and none is given);
+        logits_to_keep: 0 = logits of every position, n = of the last n only (generation needs 1;
+        transformers' name and meaning), so the head's GEMM runs over those rows alone.
         """
         from minivl.attention import KVCache
 
@@ -434,7 +497,8 @@ class DecoderLM(nn.Module):
         hidden = self.final_norm(hidden)
         if output_hidden_states:
             all_hidden.append(hidden)
-        return CausalLMOutput(logits=self.unembed(hidden),
+        check_logits_to_keep(logits_to_keep)
+        return CausalLMOutput(logits=self.unembed(hidden[:, -logits_to_keep:] if logits_to_keep else hidden),
                               past_key_values=cache if (use_cache or past_key_values is not None) else None,
                               hidden_states=tuple(all_hidden) if output_hidden_states else None,
                               attentions=tuple(all_probs) if output_attentions else None)

@@ -12,7 +12,7 @@ Qwen2 (qwen2.py) is this model with biases on q/k/v and an optional sliding wind
 from __future__ import annotations
 
 from minivl import nn
-from minivl.models.common import DecoderLM, Embedding, Linear, Norm, rope_attention, split_heads
+from minivl.models.common import DecoderLM, Embedding, Linear, Norm, fuse_linears, project, rope_attention, split_heads
 
 
 class LlamaAttention(nn.Module):
@@ -28,11 +28,14 @@ class LlamaAttention(nn.Module):
         self.v_proj = Linear(hidden, self.n_kv_heads * d, biases["v_proj"])
         self.o_proj = Linear(self.n_heads * d, hidden, biases["o_proj"])
 
+    def fuse_projections(self):
+        """q/k/v weights as views of one matrix: one GEMM for the three (see FusedProjection)."""
+        fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+
     def forward(self, x, rope, attn: dict, cache):
         # q = x·Wqᵀ + bq -> [b, H, s, d];  k, v -> [b, K, s, d]
-        q = split_heads(self.q_proj(x), self.n_heads)
-        k = split_heads(self.k_proj(x), self.n_kv_heads)
-        v = split_heads(self.v_proj(x), self.n_kv_heads)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
         out, probs = rope_attention(q, k, v, rope, attn, cache, self.layer_idx)
         return self.o_proj(out), probs
 
@@ -46,10 +49,16 @@ class LlamaMLP(nn.Module):
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, False)
 
-    def forward(self, x):
-        from minivl.mlp import swiglu_mlp
+    def fuse_projections(self):
+        """gate/up weights as views of one matrix: one GEMM for the two (see FusedProjection)."""
+        fuse_linears(self.gate_proj, self.up_proj)
 
-        return swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+    def forward(self, x):
+        from minivl.activations import silu_mul
+
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        # down(silu(gate) · up)
+        return self.down_proj(silu_mul(gate, up))
 
 
 class LlamaDecoderLayer(nn.Module):

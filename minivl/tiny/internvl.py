@@ -136,6 +136,7 @@ def write_tiny_internvl(directory, llm: str = "qwen2", vision: str = "300m", dty
     dtype: float32 | float64 | bfloat16 | float16 (the stored tensors, also torch_dtype).
     overrides: top-level config.json keys (e.g. select_layer=-2, ps_version='v1', system_message='...').
     """
+    from minivl.auto_map import write_auto_map_modules
     from minivl.checkpoint import load_state_dict, save_checkpoint
     from minivl.config import InternVLChatConfig
     from minivl.projector import mlp1_expected_shapes
@@ -168,6 +169,7 @@ def write_tiny_internvl(directory, llm: str = "qwen2", vision: str = "300m", dty
     os.makedirs(directory, exist_ok=True)
     save_checkpoint(directory, config, tensors)
     write_tiny_tokenizer(directory, llm)
+    write_auto_map_modules(directory)  # the .py files the auto_map names (minivl/auto_map.py)
     return os.fspath(directory)
 
 

@@ -112,6 +112,7 @@ def write_tiny_llm(directory, family: str, dtype: str = "float32", seed: int = 0
 
     dtype: float32 | float64 | bfloat16 | float16 (the stored tensors' dtype, also torch_dtype).
     """
+    from minivl.auto_map import write_auto_map_modules
     from minivl.checkpoint import save_checkpoint
     from minivl.config import load_config
 
@@ -124,6 +125,7 @@ def write_tiny_llm(directory, family: str, dtype: str = "float32", seed: int = 0
     tensors = {name: _cast(t, dtype) for name, t in tensors.items()}
     os.makedirs(directory, exist_ok=True)
     save_checkpoint(directory, config, tensors, max_shard_bytes=max_shard_bytes)
+    write_auto_map_modules(directory)  # the .py files InternLM2's auto_map names (minivl/auto_map.py)
     return os.fspath(directory)
 
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from minivl.errors import ConfigError, ShapeError
-from minivl.models.common import (check_attention_mask, check_inputs, check_position_ids,  # noqa: F401  (shared)
-                                  tie_weights, tied_head)
+from minivl.models.common import (check_attention_mask, check_inputs, check_logits_to_keep,  # noqa: F401  (shared)
+                                  check_position_ids, tie_weights, tied_head)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash", "triton")
@@ -85,6 +85,54 @@ class Linear(nn.Module):
         return linear(x, self.weight, self.bias)
 
 
+class FusedProjection:
+    """Several Linear modules that read the same input, their weights (and biases) views of ONE matrix.
+
+    The mirror of minivl.models.common.FusedProjection: `project` computes them with one GEMM; the
+    modules keep their names, shapes and values (each Parameter a view into the fused storage).
+    """
+
+    def __init__(self, linears):
+        self.weight = torch.cat([linear.weight for linear in linears])
+        self.bias = torch.cat([linear.bias for linear in linears]) if linears[0].bias is not None else None
+        ends = torch.tensor([linear.weight.shape[0] for linear in linears]).cumsum(0).tolist()
+        self.bounds = list(zip([0, *ends[:-1]], ends))
+        for linear, (start, stop) in zip(linears, self.bounds):
+            linear.weight = nn.Parameter(self.weight[start:stop], requires_grad=False)
+            if self.bias is not None:
+                linear.bias = nn.Parameter(self.bias[start:stop], requires_grad=False)
+            linear.fused = self
+        self.views = [linear.weight for linear in linears]
+
+    def serves(self, linears) -> bool:
+        """True while these are still the fused modules, in order, holding the views (no reload since)."""
+        return len(linears) == len(self.views) and all(linear.weight is view for linear, view in zip(linears, self.views))
+
+
+def fuse_linears(*linears) -> None:
+    """Make these Linear modules (same input width, all biased or none) one FusedProjection."""
+    if len({linear.weight.shape[1] for linear in linears}) == 1 and len({linear.bias is None for linear in linears}) == 1:
+        FusedProjection(linears)
+
+
+def project(x, *linears) -> list:
+    """[linear(x) for linear in linears], as one GEMM split by columns when they are one FusedProjection."""
+    from torch_impl.linear import linear as affine
+
+    fused = getattr(linears[0], "fused", None)
+    if fused is None or not fused.serves(linears):
+        return [linear(x) for linear in linears]
+    y = affine(x, fused.weight, fused.bias)
+    return [y[..., start:stop] for start, stop in fused.bounds]
+
+
+def fuse_projections(model) -> None:
+    """Call `fuse_projections()` of every module that defines it (after loading: the weights are real)."""
+    for _, module in model.named_modules():
+        if hasattr(type(module), "fuse_projections"):
+            module.fuse_projections()
+
+
 class Norm(nn.Module):
     """A norm's parameters (weight, optional bias) under the checkpoint's names; `kind` picks the formula.
 
@@ -137,7 +185,7 @@ def rope_attention(q, k, v, rope, attn: dict, cache, layer_idx: int):
     attn: {mask: [b|1, 1, s, t] or None, is_causal, backend, output_attentions}, from
     `DecoderLM.attention_args`.
     """
-    from torch_impl.attention import scaled_dot_product_attention
+    from torch_impl.attention import causal_attention_blocks, scaled_dot_product_attention
     from torch_impl.rope import apply_rope
 
     cos, sin = rope
@@ -145,11 +193,17 @@ def rope_attention(q, k, v, rope, attn: dict, cache, layer_idx: int):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)
-    out = scaled_dot_product_attention(q, k, v, mask=attn["mask"], is_causal=attn["is_causal"], scale_mode="divide",
-                                       softmax_dtype="float32", backend=attn["backend"],
-                                       return_probs=attn["output_attentions"])
-    out, probs = out if attn["output_attentions"] else (out, None)
-    return merge_heads(out), probs
+    if attn["output_attentions"]:
+        out, probs = scaled_dot_product_attention(q, k, v, mask=attn["mask"], scale_mode="divide",
+                                                  softmax_dtype="float32", return_probs=True)
+        return merge_heads(out), probs
+    if attn["backend"] == "eager":
+        # the same attention over blocks of queries that skip the keys the causal mask hides
+        out = causal_attention_blocks(q, k, v, mask=attn["mask"], scale_mode="divide", softmax_dtype="float32")
+    else:
+        out = scaled_dot_product_attention(q, k, v, mask=attn["mask"], is_causal=attn["is_causal"],
+                                           scale_mode="divide", softmax_dtype="float32", backend=attn["backend"])
+    return merge_heads(out), None
 
 
 class RotaryEmbedding:
@@ -225,6 +279,7 @@ def build_model(cls, config, state_dict: dict, dtype, device, tied: dict | None 
             setattr(model.get_submodule(owner), name, model.get_parameter(source))
     for p in model.parameters():
         p.requires_grad_(False)
+    fuse_projections(model)
     return model.eval()
 
 
@@ -354,8 +409,11 @@ class DecoderLM(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None,
                 past_key_values=None, use_cache=False, output_hidden_states=False,
-                output_attentions=False) -> CausalLMOutput:
-        """input_ids [b, s] or inputs_embeds [b, s, hidden] -> CausalLMOutput (logits [b, s, vocab])"""
+                output_attentions=False, logits_to_keep: int = 0) -> CausalLMOutput:
+        """input_ids [b, s] or inputs_embeds [b, s, hidden] -> CausalLMOutput (logits [b, s, vocab])
+
+        logits_to_keep: 0 = every position, n = the last n only (see minivl's DecoderLM.forward).
+        """
         from torch_impl.attention import KVCache
 
         check_inputs(input_ids, inputs_embeds, self.get_submodule(self.embed_path).weight.shape[1])
@@ -383,7 +441,8 @@ class DecoderLM(nn.Module):
         hidden = self.final_norm(hidden)
         if output_hidden_states:
             all_hidden.append(hidden)
-        return CausalLMOutput(logits=self.unembed(hidden),
+        check_logits_to_keep(logits_to_keep)
+        return CausalLMOutput(logits=self.unembed(hidden[:, -logits_to_keep:] if logits_to_keep else hidden),
                               past_key_values=cache if (use_cache or past_key_values is not None) else None,
                               hidden_states=tuple(all_hidden) if output_hidden_states else None,
                               attentions=tuple(all_probs) if output_attentions else None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from torch_impl.models.common import DecoderLM, Embedding, Linear, Norm, rope_attention, split_heads
+from torch_impl.models.common import DecoderLM, Embedding, Linear, Norm, fuse_linears, project, rope_attention, split_heads
 
 
 class LlamaAttention(nn.Module):
@@ -24,10 +24,13 @@ class LlamaAttention(nn.Module):
         self.v_proj = Linear(hidden, self.n_kv_heads * d, biases["v_proj"])
         self.o_proj = Linear(self.n_heads * d, hidden, biases["o_proj"])
 
+    def fuse_projections(self):
+        """q/k/v weights as views of one matrix: one GEMM for the three (see FusedProjection)."""
+        fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+
     def forward(self, x, rope, attn: dict, cache):
-        q = split_heads(self.q_proj(x), self.n_heads)
-        k = split_heads(self.k_proj(x), self.n_kv_heads)
-        v = split_heads(self.v_proj(x), self.n_kv_heads)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
         out, probs = rope_attention(q, k, v, rope, attn, cache, self.layer_idx)
         return self.o_proj(out), probs
 
@@ -41,10 +44,16 @@ class LlamaMLP(nn.Module):
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, False)
 
-    def forward(self, x):
-        from torch_impl.mlp import swiglu_mlp
+    def fuse_projections(self):
+        """gate/up weights as views of one matrix: one GEMM for the two (see FusedProjection)."""
+        fuse_linears(self.gate_proj, self.up_proj)
 
-        return swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+    def forward(self, x):
+        from torch_impl.activations import silu_mul
+
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        # down(silu(gate) · up)
+        return self.down_proj(silu_mul(gate, up))
 
 
 class LlamaDecoderLayer(nn.Module):
