@@ -313,3 +313,26 @@ def test_nan_perplexity_is_exit_5(capsys, monkeypatch, tmp_path):
     assert code == 5
     assert "NonFiniteError: the mean negative log-likelihood over" in one_line(err)
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("argv, code, fragment", [
+    (["--text", "hi", "--size", "0"], 1, "--size must be an integer in [14, 1022] (got 0)"),
+    (["--text", "hi", "--max-tiles", "100000"], 1, "--max-tiles must be an integer in [1, 128] (got 100000)"),
+    (["--text", "hi", "--max-tokens", "0"], 1, "--max-tokens must be an integer in [1, 4096] (got 0)"),
+])
+def test_bad_explore_sizes(capsys, tmp_path, argv, code, fragment):
+    got, err = run_cli(capsys, "viz", "explore", *argv, "--out", str(tmp_path / "page.html"))
+    assert got == code and fragment in one_line(err)
+
+
+def test_explore_out_under_proc(capsys):
+    got, err = run_cli(capsys, "viz", "explore", "--text", "hi", "--out", "/proc/x/page.html")
+    assert got == 3 and "--out /proc/x: the directory cannot be created" in one_line(err)
+
+
+def test_trace_checks_its_sizes_and_output(capsys, tmp_path, internvl_dir, picture):
+    got, err = run_cli(capsys, "trace", internvl_dir, "--image", picture, "--max-num", "0",
+                       "--out", str(tmp_path / "t.safetensors"))
+    assert got == 1 and "--max-num must be an integer in [1, 128] (got 0)" in one_line(err)
+    got, err = run_cli(capsys, "trace", internvl_dir, "--image", picture, "--out", "/proc/x/t.safetensors")
+    assert got == 3 and "--out /proc/x: the directory cannot be created" in one_line(err)

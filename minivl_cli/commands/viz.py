@@ -200,6 +200,12 @@ def _explore(args) -> int:
     from minivl import explore
     from minivl.config import load_config
 
+    from minivl.preprocess import MAX_TILES
+
+    check_int("--size", args.size, 14, 1022, "a multiple of 14, e.g. 224")
+    check_int("--max-tiles", args.max_tiles, 1, MAX_TILES, "e.g. 6")
+    check_int("--max-tokens", args.max_tokens, 1, 4096, "the page holds every layer's token × token attention")
+    output_file("--out", args.out)
     layers = _parse_layers(args.layers)
     kind, config = None, None
     if args.model_dir:
