@@ -210,6 +210,13 @@ def _checked_arrays(tensors: Mapping, where: str) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _new_file_mode() -> int:
+    """The mode `open()` gives a new file: 0o666 without the process's umask bits."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_safetensors(path: str | os.PathLike, tensors: Mapping, metadata: dict | None = None) -> str:
     """Write `{name: np.ndarray}` as a .safetensors file (the `safetensors` package lays it out).
 
@@ -227,6 +234,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping, metadata: dict 
     staging = os.path.join(parent, f".{name}.staging.{os.getpid()}.{secrets.token_hex(4)}")
     try:
         save_file(arrays, staging, metadata=metadata)
+        os.chmod(staging, _new_file_mode())  # the package writes mode 0600; a checkpoint is an ordinary file
         fsync_file(staging)
         os.replace(staging, path)
     except BaseException:

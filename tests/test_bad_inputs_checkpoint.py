@@ -313,3 +313,13 @@ def test_load_model_of_a_non_path(loader, path):
     with pytest.raises(CheckpointError, match=r"the checkpoint path must be a directory path .*got "
                                               r".* of type .*pass the directory holding config.json"):
         loader(path)
+
+
+def test_written_files_get_the_usual_mode_not_0600(tmp_path):
+    # the safetensors package creates its files with mode 0600, which would lock other users out of a shared cache
+    (tmp_path / "probe").write_text("x")
+    usual = os.stat(tmp_path / "probe").st_mode & 0o777
+    write_safetensors(tmp_path / "x.safetensors", {"a": np.ones(2, np.float32)})
+    save_checkpoint(tmp_path / "ckpt", {"model_type": "llama"}, {"a": np.ones(2, np.float32)})
+    assert os.stat(tmp_path / "x.safetensors").st_mode & 0o777 == usual
+    assert os.stat(tmp_path / "ckpt" / SINGLE_FILE).st_mode & 0o777 == usual
