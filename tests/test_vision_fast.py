@@ -134,6 +134,7 @@ def test_position_table_cache_is_bit_equal_and_follows_its_inputs(tmp_path, dtyp
     first = embeddings.position_table(6, 3, dtype)
     np.testing.assert_array_equal(first, fresh(6, 3, embeddings.position_embedding))
     assert embeddings.position_table(6, 3, dtype) is first  # reused, not recomputed
+    assert not first.flags.writeable  # shared by later forwards: read-only
     other = embeddings.position_table(3, 6, dtype)
     np.testing.assert_array_equal(other, fresh(3, 6, embeddings.position_embedding))
     assert embeddings.position_table(6, 3, np.float16).dtype == np.float16

@@ -19,6 +19,10 @@ to the residual dtype; the position table is resized with torch's bicubic keyed 
 `config.image_size` (minivl/interpolate.py, pitfalls 19-20) and the cls position is never resized.
 `hidden_states[0]` is the embedding output, so `hidden_states[i]` is the output of layer i (pitfall 6).
 
+Speed without new math (tests/test_vision_fast.py): the resized position table is cached per grid,
+the residual adds reuse the branch's buffer, and InternMLP's erf GELU is `gelu_fast` (torch CPU's
+own float32 erf, vectorised; scipy's scalar erf was the largest non-GEMM cost of a layer).
+
 DINOv2 checkpoints converted by minivl/weights/dinov2.py carry one labelled extra, a final
 LayerNorm (`final_norm.weight/bias`, config key `final_norm`); it is applied only when
 `forward(..., apply_final_norm=True)` asks for it, because InternViT itself has none.
@@ -155,6 +159,7 @@ class InternVisionEmbeddings(nn.Module):
         # the cls position (row 0) is never interpolated; rows 1… are resized to the input grid
         table = np.concatenate([position[:, :1], resize_position_table(position[:, 1:], grid, h, w)], axis=1)
         table = table.astype(dtype, copy=False)
+        table.flags.writeable = False  # shared by every later forward: nobody may write into it
         self._table_cache = (position, h, w, np.dtype(dtype), table)
         return table
 
