@@ -130,7 +130,7 @@ class FusedProjection:
     A speed device, not semantics: `project` then computes them with one GEMM instead of one per
     module (Llama's q/k/v, gate/up; fewer, larger GEMMs run nearer the machine's rate, and a decode
     step makes fewer calls). The modules keep their names, shapes and values, so state_dict() is
-    unchanged. tests/test_fused_projections.py holds the fused and separate paths equal.
+    unchanged. tests/test_fast_decoder.py holds the fused and separate paths equal.
     """
 
     def __init__(self, linears):
