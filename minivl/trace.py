@@ -72,11 +72,12 @@ def as_array(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def vision_stages(vision_model, pixel_values, as_input=np.asarray, prefix: str = "") -> dict:
-    """{prefix+'embeddings', prefix+'encoder.layers.{i}'} from the ViT's output_hidden_states.
+def vision_stages(vision_model, pixel_values, as_input=np.asarray, prefix: str = "") -> tuple[dict, tuple]:
+    """({prefix+'embeddings', prefix+'encoder.layers.{i}'}, the ViT's hidden_states) from output_hidden_states.
 
-    pixel_values [n, 3, s, s] -> dict of [n, 1+P, C] arrays; `as_input` turns a NumPy array into
-    what the model takes (torch.from_numpy for torch_impl).
+    pixel_values [n, 3, s, s] -> (dict of [n, 1+P, C] NumPy arrays, the model's own hidden_states,
+    which internvl_stages continues from); `as_input` turns a NumPy array into what the model takes
+    (torch.from_numpy for torch_impl).
     """
     hidden_states = vision_model(as_input(pixel_values), output_hidden_states=True).hidden_states
     stages = {prefix + "embeddings": as_array(hidden_states[0])}
