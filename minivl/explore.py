@@ -41,6 +41,7 @@ from importlib import resources
 import numpy as np
 
 from minivl.errors import ConfigError, ShapeError
+from minivl.files import write_text_atomic
 
 PAGE_FORMAT = 1
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "su", "phi3_yarn")
@@ -344,10 +345,4 @@ def write_page(page: str, path) -> str:
     path = os.fspath(path)
     if not path.endswith((".html", ".htm")):
         raise ConfigError(f"the explorer writes an HTML page: give --out a name ending in .html (got {path!r})")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    with open(tmp_path, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp_path, path)
-    return path
+    return write_text_atomic(path, page)

@@ -35,7 +35,7 @@ for path in (ROOT, os.path.join(ROOT, "tests")):
         sys.path.insert(0, path)
 
 from minivl.testing import compare, eps, to_numpy, tolerance  # noqa: E402
-from tools._common import write_atomic  # noqa: E402
+from minivl.files import write_text_atomic  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs")
 TWIN, TORCH_F, TRANSFORMERS, ORT, INTERNVL = ("torch_impl", "torch.nn.functional", "transformers",
@@ -557,8 +557,8 @@ def main(argv=None) -> int:
         print("\n".join(problems) or f"all {len(rows)} rows within tolerance and in the committed ledger")
         return 1 if problems else 0
     bad = [r for r in rows if not r.ok]
-    write_atomic(os.path.join(DOCS, "parity.json"), render_json(rows))
-    write_atomic(os.path.join(DOCS, "parity.md"), render_md(rows))
+    write_text_atomic(os.path.join(DOCS, "parity.json"), render_json(rows))
+    write_text_atomic(os.path.join(DOCS, "parity.md"), render_md(rows))
     print(f"wrote docs/parity.md and docs/parity.json: {len(rows)} rows, {len(bad)} outside tolerance")
     for r in bad:
         print(f"DIFF {r.key}: {r.ulps:.1f} ulps")
