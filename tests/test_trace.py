@@ -190,7 +190,8 @@ def to_hf_internvl(minivl_dir, out_dir) -> str:
     Keys: vision_model.* -> model.vision_tower.* (qkv split into q/k/v_proj, norm1/2 ->
     layernorm_before/after, ls1/2 -> lambda_1/2), mlp1.{0,1,3} -> model.multi_modal_projector.
     {layer_norm, linear_1, linear_2}, language_model.model.* -> model.language_model.*,
-    language_model.lm_head -> lm_head. Written here from transformers' module tree, not from minivl.
+    language_model.lm_head -> lm_head (test_internvl_chat._to_transformers, written from transformers'
+    module tree, not from minivl).
     """
     import transformers
 
@@ -198,19 +199,10 @@ def to_hf_internvl(minivl_dir, out_dir) -> str:
     from minivl.config import load_config
     from minivl.conversation import IMG_CONTEXT_TOKEN
     from minivl.tokenizer import Tokenizer
-    from test_intern_vit import _to_hf
+    from test_internvl_chat import _to_transformers
 
     config = load_config(minivl_dir)
-    state = load_state_dict(minivl_dir)
-    vit = {k[len("vision_model."):]: v for k, v in state.items() if k.startswith("vision_model.")}
-    hf = {"model.vision_tower." + k: v for k, v in _to_hf(config.vision_config, vit).items()}
-    for ours, theirs in (("mlp1.0", "layer_norm"), ("mlp1.1", "linear_1"), ("mlp1.3", "linear_2")):
-        for leaf in ("weight", "bias"):
-            hf[f"model.multi_modal_projector.{theirs}.{leaf}"] = torch.from_numpy(np.array(state[f"{ours}.{leaf}"]))
-    for key, value in state.items():
-        if key.startswith("language_model.model."):
-            hf["model.language_model." + key[len("language_model.model."):]] = torch.from_numpy(np.array(value))
-    hf["lm_head.weight"] = torch.from_numpy(np.array(state["language_model.lm_head.weight"]))
+    hf = _to_transformers(config, load_state_dict(minivl_dir))
     vc, llm = config.vision_config, config.llm_config
     text_config = {k: v for k, v in llm.to_dict().items() if k not in ("architectures", "transformers_version")}
     hf_config = transformers.InternVLConfig(
