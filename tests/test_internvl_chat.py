@@ -455,21 +455,17 @@ def test_matches_transformers_internvl_end_to_end(models, checkpoints, dtype):
 
     It shares no code with minivl: its own ViT, pixel_shuffle, projector, masked_scatter splice and Qwen2.
     """
-    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
+
+    from test_intern_vit import _to_hf_config
 
     combo = ("qwen2", "300m")
     model, _, tokenizer = models(combo, dtype)
     config, state = model.config, load_state_dict(checkpoints[combo])
-    vision = config.vision_config
     text = {k: v for k, v in config.llm_config.to_dict().items()
             if k not in ("architectures", "auto_map", "transformers_version", "model_type", "torch_dtype")}
     hf_config = InternVLConfig(
-        vision_config=InternVLVisionConfig(
-            hidden_size=vision.hidden_size, num_hidden_layers=vision.num_hidden_layers,
-            num_attention_heads=vision.num_attention_heads, intermediate_size=vision.intermediate_size,
-            attention_bias=vision.qkv_bias, use_qk_norm=vision.qk_normalization, norm_type=vision.norm_type,
-            layer_norm_eps=vision.layer_norm_eps, image_size=vision.image_size, patch_size=vision.patch_size,
-            use_mean_pooling=True),
+        vision_config=_to_hf_config(config.vision_config),
         text_config=Qwen2Config(**text), image_token_id=tokenizer.token_to_id("<IMG_CONTEXT>"),
         image_seq_length=model.num_image_token, downsample_ratio=config.downsample_ratio,
         tie_word_embeddings=False)

@@ -199,18 +199,15 @@ def to_hf_internvl(minivl_dir, out_dir) -> str:
     from minivl.config import load_config
     from minivl.conversation import IMG_CONTEXT_TOKEN
     from minivl.tokenizer import Tokenizer
+    from test_intern_vit import _to_hf_config
     from test_internvl_chat import _to_transformers
 
     config = load_config(minivl_dir)
     hf = _to_transformers(config, load_state_dict(minivl_dir))
-    vc, llm = config.vision_config, config.llm_config
-    text_config = {k: v for k, v in llm.to_dict().items() if k not in ("architectures", "transformers_version")}
+    text_config = {k: v for k, v in config.llm_config.to_dict().items()
+                   if k not in ("architectures", "transformers_version")}
     hf_config = transformers.InternVLConfig(
-        vision_config=dict(hidden_size=vc.hidden_size, num_hidden_layers=vc.num_hidden_layers,
-                           num_attention_heads=vc.num_attention_heads, intermediate_size=vc.intermediate_size,
-                           attention_bias=vc.qkv_bias, use_qk_norm=vc.qk_normalization, norm_type=vc.norm_type,
-                           layer_norm_eps=vc.layer_norm_eps, image_size=vc.image_size, patch_size=vc.patch_size,
-                           use_mean_pooling=True),
+        vision_config=_to_hf_config(config.vision_config),
         text_config=text_config, downsample_ratio=config.downsample_ratio, projector_hidden_act="gelu",
         vision_feature_layer=config.select_layer, vision_feature_select_strategy="default",
         image_token_id=Tokenizer.from_file(minivl_dir).token_to_id(IMG_CONTEXT_TOKEN),
