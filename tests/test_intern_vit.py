@@ -19,7 +19,7 @@ from minivl.config import InternVisionConfig
 from minivl.errors import CheckpointError, ConfigError, ShapeError
 from minivl.models.intern_vit import InternVisionModel, patch_embed
 from minivl.testing import assert_close, compare, tolerance
-from minivl.tiny.vision import tiny_vit_config, tiny_vit_tensors, write_tiny_vit
+from minivl.tiny.vision import tiny_vit_config, write_tiny_vit
 from torch_impl.models.intern_vit import InternVisionModel as TorchInternVisionModel
 from tests.conftest import requires_cuda
 
