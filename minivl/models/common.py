@@ -69,17 +69,39 @@ def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     return np.where(mask == 0, 1, position_ids)
 
 
+_INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
 def check_inputs(input_ids, inputs_embeds, hidden_size: int) -> None:
-    """Exactly one of input_ids [b, s] / inputs_embeds [b, s, hidden], with the right rank and width."""
+    """Exactly one of input_ids [b, s] (integer ids) / inputs_embeds [b, s, hidden], s >= 1.
+
+    Shared by torch_impl: NumPy arrays, torch tensors and nested lists are all checked here.
+    """
     if (input_ids is None) == (inputs_embeds is None):
         raise ShapeError("forward: pass exactly one of input_ids [batch, seq] or inputs_embeds "
                          f"[batch, seq, hidden] (got {'both' if input_ids is not None else 'neither'})")
+    if input_ids is not None and not hasattr(input_ids, "dtype"):  # a nested list
+        try:
+            ragged = np.asarray(input_ids).dtype == object
+        except ValueError:  # NumPy refuses rows of different lengths
+            ragged = True
+        if ragged:
+            raise ShapeError("forward: input_ids rows have different lengths (ragged); pad them to one length on "
+                             "the LEFT and pass attention_mask with 0 at the pads")
+        input_ids = np.asarray(input_ids)
     if input_ids is not None and np.ndim(input_ids) != 2:
-        raise ShapeError(f"forward: input_ids must be 2-D [batch, seq] (got shape {np.shape(input_ids)}); "
+        raise ShapeError(f"forward: input_ids must be 2-D [batch, seq] (got shape {tuple(np.shape(input_ids))}); "
                          f"add a batch axis with ids[None]")
+    if input_ids is not None and str(input_ids.dtype).removeprefix("torch.") not in _INTEGER_DTYPES:
+        raise ShapeError(f"forward: input_ids must be integer token ids (got dtype {input_ids.dtype}); they index "
+                         f"the embedding table: cast whole-number ids with .astype(np.int64) (torch: .long())")
     if inputs_embeds is not None and (np.ndim(inputs_embeds) != 3 or np.shape(inputs_embeds)[-1] != hidden_size):
         raise ShapeError(f"forward: inputs_embeds must be [batch, seq, {hidden_size}] "
                          f"(got shape {np.shape(inputs_embeds)})")
+    shape = tuple(np.shape(input_ids if input_ids is not None else inputs_embeds))
+    if 0 in shape[:2]:
+        raise ShapeError(f"forward: the input is empty (shape {shape}); pass at least one sequence of at least "
+                         f"one token")
 
 
 def check_token_ids(input_ids, vocab_size: int) -> None:
