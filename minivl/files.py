@@ -1,14 +1,15 @@
 """Atomic file writes: a reader, or a crash half-way, never sees half a file (the project's rule).
 
-`write_text_atomic` writes a temporary file in the target's own directory (so the rename never
-crosses a file system) and renames it over the target; on any failure the temporary is removed.
-minivl's text outputs go through it (the auto_map modules, the explorer page, the files tools/
-generates); safetensors are written the same way by `minivl.checkpoint.write_safetensors`.
+`write_text_atomic` writes a new temporary file beside the target (same file system, so the rename
+is atomic), flushes it to disk and renames it over the target; on any failure the temporary is
+removed. minivl's single text outputs go through it (the auto_map modules, the explorer page, the
+files tools/ generates); checkpoints and converted weights, several files at once, are built in a
+staging directory instead (minivl/staging.py).
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> str:
@@ -16,11 +17,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> str:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    tmp_path = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp_path, "x", encoding="utf-8") as f:  # a new file, with the mode open() gives (umask)
             f.write(text)
-        os.chmod(tmp_path, 0o644)  # mkstemp makes the file private; these are files to be read by others
+            f.flush()
+            os.fsync(f.fileno())  # the rename that publishes it must not outrun its data
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
