@@ -21,10 +21,10 @@ import minivl
 import minivl.attention
 import torch_impl
 import torch_impl.attention
-import torch_impl.models.common
+import torch_impl.models.fused
 from _decoder_util import DTYPES, MODEL_ULPS, assert_parity
 from minivl.errors import ShapeError
-from minivl.models.common import FusedProjection
+from minivl.models.fused import FusedProjection
 from minivl.tiny.llm import write_tiny_llm
 
 
@@ -54,7 +54,7 @@ def test_fused_projections_keep_the_checkpoint_and_equal_the_separate_path(check
     load = minivl.load_model if package == "numpy" else torch_impl.load_model
     model = load(checkpoints[family], dtype="float32")
     layer = model.model.layers[0]
-    assert isinstance(layer.self_attn.q_proj.fused, (FusedProjection, torch_impl.models.common.FusedProjection))
+    assert isinstance(layer.self_attn.q_proj.fused, (FusedProjection, torch_impl.models.fused.FusedProjection))
     assert layer.mlp.gate_proj.fused is layer.mlp.up_proj.fused
     # the state dict is the checkpoint's: same keys, same values (the views hold them)
     stored = load_state_dict(checkpoints[family])
