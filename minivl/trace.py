@@ -289,18 +289,18 @@ def internvl_inputs(directory, model, image, prompt: str, max_num: int | None = 
 
     Tiling follows the checkpoint's config (image_size, use_thumbnail, min/max_dynamic_patch; one tile
     when dynamic_image_size is false); the prompt is the config template's first turn with
-    `<image>\\n` + prompt, tokenized with the directory's tokenizer.json. Sets model.img_context_token_id.
+    `<image>\\n` + prompt, tokenized with the directory's tokenizer (tokenizer.json, or InternLM2's tokenizer.model). Sets model.img_context_token_id.
     Any model with minivl's chat attributes works (config, template, system_message, num_image_token).
     """
     from minivl.conversation import IMG_CONTEXT_TOKEN, build_query, encode, token_id, with_image_placeholder
     from minivl.preprocess import load_image
-    from minivl.tokenizer import Tokenizer
+    from minivl.tokenizer import TOKENIZER_FILES, load_tokenizer
 
     config = model.config
-    if not os.path.isfile(os.path.join(os.fspath(directory), "tokenizer.json")):
-        raise TraceError(f"{os.fspath(directory)!r} has no tokenizer.json; a trace needs the checkpoint's tokenizer "
-                         "to build the prompt (copy tokenizer.json from the model repository)")
-    tokenizer = Tokenizer.from_file(directory)
+    if not any(os.path.isfile(os.path.join(os.fspath(directory), name)) for name in TOKENIZER_FILES):
+        raise TraceError(f"{os.fspath(directory)!r} has neither {' nor '.join(TOKENIZER_FILES)}; a trace needs the "
+                         "checkpoint's tokenizer to build the prompt (copy it from the model repository)")
+    tokenizer = load_tokenizer(directory)
     if max_num is None:
         max_num = config.max_dynamic_patch if config.dynamic_image_size else 1
     pixel_values, grid = load_image(image, max_num=max_num, image_size=config.image_size,

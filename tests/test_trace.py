@@ -72,6 +72,25 @@ def test_numpy_and_torch_traces_agree_both_ways(root, checkpoints, capsys, llm):
     assert main(["diff", b, a]) == 0
 
 
+def test_trace_reads_internlm2s_tokenizer_model(tmp_path, root, capsys):
+    """InternVL2-2B/-8B/-26B ship tokenizer.model and no tokenizer.json: the trace tokenizes the prompt with
+    InternLM2's SentencePiece tokenizer (minivl.tokenizer.load_tokenizer), and NumPy and torch agree on it."""
+    from minivl.tiny.sentencepiece import use_internlm2_tokenizer
+    from minivl.tokenizer import load_tokenizer
+    from minivl.tokenizer_internlm2 import InternLM2Tokenizer
+
+    directory = use_internlm2_tokenizer(write_tiny_internvl(tmp_path / "vl_spm", llm="internlm2", seed=4))
+    assert not os.path.exists(os.path.join(directory, "tokenizer.json"))
+    a = _trace(directory, root / "wide.png", tmp_path / "spm_np.safetensors")
+    b = _trace(directory, root / "wide.png", tmp_path / "spm_torch.safetensors", "--backend", "torch")
+    capsys.readouterr()
+    assert main(["diff", a, b]) == 0
+    ids = trace.load_trace(a).stages["input_ids"][0].tolist()
+    tokenizer = load_tokenizer(directory)
+    assert isinstance(tokenizer, InternLM2Tokenizer)
+    assert PROMPT in tokenizer.decode(ids) and ids.count(tokenizer.token_to_id("<IMG_CONTEXT>")) > 0
+
+
 def test_trace_file_has_every_stage_in_order_and_the_metadata(root, checkpoints):
     path = _trace(checkpoints["qwen2"], root / "wide.png", root / "meta.safetensors")
     t = trace.load_trace(path)
@@ -303,7 +322,7 @@ def test_named_errors(tmp_path, checkpoints, capsys):
     os.remove(bare / "tokenizer.json")
     trace.synthetic_image().save(tmp_path / "img.png")
     assert main(["trace", str(bare), "--image", str(tmp_path / "img.png"), "--out", str(tmp_path / "t.st")]) == 1
-    assert "has no tokenizer.json" in capsys.readouterr().err
+    assert "has neither tokenizer.json nor tokenizer.model" in capsys.readouterr().err
     with pytest.raises(TraceError, match="no stages"):
         trace.save_trace(tmp_path / "empty.safetensors", trace.Trace({}, {}))
 
