@@ -123,26 +123,31 @@ def causal_attention_gemm_shapes(config, tokens: int, block: int = 128) -> list[
 def time_gemms(gemms: list, framework: str = "numpy", repeats: int = 3, dtype: str = "float32",
                clock=time.perf_counter) -> float:
     """Best wall time of running these GEMMs back to back, operands preallocated: (m, k, n) is
-    [m, k]·[k, n]; (batch, m, k, n) a batched matmul. The floor a forward built of them can reach."""
+    [m, k]·[n, k]ᵀ, a projection as `linear` computes it (x·Wᵀ, W stored [out, in]); (batch, m, k, n)
+    a batched [m, k]·[k, n]. Every GEMM has operands of its own, so weights stream from memory as
+    in a forward (a model's 30 layers never reuse one layer's weights from cache). The floor a
+    forward built of them can reach."""
     rng = np.random.default_rng(0)
-    operands = {}
+    operands = []
     for shape in gemms:
-        if shape not in operands:
-            *batch, m, k, n = shape
-            a = rng.standard_normal((*batch, m, k), dtype=np.float32).astype(dtype)
+        *batch, m, k, n = shape
+        a = rng.standard_normal((*batch, m, k), dtype=np.float32).astype(dtype)
+        if batch:
             b = rng.standard_normal((*batch, k, n), dtype=np.float32).astype(dtype)
-            operands[shape] = (a, b, np.empty((*batch, m, n), dtype=dtype))
+        else:  # W [out, in], used transposed
+            b = rng.standard_normal((n, k), dtype=np.float32).astype(dtype).T
+        operands.append((a, b, np.empty((*batch, m, n), dtype=dtype)))
     if framework == "torch":
         import torch
 
-        operands = {key: tuple(torch.from_numpy(x) for x in ops) for key, ops in operands.items()}
+        operands = [tuple(torch.from_numpy(np.ascontiguousarray(x.T)).T if x.ndim == 2 and not x.flags.c_contiguous
+                          else torch.from_numpy(x) for x in ops) for ops in operands]
         matmul = torch.matmul
     else:
         matmul = np.matmul
 
     def run():
-        for shape in gemms:
-            a, b, out = operands[shape]
+        for a, b, out in operands:
             matmul(a, b, out=out)
 
     return time_best(run, repeats, clock)

@@ -12,6 +12,7 @@ the same run (benchmarks/machine.py):
 
     python3 benchmarks/smollm2.py              # markdown table for the README
     python3 benchmarks/smollm2.py --repeats 5 --new-tokens 32 --long 8192
+    OPENBLAS_NUM_THREADS=1 python3 benchmarks/smollm2.py --torch-threads 1   # on a shared machine
 
 Prefill asks for the last position's logits only (`logits_to_keep=1`, transformers' name) where the
 model takes it, as generation does; perplexity needs them all.
@@ -82,9 +83,15 @@ def main(argv=None) -> None:
     parser.add_argument("--long", type=int, default=0, help="also one NumPy prefill of this many tokens "
                                                              "(e.g. 8192): time and tracemalloc peak")
     parser.add_argument("--no-transformers", action="store_true", help="leave transformers out")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's own choice); with OPENBLAS_NUM_THREADS=1 in "
+                             "the environment, a 1-thread run that other processes disturb less")
     args = parser.parse_args(argv)
 
     import torch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     import minivl
     import torch_impl.loading
