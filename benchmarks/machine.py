@@ -98,6 +98,55 @@ def matmul_params(config) -> int:
     return config.num_hidden_layers * per_layer + config.vocab_size * hidden
 
 
+def decoder_gemm_shapes(config, tokens: int, logits_positions: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of every projection GEMM of one decoder forward over `tokens` positions: q, k, v, o,
+    gate, up, down per layer, then the LM head over `logits_positions` rows (1 for generation)."""
+    hidden, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    layer = [(tokens, hidden, q), (tokens, hidden, kv), (tokens, hidden, kv), (tokens, q, hidden),
+             (tokens, hidden, inter), (tokens, hidden, inter), (tokens, inter, hidden)]
+    return layer * config.num_hidden_layers + [(logits_positions, hidden, config.vocab_size)]
+
+
+def causal_attention_gemm_shapes(config, tokens: int, block: int = 128) -> list[tuple[int, int, int, int]]:
+    """(batch, m, k, n) of the attention GEMMs a causal prefill cannot avoid, per layer: for each block
+    of `block` queries, q·kᵀ and p·v against the keys up to the block's end (the masked half skipped)."""
+    d, heads, kv_heads = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    group = heads // kv_heads
+    shapes = []
+    for start in range(0, tokens, block):
+        rows, keys = min(block, tokens - start), min(start + block, tokens)
+        shapes += [(kv_heads, group * rows, d, keys), (kv_heads, group * rows, keys, d)]
+    return shapes * config.num_hidden_layers
+
+
+def time_gemms(gemms: list, framework: str = "numpy", repeats: int = 3, dtype: str = "float32") -> float:
+    """Best wall time of running these GEMMs back to back, operands preallocated: (m, k, n) is
+    [m, k]·[k, n]; (batch, m, k, n) a batched matmul. The floor a forward built of them can reach."""
+    rng = np.random.default_rng(0)
+    operands = {}
+    for shape in gemms:
+        if shape not in operands:
+            *batch, m, k, n = shape
+            a = rng.standard_normal((*batch, m, k), dtype=np.float32).astype(dtype)
+            b = rng.standard_normal((*batch, k, n), dtype=np.float32).astype(dtype)
+            operands[shape] = (a, b, np.empty((*batch, m, n), dtype=dtype))
+    if framework == "torch":
+        import torch
+
+        operands = {key: tuple(torch.from_numpy(x) for x in ops) for key, ops in operands.items()}
+        matmul = torch.matmul
+    else:
+        matmul = np.matmul
+
+    def run():
+        for shape in gemms:
+            a, b, out = operands[shape]
+            matmul(a, b, out=out)
+
+    return time_best(run, repeats)
+
+
 def time_best(run, repeats: int) -> float:
     """Best wall time of `repeats` calls after one warm-up (the minimum filters other processes out)."""
     run()

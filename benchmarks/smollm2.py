@@ -1,16 +1,20 @@
 """SmolLM2-135M-Instruct (real weights, float32) in NumPy, torch_impl and transformers: prefill of 64
-and 512 tokens and cached decode per token, next to the machine's GEMM rate and memory-read bandwidth
-measured in the same run (benchmarks/machine.py).
+and 512 tokens and cached decode per token, each as a RATIO to what this machine allows, measured in
+the same run (benchmarks/machine.py):
+
+* prefill ÷ its GEMMs: the forward's time over the time of the same matrix products alone
+  (projections over every prompt token, the causal half of the attention products, the LM head
+  over the one position generation needs), run back to back on preallocated operands;
+* decode ÷ bandwidth floor: a cached step at batch 1 reads every weight once (134.5 M matmul
+  parameters, 538 MB in float32, the tied head included) plus the KV cache; bytes ÷ the GEMV read
+  bandwidth is the floor no implementation can beat;
+* ÷ transformers: the same work in transformers (torch CPU) in the same run.
 
     python3 benchmarks/smollm2.py              # markdown table for the README
-    python3 benchmarks/smollm2.py --repeats 5 --new-tokens 32
+    python3 benchmarks/smollm2.py --repeats 5 --new-tokens 32 --long 8192
 
-How to read it:
-* a prefill of P tokens is matmul-bound: achieved GFLOP/s = (2·matmul params·P + attention
-  4·P²·hidden per layer) / time, against the machine's GEMM rate;
-* a cached decode step at batch 1 reads every weight once (134.5 M matmul parameters, 538 MB in
-  float32, the tied lm head included) plus the KV cache: achieved GB/s = bytes / time, against the
-  machine's GEMV read bandwidth. 538 MB / read bandwidth is the floor no implementation can beat.
+Prefill asks for the last position's logits only (`logits_to_keep=1`, transformers' name) where the
+model takes it, as generation does; perplexity needs them all.
 """
 from __future__ import annotations
 
@@ -24,18 +28,28 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from machine import describe_machine, machine_rates, matmul_params, time_best  # noqa: E402
+from machine import (causal_attention_gemm_shapes, decoder_gemm_shapes, describe_machine, machine_rates,  # noqa: E402
+                     matmul_params, time_best, time_gemms)
+
+
+def forward_kwargs(model) -> dict:
+    """Generation's prefill needs the last position's logits only; ask for just that where the model can."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def bench_prefill(model, to_input, ids: np.ndarray, repeats: int) -> float:
-    return time_best(lambda: model(input_ids=to_input(ids), use_cache=True), repeats)
+    kwargs = forward_kwargs(model)
+    return time_best(lambda: model(input_ids=to_input(ids), use_cache=True, **kwargs), repeats)
 
 
 def bench_decode(model, to_input, ids: np.ndarray, new_tokens: int, repeats: int) -> float:
     """Seconds per cached decode step after a prefill of `ids` (best of `repeats` runs of new_tokens steps)."""
+    kwargs = forward_kwargs(model)
 
     def decode():
-        out = model(input_ids=to_input(ids), use_cache=True)
+        out = model(input_ids=to_input(ids), use_cache=True, **kwargs)
         cache, token = out.past_key_values, to_input(ids[:, -1:])
         t0 = time.perf_counter()
         for _ in range(new_tokens):
@@ -47,11 +61,26 @@ def bench_decode(model, to_input, ids: np.ndarray, new_tokens: int, repeats: int
     return min(decode() for _ in range(repeats))
 
 
+def long_prefill_peak(model, ids: np.ndarray) -> tuple[float, float]:
+    """(seconds, peak MiB traced by tracemalloc) of one NumPy prefill of `ids`, logits of the last position only."""
+    import tracemalloc
+
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    model(input_ids=ids, use_cache=True, **forward_kwargs(model))
+    seconds = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1] / 2 ** 20
+    tracemalloc.stop()
+    return seconds, peak
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, nargs="+", default=[64, 512], help="prefill lengths")
     parser.add_argument("--new-tokens", type=int, default=16, help="cached decode steps timed (after a 64-token prompt)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--long", type=int, default=0, help="also one NumPy prefill of this many tokens "
+                                                             "(e.g. 8192): time and tracemalloc peak")
     parser.add_argument("--no-transformers", action="store_true", help="leave transformers out")
     args = parser.parse_args(argv)
 
@@ -68,62 +97,78 @@ def main(argv=None) -> None:
                                    torch.from_numpy, "torch"),
               "torch_impl sdpa": (torch_impl.loading.load_model(path, dtype="float32", attn_implementation="sdpa"),
                                   torch.from_numpy, "torch")}
+    reference = None
     if not args.no_transformers:
         try:
             import transformers
 
             hf = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-            models[f"transformers {transformers.__version__}"] = (hf, torch.from_numpy, "torch")
+            reference = f"transformers {transformers.__version__}"
+            models[reference] = (hf, torch.from_numpy, "torch")
         except ImportError:
             pass
-    rates = machine_rates(min_seconds=0.3)
 
     config = models["NumPy"][0].config
     params = matmul_params(config)
     # real text, so the numbers are those of a real prompt (any ids would time the same)
     with open(os.path.join(os.path.dirname(HERE), "tests", "data", "english.txt"), encoding="utf-8") as f:
         text_ids = Tokenizer.from_file(path).encode(f.read())
-    text_ids = (text_ids * (max(args.prompts) // len(text_ids) + 1))[: max(args.prompts)]
+    longest = max(args.prompts + [args.long])
+    text_ids = (text_ids * (longest // len(text_ids) + 1))[:longest]
     prompts = {P: np.asarray([text_ids[:P]], dtype=np.int64) for P in args.prompts}
     decode_prompt = prompts[min(args.prompts)]
 
     results = {}
     with torch.inference_mode():
+        rates = machine_rates(min_seconds=0.3)
+        # the GEMMs a prefill cannot avoid, alone: projections over P tokens, the causal half of the
+        # attention products, the LM head over the one position generation needs
+        gemms = {P: time_gemms(decoder_gemm_shapes(config, P, 1) + causal_attention_gemm_shapes(config, P),
+                               "numpy", args.repeats) for P in args.prompts}
         for name, (model, to_input, _) in models.items():
             prefill = {P: bench_prefill(model, to_input, ids, args.repeats) for P, ids in prompts.items()}
             decode = bench_decode(model, to_input, decode_prompt, args.new_tokens, args.repeats)
             results[name] = (prefill, decode)
+        # measured again after the models: on a shared machine any single measurement is an underestimate
+        after = machine_rates(min_seconds=0.3)
+        rates = {fw: {key: max(rates[fw][key], after[fw][key]) for key in rates[fw]} for fw in rates}
+        gemms = {P: min(t, time_gemms(decoder_gemm_shapes(config, P, 1) + causal_attention_gemm_shapes(config, P),
+                                      "numpy", args.repeats)) for P, t in gemms.items()}
 
     P0 = decode_prompt.shape[1]
     kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * (P0 + args.new_tokens / 2) * 4
     decode_bytes = params * 4 + kv_bytes
-
-    def prefill_gflops(P, seconds):
-        return (2.0 * params * P + 4.0 * P * P * config.hidden_size * config.num_hidden_layers) / seconds / 1e9
+    floor = {fw: decode_bytes / (rates[fw]["read_gbs"] * 1e9) for fw in rates}
 
     print(f"SmolLM2-135M-Instruct, float32, batch 1: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_attention_heads}/{config.num_key_value_heads} heads; {params / 1e6:.1f} M matmul parameters "
           f"({params * 4 / 1e6:.0f} MB); decode = {args.new_tokens} cached steps after a {P0}-token prompt; "
-          f"best of {args.repeats}; {describe_machine()}.")
+          f"best of {args.repeats}; {describe_machine()}; load average {os.getloadavg()[0]:.1f} at the end.")
     print()
-    head = "| |" + "".join(f" prefill {P} (ms) | GFLOP/s, % of GEMM |" for P in args.prompts)
-    head += " decode (ms/token) | tokens/s | GB/s, % of read BW |"
+    head = "| |" + "".join(f" prefill {P} (ms) | ÷ its GEMMs |" for P in args.prompts)
+    head += " decode (ms/token) | ÷ bandwidth floor |" + (f" ÷ {reference} (prefill {'/'.join(map(str, args.prompts))}, decode) |" if reference else "")
     print(head)
-    print("|---|" + "---|---|" * len(args.prompts) + "---|---|---|")
+    print("|---|" + "---|---|" * len(args.prompts) + "---|---|" + ("---|" if reference else ""))
     for name, (prefill, decode) in results.items():
         framework = models[name][2]
-        row = f"| {name} |"
-        for P in args.prompts:
-            g = prefill_gflops(P, prefill[P])
-            row += f" {prefill[P] * 1e3:.0f} | {g:.1f}, {100 * g / rates[framework]['gemm_gflops']:.0f}% |"
-        gbs = decode_bytes / decode / 1e9
-        row += f" {decode * 1e3:.1f} | {1 / decode:.1f} | {gbs:.1f}, {100 * gbs / rates[framework]['read_gbs']:.0f}% |"
+        row = f"| {name} |" + "".join(f" {prefill[P] * 1e3:.0f} | {prefill[P] / gemms[P]:.2f}× |" for P in args.prompts)
+        row += f" {decode * 1e3:.1f} | {decode / floor[framework]:.2f}× |"
+        if reference:
+            ref_prefill, ref_decode = results[reference]
+            row += " " + " / ".join(f"{prefill[P] / ref_prefill[P]:.2f}×" for P in args.prompts) + f", {decode / ref_decode:.2f}× |"
         print(row)
-    for framework in ("numpy", "torch"):
-        floor = decode_bytes / (rates[framework]["read_gbs"] * 1e9)
-        print(f"| machine, {'NumPy' if framework == 'numpy' else 'torch'} |"
-              + "".join(f" | {rates[framework]['gemm_gflops']:.1f} GFLOP/s (GEMM 1024³) |" for _ in args.prompts)
-              + f" {floor * 1e3:.1f} (bandwidth floor) | | {rates[framework]['read_gbs']:.1f} GB/s (GEMV 256 MB) |")
+    print("| the same GEMMs alone, NumPy |" + "".join(f" {gemms[P] * 1e3:.0f} | 1× |" for P in args.prompts)
+          + f" {floor['numpy'] * 1e3:.1f} (floor: {decode_bytes / 1e6:.0f} MB at {rates['numpy']['read_gbs']:.1f} GB/s) | 1× |"
+          + (" |" if reference else ""))
+    print(f"\nmachine: NumPy GEMM 1024³ {rates['numpy']['gemm_gflops']:.1f} GFLOP/s, GEMV read {rates['numpy']['read_gbs']:.1f} GB/s; "
+          f"torch GEMM {rates['torch']['gemm_gflops']:.1f} GFLOP/s, GEMV read {rates['torch']['read_gbs']:.1f} GB/s "
+          f"(torch floor {floor['torch'] * 1e3:.1f} ms/token)")
+    if args.long:
+        ids = np.asarray([text_ids[:args.long]], dtype=np.int64)
+        seconds, peak = long_prefill_peak(models["NumPy"][0], ids)
+        heads_n_n = config.num_attention_heads * args.long ** 2 * 4 / 2 ** 20
+        print(f"\nNumPy prefill of {args.long} tokens: {seconds:.1f} s, tracemalloc peak {peak:.0f} MiB "
+              f"(one [heads, n, n] float32 score tensor would be {heads_n_n:.0f} MiB)")
 
 
 if __name__ == "__main__":

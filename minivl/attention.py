@@ -50,10 +50,12 @@ def scaled_dot_product_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *,
     # GQA as a reshape: heads kv·g … kv·g+g−1 share KV head kv, so [b, h, s, d] -> [b, n_kv, g·s, d]
     q_grouped = q.reshape(batch, n_kv_heads, group * q_len, head_dim)
     k_transposed = np.swapaxes(k, -1, -2)  # [b, n_kv, d, t], a view
+    # the score tensor is ours alone, so each step below updates it in place (same rounding, no copies)
     if scale_mode == "divide":
         # scores = (q·kᵀ) / sqrt(d)   (InternLM2 MIL:407, Phi-3 MP3:386, Llama, Qwen2)
         divisor = math.sqrt(head_dim) if scale is None else 1.0 / scale
-        scores = (q_grouped @ k_transposed) / divisor
+        scores = q_grouped @ k_transposed
+        scores /= divisor
     elif scale_mode == "scale_q":
         # scores = (q · d^-½)·kᵀ   (InternViT MIV:220: the scale multiplies q BEFORE the matmul)
         scale = head_dim ** -0.5 if scale is None else scale
@@ -61,19 +63,20 @@ def scaled_dot_product_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *,
     else:
         # scores = (q·kᵀ) · (1/sqrt(d))   (MPT MPT-A:34: multiply after the matmul)
         scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-        scores = (q_grouped @ k_transposed) * scale
+        scores = q_grouped @ k_transposed
+        scores *= scale
     scores = scores.reshape(scores_shape)  # [b, n_heads, s, t], a view
 
     # bias (ALiBi) first, then the mask: MPT adds attn_bias before masking (MPT-A:35-54)
     if bias is not None:
-        scores = scores + bias
+        scores = _add(scores, bias)
     with np.errstate(over="ignore"):  # min + min = −inf on doubly masked entries: harmless
         if mask is not None:
-            scores = scores + mask
+            scores = _add(scores, mask)
         if is_causal:
-            scores = scores + causal_mask(q_len, kv_len, scores.dtype)
+            scores = _add(scores, causal_mask(q_len, kv_len, scores.dtype))
 
-    probs = softmax(scores, softmax_dtype).astype(v.dtype)
+    probs = _softmax_inplace(scores, softmax_dtype).astype(v.dtype, copy=False)
     # out = p·v, again one matmul per KV head over the stacked group
     out = probs.reshape(batch, n_kv_heads, group * q_len, kv_len) @ v
     out = out.reshape(batch, n_heads, q_len, head_dim)
@@ -92,6 +95,71 @@ def softmax(scores: np.ndarray, softmax_dtype: str | None = "float32") -> np.nda
     return exp / np.sum(exp, axis=-1, keepdims=True)
 
 
+def _softmax_inplace(scores: np.ndarray, softmax_dtype: str | None) -> np.ndarray:
+    """`softmax`, op for op and bit for bit, reusing `scores`' memory when no upcast is needed.
+
+    The attention score tensor is the largest array of a forward; `softmax` above reads as the
+    formula and makes four temporaries of its size, this makes none. Held equal bit for bit by
+    tests/test_attention_fast.py.
+    """
+    compute = scores.dtype if softmax_dtype is None else np.promote_types(scores.dtype, np.dtype(softmax_dtype))
+    x = scores.astype(compute, copy=False)
+    x -= np.max(x, axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= np.sum(x, axis=-1, keepdims=True)
+    return x
+
+
+def _add(scores: np.ndarray, additive: np.ndarray) -> np.ndarray:
+    """scores + additive, in place when the sum keeps scores' shape and dtype (it is a temporary)."""
+    if np.result_type(scores, additive) == scores.dtype:
+        scores += additive
+        return scores
+    return scores + additive
+
+
+def causal_attention_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, mask: np.ndarray, bias=None,
+                            block_q: int = 128, **attention_options) -> np.ndarray:
+    """Fast path of `scaled_dot_product_attention` for a causal mask: query blocks skip the keys they cannot see.
+
+    Under a causal mask (bottom-right aligned, as `build_attention_mask` builds it, padding and
+    sliding window included) query i sees no key past p_i = t − s + i, so the block of queries
+    [i0, i1) needs only the keys [0, t − s + i1): the masked upper triangle is never computed and
+    no [b, heads, s, t] score tensor is ever held (a block holds [b, heads, block_q, t] at most).
+    Each block is `scaled_dot_product_attention` itself on its slice, so the result equals the
+    full call up to the summation order of the softmax denominators (a skipped key adds
+    e^(min − max) = 0 exactly). A block whose skipped keys are not all hidden (a mask that is not
+    causal) or that has a row with no visible key left (a left-pad query, which the reference
+    spreads evenly over every masked key) uses every key, so any mask gives the full call's result.
+    tests/test_attention_fast.py holds the two equal.
+    q [b, H, s, d], k/v [b, K, t, d], mask/bias broadcastable to [b, H, s, t] -> [b, H, s, d]
+    """
+    q_len, kv_len = q.shape[2], k.shape[2]
+    check_additive("mask", mask, (q.shape[0], q.shape[1], q_len, kv_len))
+    if q_len <= block_q or mask.shape[-2] != q_len:  # one block, or a mask without per-query rows
+        return scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, **attention_options)
+    hidden = np.finfo(mask.dtype).min  # the masks' fill value (doubly masked entries are −inf)
+    out = np.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype)
+    for start in range(0, q_len, block_q):
+        stop = min(start + block_q, q_len)
+        block_mask = mask[..., start:stop, :]
+        # the block's last query sits at position t − s + stop − 1: keys from t − s + stop on are hidden
+        keys = kv_len - q_len + stop
+        if np.any(block_mask[..., keys:] > hidden) or not np.all(block_mask[..., :keys].max(axis=-1) > hidden):
+            keys = kv_len
+        block_bias = None if bias is None else _block(bias, start, stop, keys)
+        out[:, :, start:stop] = scaled_dot_product_attention(
+            q[:, :, start:stop], k[:, :, :keys], v[:, :, :keys], mask=block_mask[..., :keys], bias=block_bias,
+            **attention_options)
+    return out
+
+
+def _block(additive: np.ndarray, start: int, stop: int, keys: int) -> np.ndarray:
+    """Rows start:stop (unless broadcast over queries) and the first `keys` columns of an additive [.., s, t] term."""
+    rows = additive[..., start:stop, :] if additive.shape[-2] > 1 else additive
+    return rows[..., :keys] if additive.shape[-1] > 1 else rows
+
+
 def causal_mask(q_len: int, kv_len: int, dtype, sliding_window: int | None = None) -> np.ndarray:
     """Additive causal mask, bottom-right aligned for cached decode, with an optional sliding window.
 
@@ -108,7 +176,8 @@ def causal_mask(q_len: int, kv_len: int, dtype, sliding_window: int | None = Non
     visible = keys <= positions
     if sliding_window is not None:
         visible &= keys > positions - sliding_window
-    return np.where(visible, 0.0, np.finfo(dtype).min).astype(dtype)
+    # both branches already in dtype: no float64 [q_len, kv_len] temporary (an 8k prefill's mask is 256 MiB)
+    return np.where(visible, dtype.type(0), np.finfo(dtype).min)
 
 
 def padding_mask(attention_mask: np.ndarray, dtype) -> np.ndarray:
@@ -153,11 +222,15 @@ class KVCache:
     """Per-layer key/value cache: post-RoPE, pre-GQA-expansion tensors grown along the sequence axis.
 
     Layout [b, n_kv_heads, t, d] per layer, like InternLM2's legacy tuples and HF DynamicCache.
+    Each layer's keys and values live in one preallocated buffer whose capacity doubles when it is
+    full, so a decode step writes its new column in place instead of concatenating (copying) the
+    whole cache; `key_cache[i]` / `value_cache[i]` are views of the filled part.
     """
 
     def __init__(self):
         self.key_cache: list[np.ndarray] = []
         self.value_cache: list[np.ndarray] = []
+        self._buffers: list[tuple[np.ndarray, np.ndarray]] = []
 
     def update(self, layer_idx: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Append this step's k, v for one layer and return everything cached for it.
@@ -165,12 +238,23 @@ class KVCache:
         [b, n_kv, s, d], [b, n_kv, s, d] -> ([b, n_kv, past + s, d], [b, n_kv, past + s, d])
         """
         _check_cache_entry(self, layer_idx, k, v)
-        if layer_idx == len(self.key_cache):
-            self.key_cache.append(k)
-            self.value_cache.append(v)
-        else:
-            self.key_cache[layer_idx] = np.concatenate([self.key_cache[layer_idx], k], axis=2)
-            self.value_cache[layer_idx] = np.concatenate([self.value_cache[layer_idx], v], axis=2)
+        past = self.get_seq_length(layer_idx)
+        length = past + k.shape[2]
+        if layer_idx == len(self._buffers) or length > self._buffers[layer_idx][0].shape[2]:
+            # capacity: at least double, so t tokens cost O(t) copies in all, not O(t²)
+            capacity = max(length, 2 * past, 16)
+            grown = tuple(np.empty(x.shape[:2] + (capacity,) + x.shape[3:], dtype=x.dtype) for x in (k, v))
+            if past:
+                grown[0][:, :, :past], grown[1][:, :, :past] = self.key_cache[layer_idx], self.value_cache[layer_idx]
+            if layer_idx == len(self._buffers):
+                self._buffers.append(grown)
+                self.key_cache.append(None)
+                self.value_cache.append(None)
+            else:
+                self._buffers[layer_idx] = grown
+        key_buffer, value_buffer = self._buffers[layer_idx]
+        key_buffer[:, :, past:length], value_buffer[:, :, past:length] = k, v
+        self.key_cache[layer_idx], self.value_cache[layer_idx] = key_buffer[:, :, :length], value_buffer[:, :, :length]
         return self.key_cache[layer_idx], self.value_cache[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -15,7 +15,8 @@ Note the separators: 'Hermes-2' and 'internlm2-chat' put NO newline after `<|im_
 The second half turns a chat turn into token ids as InternVLChatModel.chat does (both packages use
 it): `build_query` renders the template and expands each `<image>` into
 `<img>` + `<IMG_CONTEXT>`·(num_image_token·tiles) + `</img>`; `encode` tokenizes with the
-tokenizer's default special tokens; `left_pad` batches prompts for batch_chat.
+tokenizer's default special tokens; `left_pad` batches prompts for batch_chat. `ChatMixin` is
+`chat` / `batch_chat` themselves, written once: both packages' InternVLChatModel inherit them.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import dataclasses
 
 import numpy as np
 
-from minivl.errors import ConfigError, GenerationError
+from minivl.errors import ConfigError, GenerationError, ShapeError
 
 # The InternVL2 system prompt (kept by the reference "to avoid changes in benchmark performance").
 INTERNVL2_SYSTEM_MESSAGE = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
@@ -213,3 +214,95 @@ def pad_id(tokenizer, fallback: int) -> int:
         if isinstance(value, (int, np.integer)):
             return int(value)
     return fallback
+
+
+def check_num_patches(pixel_values, num_patches_list) -> None:
+    """pixel_values must hold exactly sum(num_patches_list) tiles (each image's tiles, in order)."""
+    if pixel_values is not None and len(pixel_values) != sum(num_patches_list):
+        raise ShapeError(f"pixel_values has {len(pixel_values)} tiles but num_patches_list {num_patches_list} "
+                         f"adds up to {sum(num_patches_list)}; give each image's tile count")
+
+
+def with_image_placeholder(question: str) -> str:
+    """`<image>\\n` + question, unless the question already places its `<image>`."""
+    return question if IMAGE_PLACEHOLDER in question else IMAGE_PLACEHOLDER + "\n" + question
+
+
+class ChatMixin:
+    """`chat` and `batch_chat` of InternVLChatModel, written once for both packages (no framework here).
+
+    The model class provides `template`, `system_message`, `num_image_token`, a settable
+    `img_context_token_id` and `generate(pixel_values=, input_ids=, attention_mask=, **kwargs)`
+    that takes NumPy [b, t] ids and returns the NEW ids [b, new] (a NumPy array or a torch tensor:
+    only `row.tolist()` is used here).
+    """
+
+    def chat(self, tokenizer, pixel_values, question: str, generation_config=None, history=None,
+             return_history: bool = False, num_patches_list=None, verbose: bool = False):
+        """One chat turn, as InternVLChatModel.chat: returns the answer (and the new history if asked).
+
+        `<image>\\n` is prepended only on the first turn (history None) when the question has no
+        `<image>`; each image's `<image>` becomes `<img>` + `<IMG_CONTEXT>`·(num_image_token·tiles) +
+        `</img>`; generation stops at the template separator (`sep.strip()`); history keeps the
+        question WITH its `<image>` placeholder. The returned history is a new list (the reference
+        appends to the caller's list in place). tokenizer: any object with encode / decode /
+        token_to_id (minivl.tokenizer.Tokenizer) or HF's convert_tokens_to_ids.
+        """
+        if history is None and pixel_values is not None:
+            question = with_image_placeholder(question)
+        if num_patches_list is None:
+            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
+        check_num_patches(pixel_values, num_patches_list)
+        self.img_context_token_id = token_id(tokenizer, IMG_CONTEXT_TOKEN)
+        stop = get_conv_template(self.template).sep.strip()
+        history = [] if history is None else history
+        query = build_query(self.template, self.system_message, question, history, num_patches_list,
+                            self.num_image_token)
+        input_ids = np.asarray([encode(tokenizer, query)], dtype=np.int64)
+        output_ids = self.generate(pixel_values=pixel_values, input_ids=input_ids,
+                                   attention_mask=np.ones_like(input_ids),
+                                   **generation_kwargs(generation_config, token_id(tokenizer, stop)))
+        response = tokenizer.decode(output_ids[0].tolist(), skip_special_tokens=True)
+        response = response.split(stop)[0].strip()
+        history = history + [(question, response)]
+        if verbose:
+            shown = query.replace(IMG_CONTEXT_TOKEN, "").replace(IMG_START_TOKEN + IMG_END_TOKEN, IMAGE_PLACEHOLDER)
+            print(shown, response)
+        return (response, history) if return_history else response
+
+    def batch_chat(self, tokenizer, pixel_values, questions, generation_config=None, num_patches_list=None,
+                   history=None, return_history: bool = False, verbose: bool = False) -> list[str]:
+        """Single-turn answers to several questions at once (left-padded batch), as InternVLChatModel.batch_chat.
+
+        `<image>\\n` is prepended to every question without one when pixel_values is given; image k
+        (num_patches_list[k] tiles, in order inside pixel_values) goes with question k.
+        """
+        if history is not None or return_history:
+            raise GenerationError("batch_chat answers single turns only (as the reference); use chat() for "
+                                  "multi-turn conversations")
+        if num_patches_list is None:
+            if pixel_values is not None and len(questions) != 1:
+                raise ShapeError("batch_chat with several questions needs num_patches_list (tiles per image)")
+            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else [0] * len(questions)
+        if len(num_patches_list) != len(questions):
+            raise ShapeError(f"{len(questions)} questions but {len(num_patches_list)} entries in num_patches_list")
+        check_num_patches(pixel_values, num_patches_list)
+        self.img_context_token_id = token_id(tokenizer, IMG_CONTEXT_TOKEN)
+        stop = get_conv_template(self.template).sep.strip()
+        queries = []
+        for question, num_patches in zip(questions, num_patches_list):
+            if pixel_values is not None:
+                question = with_image_placeholder(question)
+            patches = [num_patches] if pixel_values is not None else []
+            queries.append(build_query(self.template, self.system_message, question, [], patches,
+                                       self.num_image_token))
+        stop_id = token_id(tokenizer, stop)
+        input_ids, attention_mask = left_pad([encode(tokenizer, q) for q in queries], pad_id(tokenizer, stop_id))
+        output_ids = self.generate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                                   **generation_kwargs(generation_config, stop_id))
+        responses = [tokenizer.decode(row.tolist(), skip_special_tokens=True).split(stop)[0].strip()
+                     for row in output_ids]
+        if verbose:
+            for query, response in zip(queries, responses):
+                print(query.replace(IMG_CONTEXT_TOKEN, ""), response)
+        return responses

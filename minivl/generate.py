@@ -134,8 +134,9 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, max
 
     # prefill: the whole prompt at once, positions cumsum(mask) - 1
     position_ids = position_ids_from_mask(mask)
+    # the prompt's last position's logits are the only ones a step reads (logits_to_keep=1)
     out = model.forward(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
-                        position_ids=position_ids, use_cache=True)
+                        position_ids=position_ids, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     finished = np.zeros(batch, dtype=bool)
     generated = []

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from minivl.activations import gelu, gelu_tanh, silu
+from minivl.activations import gelu, gelu_tanh, silu_mul
 from minivl.errors import ConfigError, ShapeError
 from minivl.linear import linear
 
@@ -16,7 +16,7 @@ def swiglu_mlp(x: np.ndarray, gate_weight: np.ndarray, up_weight: np.ndarray, do
     _check_pair("swiglu_mlp", "gate_weight", gate_weight, "up_weight", up_weight)
     _check_down("swiglu_mlp", down_weight, gate_weight.shape[0])
     # down( silu(gate(x)) · up(x) ), no biases
-    return linear(silu(linear(x, gate_weight)) * linear(x, up_weight), down_weight)
+    return linear(silu_mul(linear(x, gate_weight), linear(x, up_weight)), down_weight)
 
 
 def fused_swiglu_mlp(x: np.ndarray, gate_up_weight: np.ndarray, down_weight: np.ndarray) -> np.ndarray:
@@ -33,7 +33,7 @@ def fused_swiglu_mlp(x: np.ndarray, gate_up_weight: np.ndarray, down_weight: np.
     gate_up = linear(x, gate_up_weight)
     # chunk(2, dim=-1): [..., :inter] is the gate, [..., inter:] is up (MP3:262-273)
     gate, up = gate_up[..., :intermediate], gate_up[..., intermediate:]
-    return linear(up * silu(gate), down_weight)
+    return linear(silu_mul(gate, up), down_weight)
 
 
 def gelu_mlp(x: np.ndarray, fc1_weight: np.ndarray, fc1_bias: np.ndarray | None, fc2_weight: np.ndarray,

@@ -20,12 +20,12 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """
     _check_norm_args("rms_norm", x, weight, None, eps)
     compute = np.promote_types(x.dtype, np.float32)
-    x32 = x.astype(compute)
+    x32 = x.astype(compute, copy=False)
     # var = mean(x²) over the feature axis; y = x · 1/sqrt(var + eps)   (eps inside the root)
     variance = np.mean(x32 * x32, axis=-1, keepdims=True)
     y = x32 * (1.0 / np.sqrt(variance + eps))
     # cast back to x.dtype BEFORE the weight multiply: the reference rounds twice in bf16 (pitfall 3)
-    return weight * y.astype(x.dtype)
+    return weight * y.astype(x.dtype, copy=False)
 
 
 def rms_norm_mpt(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
@@ -35,12 +35,12 @@ def rms_norm_mpt(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.nda
     """
     _check_norm_args("rms_norm_mpt", x, weight, None, eps)
     compute = np.promote_types(x.dtype, np.float32)
-    x32 = x.astype(compute)
+    x32 = x.astype(compute, copy=False)
     # y = x · 1/sqrt(mean(x²) + eps) · w, all in float32; a single rounding to x.dtype at the end
     y = x32 * (1.0 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + eps))
     if weight is not None:
-        y = y * weight.astype(compute)
-    return y.astype(x.dtype)
+        y = y * weight.astype(compute, copy=False)
+    return y.astype(x.dtype, copy=False)
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None, eps: float) -> np.ndarray:
@@ -51,7 +51,7 @@ def layer_norm(x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None
     """
     _check_norm_args("layer_norm", x, weight, bias, eps)
     compute = np.promote_types(x.dtype, np.float32)
-    x32 = x.astype(compute)
+    x32 = x.astype(compute, copy=False)
     mean = np.mean(x32, axis=-1, keepdims=True)
     centred = x32 - mean
     # biased variance: mean((x − μ)²), divided by d not d − 1
@@ -59,10 +59,10 @@ def layer_norm(x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None
     # y = (x − μ) / sqrt(var + eps) · w + b
     y = centred * (1.0 / np.sqrt(variance + eps))
     if weight is not None:
-        y = y * weight.astype(compute)
+        y = y * weight.astype(compute, copy=False)
     if bias is not None:
-        y = y + bias.astype(compute)
-    return y.astype(x.dtype)
+        y = y + bias.astype(compute, copy=False)
+    return y.astype(x.dtype, copy=False)
 
 
 def _check_norm_args(name, x, weight, bias, eps) -> None:

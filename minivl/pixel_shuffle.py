@@ -33,7 +33,12 @@ def merge_factor(scale_factor: float) -> int:
 
 
 def num_image_token(image_size: int, patch_size: int, downsample_ratio: float) -> int:
-    """LLM tokens per tile: (image_size // patch_size)² · downsample_ratio² (256 for 448 px, 14, 0.5)."""
+    """LLM tokens per tile, InternVL's formula: int((image_size // patch_size)² · downsample_ratio²).
+
+    256 for 448 px, 14, 0.5. The one place this count is computed (config, CLI and lessons use it);
+    InternVLChatConfig also checks that this float formula equals the (side/r)² tokens the shuffle makes.
+    """
+    merge_factor(downsample_ratio)  # a ratio of 0 or 0.3 is a ConfigError here, not "0 tokens"
     return int((image_size // patch_size) ** 2 * (downsample_ratio ** 2))
 
 

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from minivl import nn
 from minivl.activations import gelu
+from minivl.errors import CheckpointError
 from minivl.linear import linear
+from minivl.loading import strip_prefix
+from minivl.models.common import Linear, Norm, as_model_dtype, build_model
 from minivl.norms import layer_norm
 
 # nn.LayerNorm's default eps: the reference never passes one (pitfall 4).
 MLP1_LAYER_NORM_EPS = 1e-5
+# where the projector sits in an InternVL chat checkpoint
+PROJECTOR_PREFIX = "mlp1."
 
 
 def mlp1(x: np.ndarray, norm_weight: np.ndarray, norm_bias: np.ndarray, fc1_weight: np.ndarray,
@@ -36,32 +42,46 @@ def projector_input_size(vit_hidden_size: int, downsample_ratio: float) -> int:
 
 
 def mlp1_expected_shapes(vit_hidden_size: int, downsample_ratio: float, llm_hidden_size: int,
-                         prefix: str = "mlp1.") -> dict[str, tuple]:
-    """Checkpoint tensor names and shapes of the projector (with `prefix`, default 'mlp1.')."""
-    width = projector_input_size(vit_hidden_size, downsample_ratio)
-    return {
-        f"{prefix}0.weight": (width,), f"{prefix}0.bias": (width,),
-        f"{prefix}1.weight": (llm_hidden_size, width), f"{prefix}1.bias": (llm_hidden_size,),
-        f"{prefix}3.weight": (llm_hidden_size, llm_hidden_size), f"{prefix}3.bias": (llm_hidden_size,),
-    }
+                         prefix: str = PROJECTOR_PREFIX) -> dict[str, tuple]:
+    """Checkpoint tensor names and shapes of the projector (with `prefix`), from its declared parameters."""
+    projector = Projector(projector_input_size(vit_hidden_size, downsample_ratio), llm_hidden_size)
+    return {prefix + key: tuple(p.shape) for key, p in projector.state_dict().items()}
 
 
-class Projector:
-    """The mlp1 weights and their forward pass; `Projector(tensors)` takes the six `0/1/3` tensors."""
+class GELU(nn.Module):
+    """The exact erf GELU as a module without parameters: index 2 of the reference's Sequential."""
 
-    def __init__(self, tensors: dict[str, np.ndarray], eps: float = MLP1_LAYER_NORM_EPS):
-        self.norm_weight, self.norm_bias = tensors["0.weight"], tensors["0.bias"]
-        self.fc1_weight, self.fc1_bias = tensors["1.weight"], tensors["1.bias"]
-        self.fc2_weight, self.fc2_bias = tensors["3.weight"], tensors["3.bias"]
-        self.eps = eps
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return gelu(x)
+
+
+class Projector(nn.ModuleList):
+    """LayerNorm(4C, eps 1e-5) -> Linear(4C, D) -> GELU -> Linear(D, D), keys 0/1/3 as the reference's Sequential.
+
+    [..., 4C] -> [..., D]; the forward runs the functional `mlp1`, as torch_impl's twin does.
+    """
+
+    def __init__(self, input_size: int, llm_hidden_size: int, eps: float = MLP1_LAYER_NORM_EPS):
+        super().__init__([Norm(input_size, eps, kind="layer", bias=True), Linear(input_size, llm_hidden_size, True),
+                          GELU(), Linear(llm_hidden_size, llm_hidden_size, True)])
 
     @classmethod
-    def from_state_dict(cls, state_dict: dict[str, np.ndarray], prefix: str = "mlp1.", dtype="float32") -> "Projector":
-        """Take the `prefix`-ed mlp1 tensors out of a (whole-model) state dict, cast to dtype."""
-        names = ("0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias")
-        return cls({name: np.asarray(state_dict[prefix + name]).astype(dtype) for name in names})
+    def from_state_dict(cls, state_dict: dict, prefix: str = PROJECTOR_PREFIX, dtype="float32",
+                        eps: float = MLP1_LAYER_NORM_EPS) -> "Projector":
+        """Take the `prefix`-ed mlp1 tensors out of a (whole-model) state dict, cast to dtype.
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+        The sizes come from `{prefix}1.weight` [D, 4C]; every other tensor is checked against them.
+        """
+        fc1 = state_dict.get(prefix + "1.weight")
+        if fc1 is None or np.ndim(fc1) != 2:
+            raise CheckpointError(f"{prefix}1.weight, the projector's first Linear [D, 4C], is "
+                                  f"{'missing' if fc1 is None else f'of shape {np.shape(fc1)}'}; the checkpoint "
+                                  f"is not an InternVL chat checkpoint or is damaged: re-convert it")
+        llm_hidden_size, input_size = np.shape(fc1)
+        return build_model(cls, input_size, strip_prefix(state_dict, prefix), as_model_dtype(dtype),
+                           llm_hidden_size=llm_hidden_size, eps=eps)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
         """[..., 4C] -> [..., D]"""
-        return mlp1(x, self.norm_weight, self.norm_bias, self.fc1_weight, self.fc1_bias,
-                    self.fc2_weight, self.fc2_bias, self.eps)
+        return mlp1(x, self[0].weight, self[0].bias, self[1].weight, self[1].bias,
+                    self[3].weight, self[3].bias, self[0].eps)

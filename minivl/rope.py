@@ -107,7 +107,8 @@ def rope_parameters(rope_type: str, head_dim: int, rope_theta: float, max_positi
     """Validate a RoPE config and resolve every scalar: defaults, attention scaling, YaRN ramp, b'.
 
     Params use transformers' names (ROPE_PARAMETER_NAMES); a None value means "absent", as in a
-    config.json with nulls. Raises ConfigError naming the parameter and the fix.
+    config.json with nulls. Raises ConfigError naming the parameter and the fix. The checks every
+    type shares run here; `_RESOLVERS[rope_type]` then resolves that type's own scalars.
     """
     _require(rope_type in ROPE_TYPES, f"unknown rope_type {rope_type!r}; use one of {', '.join(ROPE_TYPES)}")
     unknown = sorted(set(params) - set(ROPE_PARAMETER_NAMES))
@@ -129,73 +130,125 @@ def rope_parameters(rope_type: str, head_dim: int, rope_theta: float, max_positi
     if "factor" in p and rope_type in ("linear", "dynamic", "yarn", "llama3", "longrope"):
         _require(isinstance(p["factor"], (int, float)) and p["factor"] >= 1.0,
                  f"rope {rope_type}: factor must be a number >= 1.0 (got {p['factor']!r})")
-    base, M = float(rope_theta), max_position_embeddings
-    common = dict(rope_type=rope_type, rotary_dim=dim)
+    request = _RopeRequest(rope_type, dim, float(rope_theta), max_position_embeddings, seq_len, p)
+    return _RESOLVERS[rope_type](request)
 
-    if rope_type == "default":
-        return RopeParameters(rope_theta=base, attention_scaling=1.0, **common)
-    if rope_type == "linear":
-        return RopeParameters(rope_theta=base, attention_scaling=1.0, factor=p["factor"], **common)
-    if rope_type == "dynamic":
-        _require(dim > 2, f"rope dynamic: rotary dim must be > 2 for the exponent d/(d−2) (got {dim})")
-        f = p["factor"]
-        # L = max(seq_len, M): the base only ever grows past the trained length
-        L = M if seq_len is None else max(seq_len, M)
-        # b' = b·(f·L/M − (f − 1))^(d/(d−2)), in Python float64 (transformers called directly, InternLM2)
-        enlarged = base * ((f * L / M) - (f - 1)) ** (dim / (dim - 2))
-        return RopeParameters(rope_theta=enlarged, attention_scaling=1.0, factor=f, **common)
 
-    # yarn, longrope and llama3 default O to M, as transformers' standardize_rope_params does
-    O = p.get("original_max_position_embeddings", M)
-    _require(isinstance(O, (int, np.integer)) and O > 0,
-             f"original_max_position_embeddings must be a positive integer (got {O!r})")
-    common["original_max_position_embeddings"] = int(O)
+@dataclass(frozen=True)
+class _RopeRequest:
+    """A validated rope_parameters call: what each per-type resolver reads."""
 
-    if rope_type == "yarn":
-        f = p.get("factor", M / O)
-        if "attention_factor" in p:
-            scaling = float(p["attention_factor"])
-        elif p.get("mscale") and p.get("mscale_all_dim"):
-            # DeepSeek style: s = g(f, mscale) / g(f, mscale_all_dim)
-            scaling = float(yarn_get_mscale(f, p["mscale"]) / yarn_get_mscale(f, p["mscale_all_dim"]))
-        else:
-            scaling = yarn_get_mscale(f)
-        # 0 or None means "the paper's default" (transformers reads them with `or`)
-        beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
-        low, high = yarn_correction_range(beta_fast, beta_slow, dim, base, O, p.get("truncate", True))
-        return RopeParameters(rope_theta=base, attention_scaling=scaling, factor=f, yarn_low=low, yarn_high=high,
-                              **common)
-    if rope_type == "llama3":
-        low_f, high_f = p["low_freq_factor"], p["high_freq_factor"]
-        _require(high_f > low_f, f"rope llama3: high_freq_factor ({high_f}) must exceed low_freq_factor ({low_f})")
-        return RopeParameters(rope_theta=base, attention_scaling=1.0, factor=p["factor"],
-                              low_freq_factor=low_f, high_freq_factor=high_f, **common)
+    rope_type: str
+    rotary_dim: int
+    base: float
+    max_position_embeddings: int
+    seq_len: int | None
+    params: dict
 
-    # LongRoPE family: long factors once the sequence is longer than O (L = O+1 is long, L = O short)
-    half = dim // 2
-    short = _factor_list("short_factor", p["short_factor"], rope_type, half)
-    long = _factor_list("long_factor", p["long_factor"], rope_type, half)
-    ext = long if (seq_len is not None and seq_len > O) else short
-    if rope_type == "longrope":
-        f = p.get("factor", M / O)
-        if "attention_factor" in p:
-            scaling = float(p["attention_factor"])
-        else:
-            # s = sqrt(1 + ln f / ln O) for f > 1
-            scaling = 1.0 if f <= 1.0 else math.sqrt(1 + math.log(f) / math.log(O))
-        return RopeParameters(rope_theta=base, attention_scaling=scaling, factor=f, ext_factors=ext, **common)
-    # Phi-3 remote code: the scale is always M/O, and it accepts no factor/attention_factor
-    extra = sorted({"factor", "attention_factor"} & set(p))
-    _require(not extra, f"rope_type {rope_type!r} (Phi-3 remote code) takes no {extra}: its scale is always "
+    def result(self, **resolved) -> RopeParameters:
+        return RopeParameters(rope_type=self.rope_type, rotary_dim=self.rotary_dim, **resolved)
+
+    def original_max_position_embeddings(self) -> int:
+        """O; yarn, longrope and llama3 default it to M, as transformers' standardize_rope_params does."""
+        O = self.params.get("original_max_position_embeddings", self.max_position_embeddings)
+        _require(isinstance(O, (int, np.integer)) and O > 0,
+                 f"original_max_position_embeddings must be a positive integer (got {O!r})")
+        return int(O)
+
+
+def _resolve_default(r: _RopeRequest) -> RopeParameters:
+    return r.result(rope_theta=r.base, attention_scaling=1.0)
+
+
+def _resolve_linear(r: _RopeRequest) -> RopeParameters:
+    return r.result(rope_theta=r.base, attention_scaling=1.0, factor=r.params["factor"])
+
+
+def _resolve_dynamic(r: _RopeRequest) -> RopeParameters:
+    d, f, M = r.rotary_dim, r.params["factor"], r.max_position_embeddings
+    _require(d > 2, f"rope dynamic: rotary dim must be > 2 for the exponent d/(d−2) (got {d})")
+    # L = max(seq_len, M): the base only ever grows past the trained length
+    L = M if r.seq_len is None else max(r.seq_len, M)
+    # b' = b·(f·L/M − (f − 1))^(d/(d−2)), in Python float64 (transformers called directly, InternLM2)
+    enlarged = r.base * ((f * L / M) - (f - 1)) ** (d / (d - 2))
+    return r.result(rope_theta=enlarged, attention_scaling=1.0, factor=f)
+
+
+def _resolve_yarn(r: _RopeRequest) -> RopeParameters:
+    p, O = r.params, r.original_max_position_embeddings()
+    f = p.get("factor", r.max_position_embeddings / O)
+    if "attention_factor" in p:
+        scaling = float(p["attention_factor"])
+    elif p.get("mscale") and p.get("mscale_all_dim"):
+        # DeepSeek style: s = g(f, mscale) / g(f, mscale_all_dim)
+        scaling = float(yarn_get_mscale(f, p["mscale"]) / yarn_get_mscale(f, p["mscale_all_dim"]))
+    else:
+        scaling = yarn_get_mscale(f)
+    # 0 or None means "the paper's default" (transformers reads them with `or`)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+    low, high = yarn_correction_range(beta_fast, beta_slow, r.rotary_dim, r.base, O, p.get("truncate", True))
+    return r.result(rope_theta=r.base, attention_scaling=scaling, factor=f, yarn_low=low, yarn_high=high,
+                    original_max_position_embeddings=O)
+
+
+def _resolve_llama3(r: _RopeRequest) -> RopeParameters:
+    O = r.original_max_position_embeddings()
+    low_f, high_f = r.params["low_freq_factor"], r.params["high_freq_factor"]
+    _require(high_f > low_f, f"rope llama3: high_freq_factor ({high_f}) must exceed low_freq_factor ({low_f})")
+    return r.result(rope_theta=r.base, attention_scaling=1.0, factor=r.params["factor"], low_freq_factor=low_f,
+                    high_freq_factor=high_f, original_max_position_embeddings=O)
+
+
+def _ext_factors(r: _RopeRequest, O: int) -> tuple:
+    """LongRoPE family: the long factors once the sequence is longer than O (L = O+1 is long, L = O short)."""
+    half = r.rotary_dim // 2
+    short = _factor_list("short_factor", r.params["short_factor"], r.rope_type, half)
+    long = _factor_list("long_factor", r.params["long_factor"], r.rope_type, half)
+    return long if (r.seq_len is not None and r.seq_len > O) else short
+
+
+def _resolve_longrope(r: _RopeRequest) -> RopeParameters:
+    p, O = r.params, r.original_max_position_embeddings()
+    ext = _ext_factors(r, O)
+    f = p.get("factor", r.max_position_embeddings / O)
+    if "attention_factor" in p:
+        scaling = float(p["attention_factor"])
+    else:
+        # s = sqrt(1 + ln f / ln O) for f > 1
+        scaling = 1.0 if f <= 1.0 else math.sqrt(1 + math.log(f) / math.log(O))
+    return r.result(rope_theta=r.base, attention_scaling=scaling, factor=f, ext_factors=ext,
+                    original_max_position_embeddings=O)
+
+
+def _resolve_phi3(r: _RopeRequest) -> RopeParameters:
+    """Phi-3 remote code ('su', 'phi3_yarn'): the scale is always M/O, and it accepts no factor/attention_factor."""
+    O = r.original_max_position_embeddings()
+    ext = _ext_factors(r, O)
+    extra = sorted({"factor", "attention_factor"} & set(r.params))
+    _require(not extra, f"rope_type {r.rope_type!r} (Phi-3 remote code) takes no {extra}: its scale is always "
              f"max_position_embeddings/original_max_position_embeddings; use rope_type 'longrope' to set them")
-    scale = M / O
-    if rope_type == "su":
+    scale = r.max_position_embeddings / O
+    if r.rope_type == "su":
         # s = sqrt(1 + ln(M/O) / ln O)
         scaling = 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(O))
     else:
         # Phi-3's "yarn" is not YaRN: s = 0.1·ln(M/O) + 1, same factor lists as su
         scaling = 1.0 if scale <= 1.0 else 0.1 * math.log(scale) + 1.0
-    return RopeParameters(rope_theta=base, attention_scaling=scaling, factor=scale, ext_factors=ext, **common)
+    return r.result(rope_theta=r.base, attention_scaling=scaling, factor=scale, ext_factors=ext,
+                    original_max_position_embeddings=O)
+
+
+# one resolver per rope_type (the ROPE_TYPES, in that order), after rope_parameters' shared checks
+_RESOLVERS = {
+    "default": _resolve_default,
+    "linear": _resolve_linear,
+    "dynamic": _resolve_dynamic,
+    "yarn": _resolve_yarn,
+    "longrope": _resolve_longrope,
+    "llama3": _resolve_llama3,
+    "su": _resolve_phi3,
+    "phi3_yarn": _resolve_phi3,
+}
 
 
 def _float_dtype(dtype) -> np.dtype:

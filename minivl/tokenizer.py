@@ -12,6 +12,9 @@ a default system turn first when the conversation has none, and the generation p
 The tokenizer is byte-level BPE: every byte of UTF-8 is a symbol, so one token may end in the middle
 of a multi-byte character ("é" = 2 bytes, "😀" = 4). Streaming text therefore decodes the ids seen so
 far and prints only the new, complete characters (`IncrementalDecoder`).
+
+`load_tokenizer(directory)` reads a checkpoint's tokenizer.json, else its SentencePiece tokenizer.model
+as InternLM2's tokenizer (minivl/tokenizer_internlm2.py: InternVL2-2B/-8B/-26B ship only that).
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ import os
 from pathlib import Path
 
 from minivl.errors import CheckpointError, GenerationError
+
+# the tokenizer files minivl reads, in the order it looks for them
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 SMOLLM2_SYSTEM_MESSAGE = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 _REPLACEMENT = "\ufffd"  # what decoding prints for bytes that do not (yet) form a whole character
@@ -40,12 +46,12 @@ class Tokenizer:
         self.default_system_message = default_system_message
         for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
             token = getattr(self, name)
-            if token is not None and backend.token_to_id(token) is None:
+            if token is not None and self.token_to_id(token) is None:
                 raise CheckpointError(f"tokenizer_config.json names {name}={token!r}, which is not in the vocabulary")
         # generation stops at any of these (ChatML: <|im_end|>, plus the end-of-text token if present)
         stops = stop_tokens if stop_tokens is not None else [eos_token, "<|im_end|>", "<|endoftext|>"]
-        self.stop_token_ids = sorted({backend.token_to_id(t) for t in stops
-                                      if t is not None and backend.token_to_id(t) is not None})
+        self.stop_token_ids = sorted({self.token_to_id(t) for t in stops
+                                      if t is not None and self.token_to_id(t) is not None})
 
     # ------------------------------------------------------------------ construction
 
@@ -96,7 +102,7 @@ class Tokenizer:
         return self.backend.id_to_token(int(token_id))
 
     def _id(self, token):
-        return None if token is None else self.backend.token_to_id(token)
+        return None if token is None else self.token_to_id(token)
 
     @property
     def bos_token_id(self):
@@ -122,7 +128,7 @@ class Tokenizer:
 
     @property
     def special_token_ids(self) -> list[int]:
-        return [self.backend.token_to_id(t) for t in self.special_tokens]
+        return [self.token_to_id(t) for t in self.special_tokens]
 
     # ------------------------------------------------------------------ text <-> ids
 
@@ -168,8 +174,12 @@ class Tokenizer:
         return text
 
     def encode_chat(self, messages, add_generation_prompt: bool = True, system_message: str | None = None) -> list[int]:
-        """Token ids of `apply_chat_template(messages, ...)`."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, system_message))
+        """Token ids of `apply_chat_template(messages, ...)`, after a BOS if the tokenizer prepends one.
+
+        (InternLM2's and Phi-3's chat templates begin with `{{ bos_token }}`; SmolLM2's and Qwen2's with none.)
+        """
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, system_message),
+                           add_special_tokens=True)
 
     def incremental_decoder(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
         return IncrementalDecoder(self, skip_special_tokens)
@@ -193,9 +203,12 @@ class IncrementalDecoder:
         """Append token id(s); return the newly completed text ("" if none yet)."""
         self.ids.extend(int(i) for i in ([token_ids] if isinstance(token_ids, int) else token_ids))
         full = self.tokenizer.decode(self.ids, self.skip_special_tokens)
-        if full.endswith(_REPLACEMENT) or not full.startswith(self.text):
+        # trailing spaces wait for the next token: a decoder may still remove them (InternLM2 cleans
+        # "a ." up to "a."), and what has been printed cannot be taken back
+        stable = full.rstrip(" ")
+        if stable.endswith(_REPLACEMENT) or not stable.startswith(self.text):
             return ""  # an unfinished UTF-8 sequence: wait for the next token
-        new, self.text = full[len(self.text):], full
+        new, self.text = stable[len(self.text):], stable
         return new
 
     def flush(self) -> str:
@@ -203,3 +216,19 @@ class IncrementalDecoder:
         full = self.tokenizer.decode(self.ids, self.skip_special_tokens)
         new, self.text = full[len(self.text):] if full.startswith(self.text) else "", full
         return new
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a checkpoint directory: tokenizer.json (the `tokenizers` library's), else a
+    SentencePiece tokenizer.model read as InternLM2's (InternVL2-2B/-8B/-26B), each with its
+    tokenizer_config.json."""
+    directory = Path(directory)
+    if (directory / "tokenizer.json").is_file():
+        return Tokenizer.from_file(directory)
+    if (directory / "tokenizer.model").is_file():
+        from minivl.tokenizer_internlm2 import InternLM2Tokenizer
+
+        return InternLM2Tokenizer.from_file(directory)
+    raise CheckpointError(f"{directory} has no tokenizer: minivl reads tokenizer.json (a `tokenizers` JSON) or "
+                          f"tokenizer.model (SentencePiece, as InternLM2 ships it), with tokenizer_config.json; "
+                          f"copy the checkpoint's tokenizer files into the directory")

@@ -154,19 +154,22 @@ def rope_atlas(inv_freqs: dict, original_max_position_embeddings: int | None = N
                title="RoPE frequencies per dimension pair"):
     """inv_freq and wavelength per dimension pair, one line per scaling type.
 
-    inv_freqs: {name: [d/2]} -> Figure with two panels (log scale): the angular frequency ω_j
+    inv_freqs: {name: [d/2]} (the first is drawn as the reference, wide and pale underneath)
+    -> Figure with two panels (log scale): the angular frequency ω_j
     (radians per position) and the wavelength 2π/ω_j (positions per full turn). A dashed line marks
     the original context length: pairs above it never complete a turn inside that context.
     """
     if not inv_freqs:
         raise ShapeError("rope_atlas needs at least one {name: inv_freq} entry")
     fig, (ax_freq, ax_wave) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, inv_freq in inv_freqs.items():
+    for index, (name, inv_freq) in enumerate(inv_freqs.items()):
         inv_freq = _check_rank(f"inv_freq[{name}]", inv_freq, (1,)).astype(np.float64)
         pairs = np.arange(inv_freq.size)
-        ax_freq.plot(pairs, inv_freq, label=name, linewidth=1.5)
+        # the first entry is the reference: wide and pale underneath, visible where others coincide with it
+        style = dict(linewidth=5, alpha=0.35, zorder=1) if index == 0 else dict(linewidth=1.5, zorder=2)
+        ax_freq.plot(pairs, inv_freq, label=name, **style)
         # wavelength λ_j = 2π / ω_j
-        ax_wave.plot(pairs, 2 * np.pi / inv_freq, label=name, linewidth=1.5)
+        ax_wave.plot(pairs, 2 * np.pi / inv_freq, label=name, **style)
     ax_freq.set_yscale("log")
     ax_freq.set_xlabel("dimension pair j")
     ax_freq.set_ylabel(r"$\omega_j$ (radians per position)")
@@ -211,7 +214,7 @@ def rope_pair_rotation(inv_freq, pair_indices=(0, 8, 16), positions=None, title=
         ax.set_xlim(-1.15, 1.15)
         ax.set_ylim(-1.15, 1.15)
         turns = positions.max() * inv_freq[j] / (2 * np.pi)
-        plural = "" if round(turns, 3) == 1 else "s"
+        plural = "" if f"{turns:.3g}" == "1" else "s"  # the plural of the number as printed
         ax.set_title(f"pair j={j}: $\\omega$={inv_freq[j]:.3g} rad/pos\n{turns:.3g} turn{plural} over the positions",
                      fontsize=9)
         ax.set_xlabel("component j")

@@ -7,7 +7,7 @@ import sys
 
 from minivl.errors import MinivlError
 
-COMMANDS = ["chat", "perplexity", "parity", "describe_image", "viz", "convert"]
+COMMANDS = ["chat", "perplexity", "parity", "describe_image", "viz", "convert", "trace"]  # trace also registers diff
 
 
 def build_parser() -> argparse.ArgumentParser:

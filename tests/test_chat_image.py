@@ -133,9 +133,10 @@ def test_internvl_without_tokenizer_json(checkpoints, tmp_path, picture):
     bare = tmp_path / "no_tokenizer"
     shutil.copytree(checkpoints["qwen2"], bare)
     os.remove(bare / "tokenizer.json")
-    (bare / "tokenizer.model").write_bytes(b"\x00sentencepiece")
-    with pytest.raises(CheckpointError, match=r"no tokenizer\.json \(it has a SentencePiece tokenizer\.model\).*"
-                                              r"tokenizer\.model is not supported"):
+    with pytest.raises(CheckpointError, match=r"has no tokenizer: minivl reads tokenizer\.json .* or tokenizer\.model"):
+        chat_command.run(chat_command_args(["--model-dir", str(bare), "--image", picture, "hi"]))
+    (bare / "tokenizer.model").write_bytes(b"\x00sentencepiece")  # InternLM2's file, but not a SentencePiece model
+    with pytest.raises(CheckpointError, match=r"cannot read .*tokenizer\.model as a SentencePiece model"):
         chat_command.run(chat_command_args(["--model-dir", str(bare), "--image", picture, "hi"]))
 
 

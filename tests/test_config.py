@@ -350,3 +350,56 @@ def test_from_dict_does_not_mutate_its_input():
     before = copy.deepcopy(raw)
     InternVLChatConfig.from_dict(raw)
     assert raw == before
+
+
+# ---------------------------------------------------------------------------------------------------
+# fields that later index or divide: refused at load time, not as an IndexError or a miscount later
+# (issue 16). Each case: the kwargs, then fragments that must all be in the message (field, value, fix).
+
+def chat_kwargs(**overrides):
+    """A 300M-like ViT (24 layers, 448-px tiles of 14-px patches) with a Llama LLM, plus overrides."""
+    vision = {"image_size": 448, "patch_size": 14, "num_hidden_layers": 24, "hidden_size": 64,
+              "num_attention_heads": 4, "intermediate_size": 128}
+    vision.update(overrides.pop("vision", {}))
+    return dict(vision_config=vision, llm_config={"architectures": ["LlamaForCausalLM"]}, **overrides)
+
+
+INDEXING_FIELDS = [
+    ("select_layer below the embeddings", chat_kwargs(select_layer=-26),
+     ["select_layer (-26)", "num_hidden_layers is 24", "[-25, 24]", "use -1"]),
+    ("select_layer past the last layer", chat_kwargs(select_layer=25),
+     ["select_layer (25)", "num_hidden_layers is 24", "[-25, 24]", "use -1"]),
+    ("force_image_size not whole patches", chat_kwargs(force_image_size=450),
+     ["force_image_size (450)", "patch_size (14)", "use 448 or 462"]),
+    ("vision image_size not whole patches", chat_kwargs(vision={"image_size": 230}),
+     ["vision_config: InternVisionConfig: image_size (230)", "patch_size (14)", "use 224 or 238"]),
+    ("downsample_ratio not 1/r", chat_kwargs(force_image_size=448, downsample_ratio=0.4),
+     ["downsample_ratio 0.4", "32x32 patch grid", "1/r for a whole number r dividing 32", "0.5, 0.25"]),
+    ("downsample_ratio r not dividing the grid", chat_kwargs(force_image_size=84, downsample_ratio=0.25),
+     ["downsample_ratio 0.25", "6x6 patch grid", "0.5, 0.333333, 0.166667", "change force_image_size"]),
+    # 392 px = 28 patches, r = 7 divides it, but the reference's int(28²·(1/7)²) is 15, not the 16 the
+    # shuffle makes: the prompt would carry one tile's worth of <IMG_CONTEXT> too few
+    ("downsample_ratio miscounted by the reference formula", chat_kwargs(force_image_size=392, downsample_ratio=1 / 7),
+     ["downsample_ratio 0.142857", "28x28 patch grid", "change force_image_size or downsample_ratio"]),
+    ("min_dynamic_patch above max", chat_kwargs(min_dynamic_patch=8, max_dynamic_patch=6),
+     ["min_dynamic_patch (8)", "max_dynamic_patch (6)", "swap them"]),
+]
+
+
+@pytest.mark.parametrize("kwargs, fragments", [case[1:] for case in INDEXING_FIELDS],
+                         ids=[case[0] for case in INDEXING_FIELDS])
+def test_fields_that_index_or_divide_are_checked(kwargs, fragments):
+    with pytest.raises(ConfigError) as info:
+        InternVLChatConfig(**kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_valid_edge_values_of_the_indexing_fields_load():
+    # select_layer -(L+1) is hidden_states[0] (the embeddings) and L the last layer: both valid indices
+    assert InternVLChatConfig(**chat_kwargs(select_layer=-25)).select_layer == -25
+    assert InternVLChatConfig(**chat_kwargs(select_layer=24)).select_layer == 24
+    # 1/4 on a 32-patch grid: 8×8 = 64 tokens per tile; 1 (no shuffle) keeps all 1024
+    assert InternVLChatConfig(**chat_kwargs(downsample_ratio=0.25)).num_image_token == 64
+    assert InternVLChatConfig(**chat_kwargs(downsample_ratio=1.0)).num_image_token == 1024
+    assert InternVLChatConfig(**chat_kwargs(min_dynamic_patch=6, max_dynamic_patch=6)).max_dynamic_patch == 6

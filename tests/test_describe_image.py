@@ -41,6 +41,8 @@ def test_tokens_per_tile_is_256_for_internvl2():
     assert tokens_per_tile(224, 14, 0.5) == 64
     with pytest.raises(ConfigError, match="multiple of --patch-size"):
         tokens_per_tile(450, 14, 0.5)
+    with pytest.raises(ConfigError, match=r"downsample_ratio must be a float in \(0, 1\] \(got 0\)"):
+        tokens_per_tile(448, 14, 0)
 
 
 def test_describe_counts_tiles_and_tokens(tmp_path, rng):

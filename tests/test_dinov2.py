@@ -76,7 +76,7 @@ def test_converted_checkpoint_layout(checkpoint, model):
         == (384, 6, 1536, 12)
     assert (config.norm_type, config.qkv_bias, config.qk_normalization) == ("layer_norm", True, False)
     assert config.image_size == 518 and config.patch_size == 14
-    assert model.params["embeddings.position_embedding"].shape == (1, 1 + 37 * 37, 384)
+    assert model.embeddings.position_embedding.shape == (1, 1 + 37 * 37, 384)
     assert config.extra["final_norm"]["type"] == "layer_norm"
     assert sorted(os.listdir(checkpoint)) == ["config.json", "model.safetensors"]
 

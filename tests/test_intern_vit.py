@@ -132,11 +132,11 @@ def test_qk_norm_is_one_rmsnorm_over_all_heads(tmp_path, rng):
     """6B attention against a direct transcription of InternVL's `_naive_attn` (MIV:210-227) in torch."""
     _, config, state = _tiny(tmp_path, "6b")
     model = InternVisionModel.from_state_dict(config, state, "float64")
-    from minivl.models.intern_vit import intern_attention
+    layer = model.encoder.layers[0]
 
     x = rng.standard_normal((2, 17, config.hidden_size))
-    ours, _ = intern_attention(x, model.layers[0], config)
-    t = {k: torch.from_numpy(v) for k, v in model.layers[0].items()}
+    ours, _ = layer.attn(x)
+    t = {k: torch.from_numpy(v) for k, v in layer.state_dict().items()}
     B, N, C = x.shape
     H, D = config.num_attention_heads, C // config.num_attention_heads
     qkv = (torch.from_numpy(x) @ t["attn.qkv.weight"].T).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
@@ -187,10 +187,11 @@ def test_bf16_checkpoint_loads_upcast(tmp_path, rng):
     # independent reader (the safetensors package) + torch's bf16 -> float32 cast: bf16 -> float32 is
     # exact, so every tensor must be bit-identical (tolerance 0)
     reference = load_file(os.path.join(directory, "model.safetensors"))
-    assert set(reference) == set(model.params) and {t.dtype for t in reference.values()} == {torch.bfloat16}
+    params = model.state_dict()
+    assert set(reference) == set(params) and {t.dtype for t in reference.values()} == {torch.bfloat16}
     for name, tensor in reference.items():
-        assert model.params[name].dtype == np.float32, name
-        np.testing.assert_array_equal(model.params[name], tensor.float().numpy(), err_msg=name)
+        assert params[name].dtype == np.float32, name
+        np.testing.assert_array_equal(params[name], tensor.float().numpy(), err_msg=name)
     pixels = _pixels(rng, 1, 56, 56, np.float32)
     out = model(pixels).last_hidden_state
     with torch.no_grad():
@@ -301,3 +302,28 @@ def test_numpy_matches_transformers_internvl_vision(tmp_path, rng, flavour, dtyp
     assert len(ref.hidden_states) == len(out.hidden_states)
     for i, (a, r) in enumerate(zip(out.hidden_states, ref.hidden_states)):
         assert_close(a, r, rtol=rtol, atol=atol, what=f"{flavour} vs transformers hidden_states[{i}]")
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_both_packages_build_the_same_tree_with_the_checkpoint_keys(tmp_path, flavour):
+    """The mirror rule for InternViT: module for module, parameter for parameter, the checkpoint's keys."""
+    directory, config, state = _tiny(tmp_path, flavour)
+    ours, theirs = minivl.load_model(directory), torch_impl.load_model(directory)
+    assert [(n, type(m).__name__) for n, m in ours.named_modules()] == \
+        [(n, type(m).__name__) for n, m in theirs.named_modules()]
+    assert [(k, tuple(v.shape)) for k, v in ours.state_dict().items()] == \
+        [(k, tuple(v.shape)) for k, v in theirs.state_dict().items()]
+    assert set(ours.state_dict()) == set(state)
+    for key, array in state.items():  # tolerance 0: float64 file -> float32 model, one rounding on both sides
+        np.testing.assert_array_equal(ours.state_dict()[key], np.asarray(array, dtype=np.float32), err_msg=key)
+        np.testing.assert_array_equal(theirs.state_dict()[key].numpy(), ours.state_dict()[key], err_msg=key)
+    assert InternVisionModel.expected_shapes(config) == TorchInternVisionModel.expected_shapes(config) == \
+        {key: tuple(array.shape) for key, array in state.items()}
+    # the attribute paths of issue 11, in both packages
+    for model in (ours, theirs):
+        layer = model.encoder.layers[0]
+        assert tuple(layer.attn.qkv.weight.shape) == (3 * config.hidden_size, config.hidden_size)
+        assert hasattr(layer.attn, "q_norm") == hasattr(layer.attn, "k_norm") == (flavour == "6b")
+        assert tuple(layer.mlp.fc1.weight.shape) == (config.intermediate_size, config.hidden_size)
+        assert tuple(layer.ls1.shape) == tuple(layer.ls2.shape) == (config.hidden_size,)
+        assert tuple(model.embeddings.patch_embedding.weight.shape) == (config.hidden_size, 3, 14, 14)

@@ -415,6 +415,17 @@ def test_torch_state_dict_keys_are_the_checkpoints(models, checkpoints):
     assert set(twin.state_dict()) == set(load_state_dict(checkpoints[("phi3", "300m")]))
 
 
+@pytest.mark.parametrize("key", [("qwen2", "300m"), ("internlm2", "6b")], ids=["qwen2-300m", "internlm2-6b"])
+def test_numpy_state_dict_is_the_checkpoint(models, checkpoints, key):
+    """The NumPy module tree holds every checkpoint tensor under its own key, with its values (tolerance 0)."""
+    model, twin, _ = models(key, "float32")
+    state = load_state_dict(checkpoints[key])
+    ours = model.state_dict()
+    assert set(ours) == set(state) == set(twin.state_dict())
+    for name, tensor in state.items():
+        np.testing.assert_array_equal(ours[name], np.asarray(tensor, dtype=np.float32), err_msg=name)
+
+
 # ----------------------------------------------------------------------------- independent reference
 
 def _to_transformers(config, state: dict) -> dict:
@@ -547,3 +558,21 @@ def test_image_file_to_answer_in_both_packages(models, tmp_path, monkeypatch):
     config = dict(max_new_tokens=4)
     answer = model.chat(tokenizer, pixel_values, "What is shown?", dict(config))
     assert twin.chat(tokenizer, torch.from_numpy(pixel_values), "What is shown?", dict(config)) == answer
+
+
+@pytest.mark.parametrize("key", [("phi3", "300m"), ("internlm2", "6b")], ids=["phi3-300m", "internlm2-6b"])
+def test_both_packages_build_the_same_tree(models, checkpoints, key):
+    """The mirror rule for the chat model: vision_model / language_model / mlp1, module for module."""
+    model, twin, _ = models(key, "float32")
+    assert [(n, type(m).__name__) for n, m in model.named_modules()] == \
+        [(n, type(m).__name__) for n, m in twin.named_modules()]
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == \
+        [(k, tuple(v.shape)) for k, v in twin.state_dict().items()]
+    config = model.config
+    assert InternVLChatModel.expected_shapes(config) == TorchInternVLChatModel.expected_shapes(config) == \
+        {k: tuple(v.shape) for k, v in load_state_dict(checkpoints[key]).items()}
+    for chat_model in (model, twin):
+        children = [name for name, _ in chat_model.named_modules() if name and "." not in name]
+        assert children == ["vision_model", "language_model", "mlp1"]
+        assert chat_model.mlp1[1].weight.shape[0] == config.llm_config.hidden_size
+        assert chat_model.vision_model.encoder.layers[0].attn.proj.weight.shape[0] == config.vision_config.hidden_size

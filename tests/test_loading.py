@@ -42,7 +42,7 @@ def test_half_precision_checkpoints_upcast_exactly_in_numpy(tmp_path, stored):
     ours = minivl.load_model(path, dtype="float64")
     theirs = torch_impl.load_model(path, dtype="float64")
     # bf16/fp16 -> float64 is exact, so both packages hold identical weights
-    np.testing.assert_array_equal(ours.embed_weight, theirs.model.tok_embeddings.weight.numpy())
+    np.testing.assert_array_equal(ours.model.tok_embeddings.weight, theirs.model.tok_embeddings.weight.numpy())
     assert_parity(ours(IDS).logits, theirs(torch.tensor(IDS)).logits, "float64")
     assert torch_impl.load_model(path, dtype=stored).model.norm.weight.dtype == getattr(torch, stored)
 
@@ -88,7 +88,7 @@ def test_tied_head_uses_the_embedding(tmp_path):
     path = write_tiny_llm(tmp_path / "llama", "llama")  # tie_word_embeddings true: no lm_head.weight stored
     assert "lm_head.weight" not in load_state_dict(path)
     ours, theirs = minivl.load_model(path), torch_impl.load_model(path)
-    assert ours.lm_head_weight is ours.embed_weight
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
     assert theirs.lm_head.weight is theirs.model.embed_tokens.weight
     # untied but the head missing: named as missing
     untied = write_tiny_llm(tmp_path / "untied", "llama")

@@ -46,7 +46,7 @@ def test_prefill_every_layer_matches_torch(models, family, dtype):
     ids = np.random.default_rng(1).integers(3, 300, (2, 11))
     out = np_model(ids, output_hidden_states=True)
     ref = torch_model(torch.tensor(ids), output_hidden_states=True)
-    n_layers = len(np_model.layers) if hasattr(np_model, "layers") else len(np_model.blocks)
+    n_layers = len(np_model.get_submodule(np_model.layers_path))
     # L + 2 hidden states: embedding, each block, final norm
     assert len(out.hidden_states) == len(ref.hidden_states) == n_layers + 2
     for i, (a, r) in enumerate(zip(out.hidden_states, ref.hidden_states)):
@@ -97,6 +97,55 @@ def test_left_padded_batch_matches_rows_alone(models, family, dtype):
         assert_parity(batch_torch[i, -n:], alone, dtype, CACHE_ULPS, what=f"{family} {dtype} padded row {i} (torch)")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_output_attentions_match_torch(models, family, dtype):
+    """forward(output_attentions=True): L probability tensors [b, H, s, t], the same in both packages, for a
+    left-padded prefill and a cached decode step (t = cached + new keys); asking for them changes no logit.
+    Probabilities are <= 1, so MODEL_ULPS of their max bounds the same summation-order differences as above
+    (measured worst 7.0 ulps, Phi-3 float32; 2.2-6.0 for the others)."""
+    np_model, torch_model = models(family, dtype)
+    ids, mask, _ = left_padded_batch(np.random.default_rng(11), [8, 5], 300)
+    positions = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)
+    out = np_model(ids, attention_mask=mask, position_ids=positions, use_cache=True, output_attentions=True)
+    ref = torch_model(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions),
+                      use_cache=True, output_attentions=True)
+    n_heads = np_model.config.num_attention_heads if family[:3] != "mpt" else np_model.config.n_heads
+    assert len(out.attentions) == len(ref.attentions) == len(np_model.get_submodule(np_model.layers_path))
+    for i, (a, r) in enumerate(zip(out.attentions, ref.attentions)):
+        assert a.shape == tuple(r.shape) == (2, n_heads, 8, 8) and a.dtype == np.dtype(dtype)
+        assert_parity(a, r, dtype, what=f"{family} {dtype} attentions[{i}]")
+        # each real query's row is a distribution over real, earlier keys
+        real = mask.astype(bool)
+        np.testing.assert_allclose(a.sum(-1)[:, :, real[1]][1], 1.0, rtol=1e-6)
+        assert np.all(a[1][..., ~real[1]][:, real[1]] == 0)
+        assert np.all(np.triu(a[0], k=1) == 0)
+    np.testing.assert_array_equal(out.logits, np_model(ids, attention_mask=mask, position_ids=positions).logits)
+    assert np_model(ids).attentions is None and torch_model(torch.tensor(ids)).attentions is None
+    # one cached step: one query against 9 keys
+    mask2 = np.concatenate([mask, np.ones((2, 1), mask.dtype)], 1)
+    step, position = np.array([[7], [8]]), mask.sum(-1, keepdims=True)
+    a = np_model(step, attention_mask=mask2, position_ids=position, past_key_values=out.past_key_values,
+                 output_attentions=True).attentions
+    r = torch_model(torch.tensor(step), attention_mask=torch.tensor(mask2), position_ids=torch.tensor(position),
+                    past_key_values=ref.past_key_values, output_attentions=True).attentions
+    for i in range(len(a)):
+        assert a[i].shape == (2, n_heads, 1, 9)
+        assert_parity(a[i], r[i], dtype, CACHE_ULPS, what=f"{family} {dtype} decode attentions[{i}]")
+
+
+def test_output_attentions_on_a_fused_backend_run_eager(checkpoints):
+    """sdpa never forms the probabilities: asking for them runs that call eagerly (transformers falls back too)."""
+    eager = torch_impl.load_model(checkpoints["qwen2"], attn_implementation="eager")
+    sdpa = torch_impl.load_model(checkpoints["qwen2"], attn_implementation="sdpa")
+    ids = torch.tensor(np.random.default_rng(12).integers(3, 300, (1, 7)))
+    a, b = eager(ids, output_attentions=True), sdpa(ids, output_attentions=True)
+    for i in range(len(a.attentions)):
+        torch.testing.assert_close(b.attentions[i], a.attentions[i], rtol=0, atol=0)
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=0)
+    assert sdpa.attn_implementation == "sdpa"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_inputs_embeds_equal_input_ids(models, family):
     """forward(inputs_embeds=embed_tokens(ids)) == forward(ids): the path the chat model takes."""
@@ -117,8 +166,8 @@ def test_bfloat16_checkpoint_loads_into_numpy_without_torch(tmp_path):
     path = write_tiny_llm(tmp_path / "q", "qwen2", dtype="bfloat16")
     np_model = minivl.load_model(path, dtype="float32")
     torch_model = torch_impl.load_model(path, dtype="float32")
-    assert np_model.embed_weight.dtype == np.float32
-    np.testing.assert_array_equal(np_model.embed_weight, torch_model.model.embed_tokens.weight.numpy())
+    assert np_model.model.embed_tokens.weight.dtype == np.float32
+    np.testing.assert_array_equal(np_model.model.embed_tokens.weight, torch_model.model.embed_tokens.weight.numpy())
     ids = np.arange(3, 12)[None]
     assert_parity(np_model(ids).logits, torch_model(torch.tensor(ids)).logits, "float32")
 

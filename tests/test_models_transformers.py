@@ -94,6 +94,21 @@ def test_prefill_logits_and_hidden_states_match_transformers(pairs, case):
     assert_parity(out.hidden_states[-1], ref.hidden_states[-1], "float32", TF_ULPS, what=f"{case} final norm")
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_probabilities_match_transformers(pairs, case):
+    """output_attentions=True: each layer's softmax probabilities [b, H, s, t] against transformers' eager
+    attn_weights (the windowed Qwen2 case shows the window). Probabilities are <= 1: TF_ULPS of their max.
+    Measured worst: 11.0 ulps (phi3_window), 2.5-7.5 for the others; layer 0 against layer 1 is off by ~6e6."""
+    ours, theirs = pairs(case)
+    ids = np.random.default_rng(10).integers(3, 300, (2, 12))
+    out = ours(ids, output_attentions=True)
+    ref = theirs(torch.tensor(ids), output_attentions=True)
+    assert len(out.attentions) == len(ref.attentions) > 0
+    for i, (a, r) in enumerate(zip(out.attentions, ref.attentions)):
+        assert a.shape == tuple(r.shape) and a.shape[-2:] == (12, 12)
+        assert_parity(a, r, "float32", TF_ULPS, what=f"{case} attentions[{i}] vs transformers")
+
+
 @pytest.mark.parametrize("case", ["llama", "qwen2", "phi3", "mpt_alibi"])
 def test_left_padded_greedy_generation_matches_transformers(pairs, case):
     ours, theirs = pairs(case)
@@ -138,6 +153,16 @@ def test_internlm2_matches_transformers_llama_after_wqkv_split(internlm2_pair):
     ours = minivl.load_model(path)
     ids = np.random.default_rng(8).integers(3, 300, (2, 12))
     assert_parity(ours(ids).logits, theirs(torch.tensor(ids)).logits, "float32", TF_ULPS, what="internlm2 vs llama")
+
+
+def test_internlm2_attention_probabilities_match_transformers_llama(internlm2_pair):
+    """The wqkv split puts every query head against its own KV head: per-head probabilities show it."""
+    path, theirs = internlm2_pair
+    ours = minivl.load_model(path)
+    ids = np.random.default_rng(8).integers(3, 300, (2, 12))
+    ref = theirs(torch.tensor(ids), output_attentions=True).attentions
+    for i, a in enumerate(ours(ids, output_attentions=True).attentions):
+        assert_parity(a, ref[i], "float32", TF_ULPS, what=f"internlm2 attentions[{i}] vs llama")
 
 
 def test_internlm2_dynamic_ntk_past_max_positions_matches_transformers(internlm2_pair):

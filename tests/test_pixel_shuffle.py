@@ -68,6 +68,14 @@ def test_num_image_token():
     assert num_image_token(224, 14, 0.25) == 16
 
 
+@pytest.mark.parametrize("ratio", [0, -0.5, 0.3, 1.5])
+def test_num_image_token_refuses_a_ratio_that_is_not_one_over_a_whole_number(ratio):
+    # describe-image --downsample-ratio 0 used to print "0 image tokens"
+    with pytest.raises(ConfigError, match="downsample_ratio") as info:
+        num_image_token(448, 14, ratio)
+    assert repr(ratio) in str(info.value) and "InternVL uses 0.5" in str(info.value)
+
+
 def test_errors():
     with pytest.raises(ShapeError, match="divisible"):
         pixel_shuffle(np.zeros((1, 3, 4, 2)), 0.5)

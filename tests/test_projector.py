@@ -63,7 +63,7 @@ def test_eps_is_torch_default_not_the_vit_one(rng):
     assert MLP1_LAYER_NORM_EPS == 1e-5
     rtol, atol = tolerance("float64", 64, 64, scale=2.0)
     assert_close(y, ref, rtol=rtol, atol=atol, what="mlp1 with a near-constant input")
-    wrong = Projector({k: v for k, v in state.items()}, eps=1e-6)(x)
+    wrong = Projector.from_state_dict({"mlp1." + k: v for k, v in state.items()}, dtype=np.float64, eps=1e-6)(x)
     assert np.abs(wrong - ref).max() > 1e-3
 
 

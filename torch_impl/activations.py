@@ -18,6 +18,11 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up, SwiGLU's gated product (the twin of minivl's one-buffer version). [...], [...] -> [...]"""
+    return F.silu(gate) * up
+
+
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """Exact GELU (Hendrycks & Gimpel, 2016), HF ACT2FN['gelu'] = torch gelu(approximate='none').
 

@@ -102,6 +102,41 @@ def softmax(scores: torch.Tensor, softmax_dtype: str | torch.dtype | None = "flo
     return torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, softmax_dtype))
 
 
+def causal_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor, bias=None,
+                            block_q: int = 128, **attention_options) -> torch.Tensor:
+    """Fast path of `scaled_dot_product_attention` for a causal mask: query blocks skip the keys they cannot see.
+
+    The twin of minivl.attention.causal_attention_blocks (see its docstring): block [i0, i1) of the
+    queries reads only the keys [0, t − s + i1) unless its skipped keys are not all hidden or one
+    of its rows has no visible key left; each block is `scaled_dot_product_attention` on its slice.
+    q [b, H, s, d], k/v [b, K, t, d], mask/bias broadcastable to [b, H, s, t] -> [b, H, s, d]
+    """
+    q_len, kv_len = q.shape[2], k.shape[2]
+    check_additive("mask", mask, (q.shape[0], q.shape[1], q_len, kv_len))
+    if q_len <= block_q or mask.shape[-2] != q_len:  # one block, or a mask without per-query rows
+        return scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, **attention_options)
+    hidden = torch.finfo(mask.dtype).min  # the masks' fill value (doubly masked entries are −inf)
+    out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
+    for start in range(0, q_len, block_q):
+        stop = min(start + block_q, q_len)
+        block_mask = mask[..., start:stop, :]
+        # the block's last query sits at position t − s + stop − 1: keys from t − s + stop on are hidden
+        keys = kv_len - q_len + stop
+        if bool((block_mask[..., keys:] > hidden).any()) or not bool((block_mask[..., :keys].amax(dim=-1) > hidden).all()):
+            keys = kv_len
+        block_bias = None if bias is None else _block(bias, start, stop, keys)
+        out[:, :, start:stop] = scaled_dot_product_attention(
+            q[:, :, start:stop], k[:, :, :keys], v[:, :, :keys], mask=block_mask[..., :keys], bias=block_bias,
+            **attention_options)
+    return out
+
+
+def _block(additive: torch.Tensor, start: int, stop: int, keys: int) -> torch.Tensor:
+    """Rows start:stop (unless broadcast over queries) and the first `keys` columns of an additive [.., s, t] term."""
+    rows = additive[..., start:stop, :] if additive.shape[-2] > 1 else additive
+    return rows[..., :keys] if additive.shape[-1] > 1 else rows
+
+
 def causal_mask(q_len: int, kv_len: int, dtype, sliding_window: int | None = None, device=None) -> torch.Tensor:
     """Additive causal mask, bottom-right aligned for cached decode, with an optional sliding window.
 
@@ -165,11 +200,15 @@ class KVCache:
     """Per-layer key/value cache: post-RoPE, pre-GQA-expansion tensors grown along the sequence axis.
 
     Layout [b, n_kv_heads, t, d] per layer, like InternLM2's legacy tuples and HF DynamicCache.
+    Each layer's keys and values live in one preallocated buffer whose capacity doubles when it is
+    full, so a decode step writes its new column in place instead of concatenating (copying) the
+    whole cache; `key_cache[i]` / `value_cache[i]` are views of the filled part.
     """
 
     def __init__(self):
         self.key_cache: list[torch.Tensor] = []
         self.value_cache: list[torch.Tensor] = []
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's k, v for one layer and return everything cached for it.
@@ -177,12 +216,23 @@ class KVCache:
         [b, n_kv, s, d], [b, n_kv, s, d] -> ([b, n_kv, past + s, d], [b, n_kv, past + s, d])
         """
         _check_cache_entry(self, layer_idx, k, v)
-        if layer_idx == len(self.key_cache):
-            self.key_cache.append(k)
-            self.value_cache.append(v)
-        else:
-            self.key_cache[layer_idx] = torch.cat([self.key_cache[layer_idx], k], dim=2)
-            self.value_cache[layer_idx] = torch.cat([self.value_cache[layer_idx], v], dim=2)
+        past = self.get_seq_length(layer_idx)
+        length = past + k.shape[2]
+        if layer_idx == len(self._buffers) or length > self._buffers[layer_idx][0].shape[2]:
+            # capacity: at least double, so t tokens cost O(t) copies in all, not O(t²)
+            capacity = max(length, 2 * past, 16)
+            grown = tuple(x.new_empty(x.shape[:2] + (capacity,) + x.shape[3:]) for x in (k, v))
+            if past:
+                grown[0][:, :, :past], grown[1][:, :, :past] = self.key_cache[layer_idx], self.value_cache[layer_idx]
+            if layer_idx == len(self._buffers):
+                self._buffers.append(grown)
+                self.key_cache.append(None)
+                self.value_cache.append(None)
+            else:
+                self._buffers[layer_idx] = grown
+        key_buffer, value_buffer = self._buffers[layer_idx]
+        key_buffer[:, :, past:length], value_buffer[:, :, past:length] = k, v
+        self.key_cache[layer_idx], self.value_cache[layer_idx] = key_buffer[:, :, :length], value_buffer[:, :, :length]
         return self.key_cache[layer_idx], self.value_cache[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

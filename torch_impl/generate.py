@@ -68,7 +68,7 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, max
     position_ids = position_ids_from_mask(mask)
     out = model.forward(input_ids=prompt if input_ids is not None else None,
                         inputs_embeds=prompt if inputs_embeds is not None else None,
-                        attention_mask=mask, position_ids=position_ids, use_cache=True)
+                        attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generated = []

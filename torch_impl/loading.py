@@ -9,7 +9,7 @@ import inspect
 import os
 
 from minivl.loading import plan_load, strip_prefix
-from torch_impl.models.common import as_torch_dtype, check_attn_implementation
+from torch_impl.models.common import as_model_dtype, check_attn_implementation
 
 
 def load_model(path, dtype="float32", device="cpu", attn_implementation="eager", component=None):
@@ -23,7 +23,7 @@ def load_model(path, dtype="float32", device="cpu", attn_implementation="eager",
 
     path = os.fspath(path)
     check_attn_implementation(attn_implementation)
-    torch_dtype = as_torch_dtype(dtype)
+    torch_dtype = as_model_dtype(dtype)
     config, cls, prefix = plan_load(path, component, MODEL_REGISTRY)
     # read in the checkpoint's own dtype; from_state_dict casts once, after the prefix is stripped
     state_dict = strip_prefix(load_state_dict(path, device="cpu"), prefix)

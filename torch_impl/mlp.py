@@ -5,7 +5,7 @@ import torch
 
 from minivl.errors import ConfigError, ShapeError
 from minivl.mlp import _check_down, _check_pair
-from torch_impl.activations import gelu, gelu_tanh, silu
+from torch_impl.activations import gelu, gelu_tanh, silu_mul
 from torch_impl.linear import linear
 
 
@@ -18,7 +18,7 @@ def swiglu_mlp(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tens
     _check_pair("swiglu_mlp", "gate_weight", gate_weight, "up_weight", up_weight)
     _check_down("swiglu_mlp", down_weight, gate_weight.shape[0])
     # down( silu(gate(x)) · up(x) ), no biases
-    return linear(silu(linear(x, gate_weight)) * linear(x, up_weight), down_weight)
+    return linear(silu_mul(linear(x, gate_weight), linear(x, up_weight)), down_weight)
 
 
 def fused_swiglu_mlp(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
@@ -35,7 +35,7 @@ def fused_swiglu_mlp(x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight:
     gate_up = linear(x, gate_up_weight)
     # chunk(2, dim=-1): [..., :inter] is the gate, [..., inter:] is up (MP3:262-273)
     gate, up = gate_up[..., :intermediate], gate_up[..., intermediate:]
-    return linear(up * silu(gate), down_weight)
+    return linear(silu_mul(gate, up), down_weight)
 
 
 def gelu_mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,

@@ -1,9 +1,10 @@
-"""What every decoder family shares: the output record, position ids, and the pre-norm decoder loop.
+"""What every decoder family shares: the output record, the leaf modules, and the decoder itself.
 
-InternLM2, Phi-3, Llama and Qwen2 are the same machine with different key names and projection
-layouts (Llama-style: embed -> L x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> head).
-`DecoderLM.forward` is that loop, written once; each family file supplies its layers, its RoPE
-and its head. MPT has its own forward (ALiBi / learned positions, LayerNorm, tied unembedding).
+InternLM2, Phi-3, Llama, Qwen2 and MPT are one machine with different key names, projection
+layouts and positions: embed -> L x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> head.
+`DecoderLM` is that machine, written once (forward, loading, embedding, final norm, head); each
+family file declares its modules under the checkpoint's names and, for MPT, its positions.
+torch_impl/models/common.py is the same file in PyTorch.
 """
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minivl import nn
 from minivl.errors import ConfigError, ShapeError
+
+DTYPES = ("float32", "float64")
 
 
 @dataclass
@@ -20,17 +24,29 @@ class CausalLMOutput:
 
     logits [b, s, vocab] float32 (float64 in a float64 run); past_key_values: the KVCache (or None);
     hidden_states: L+2 arrays [b, s, hidden] (embedding output, each block's output, final-norm
-    output) when asked, else None.
+    output) when asked, else None; attentions: L arrays [b, H, s, t] of softmax probabilities
+    (t = cached + new keys) when asked, else None.
     """
 
     logits: np.ndarray
     past_key_values: object = None
     hidden_states: tuple | None = None
+    attentions: tuple | None = None
 
 
 def compute_dtype(dtype) -> np.dtype:
     """promote(dtype, float32): what the reference's ".float()" means in a float32 or float64 run."""
     return np.promote_types(np.dtype(dtype), np.float32)
+
+
+def as_model_dtype(dtype) -> np.dtype:
+    """NumPy models compute in float32 or float64 (float64 is the gold reference)."""
+    name = str(np.dtype(dtype)) if not isinstance(dtype, str) else dtype
+    if name not in DTYPES:
+        raise ConfigError(f"NumPy models compute in float32 or float64: dtype='float32' or 'float64' "
+                          f"(got {dtype!r}); bf16/fp16 checkpoints are upcast on load, and torch_impl runs "
+                          f"bfloat16/float16")
+    return np.dtype(name)
 
 
 def default_position_ids(batch: int, seq_len: int, past_len: int) -> np.ndarray:
@@ -80,6 +96,117 @@ def check_attention_mask(attention_mask, batch: int, kv_len: int) -> None:
                          f"(got shape {tuple(np.shape(attention_mask))}); it covers the cached tokens too")
 
 
+def check_position_ids(position_ids, batch: int, seq_len: int) -> None:
+    """position_ids must be [batch, seq]: one position per new token."""
+    if tuple(np.shape(position_ids)) != (batch, seq_len):
+        raise ShapeError(f"forward: position_ids must be [batch, seq] = [{batch}, {seq_len}] "
+                         f"(got shape {tuple(np.shape(position_ids))})")
+
+
+def check_logits_to_keep(logits_to_keep) -> None:
+    """logits_to_keep must be an int >= 0 (0: every position)."""
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+        raise ShapeError(f"forward: logits_to_keep must be an int >= 0 (0 = every position, 1 = the last one, as "
+                         f"generation needs), got {logits_to_keep!r}")
+
+
+class Linear(nn.Module):
+    """weight [out, in] (+ bias [out]) under the checkpoint's names; y = x·Wᵀ + b via minivl.linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter((out_features, in_features))
+        self.bias = nn.Parameter((out_features,)) if bias else None
+
+    def forward(self, x):
+        from minivl.linear import linear
+
+        return linear(x, self.weight, self.bias)
+
+
+class FusedProjection:
+    """Several Linear modules that read the same input, their weights (and biases) views of ONE matrix.
+
+    A speed device, not semantics: `project` then computes them with one GEMM instead of one per
+    module (Llama's q/k/v, gate/up; fewer, larger GEMMs run nearer the machine's rate, and a decode
+    step makes fewer calls). The modules keep their names, shapes and values, so state_dict() is
+    unchanged. tests/test_fused_projections.py holds the fused and separate paths equal.
+    """
+
+    def __init__(self, linears):
+        self.weight = np.concatenate([linear.weight for linear in linears])
+        self.bias = np.concatenate([linear.bias for linear in linears]) if linears[0].bias is not None else None
+        ends = np.cumsum([linear.weight.shape[0] for linear in linears])
+        self.bounds = list(zip([0, *ends[:-1]], ends))
+        for linear, (start, stop) in zip(linears, self.bounds):
+            linear.weight = self.weight[start:stop]
+            if self.bias is not None:
+                linear.bias = self.bias[start:stop]
+            linear.fused = self
+        self.views = [linear.weight for linear in linears]
+
+    def serves(self, linears) -> bool:
+        """True while these are still the fused modules, in order, holding the views (no reload since)."""
+        return len(linears) == len(self.views) and all(linear.weight is view for linear, view in zip(linears, self.views))
+
+
+def fuse_linears(*linears) -> None:
+    """Make these Linear modules (same input width, all biased or none) one FusedProjection."""
+    if len({linear.weight.shape[1] for linear in linears}) == 1 and len({linear.bias is None for linear in linears}) == 1:
+        FusedProjection(linears)
+
+
+def project(x, *linears) -> list:
+    """[linear(x) for linear in linears], as one GEMM split by columns when they are one FusedProjection."""
+    from minivl.linear import linear as affine
+
+    fused = getattr(linears[0], "fused", None)
+    if fused is None or not fused.serves(linears):
+        return [linear(x) for linear in linears]
+    y = affine(x, fused.weight, fused.bias)
+    return [y[..., start:stop] for start, stop in fused.bounds]
+
+
+def fuse_projections(model) -> None:
+    """Call `fuse_projections()` of every module that defines it (after loading: the weights are real)."""
+    for _, module in model.named_modules():
+        if hasattr(type(module), "fuse_projections"):
+            module.fuse_projections()
+
+
+class Norm(nn.Module):
+    """A norm's parameters (weight, optional bias) under the checkpoint's names; `kind` picks the formula.
+
+    kind: 'rms' (HF order), 'rms_mpt' (weight multiplied in float32), 'layer'.
+    """
+
+    def __init__(self, dim: int, eps: float, kind: str = "rms", weight: bool = True, bias: bool = False):
+        super().__init__()
+        self.eps, self.kind = eps, kind
+        self.weight = nn.Parameter((dim,)) if weight else None
+        self.bias = nn.Parameter((dim,)) if bias else None
+
+    def forward(self, x):
+        from minivl.norms import layer_norm, rms_norm, rms_norm_mpt
+
+        if self.kind == "rms":
+            return rms_norm(x, self.weight, self.eps)
+        if self.kind == "rms_mpt":
+            return rms_norm_mpt(x, self.weight, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Embedding(nn.Module):
+    """The token table [vocab, hidden] under the name `weight`; forward gathers rows."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter((vocab_size, hidden_size))
+
+    def forward(self, input_ids):
+        return self.weight[np.asarray(input_ids)]
+
+
 def split_heads(x: np.ndarray, n_heads: int) -> np.ndarray:
     """[b, s, n·d] -> [b, n, s, d]"""
     b, s, width = x.shape
@@ -92,113 +219,30 @@ def merge_heads(x: np.ndarray) -> np.ndarray:
     return x.transpose(0, 2, 1, 3).reshape(b, s, n * d)
 
 
-def rope_attention(q, k, v, cos, sin, mask, cache, layer_idx: int) -> np.ndarray:
+def rope_attention(q, k, v, rope, attn: dict, cache, layer_idx: int):
     """The attention core the RoPE families share (InternLM2, Phi-3, Llama, Qwen2 eager paths).
 
-    q [b, H, s, d], k/v [b, K, s, d], cos/sin [b, s, d], mask [b|1, 1, s, t] -> [b, s, H·d]
+    q [b, H, s, d], k/v [b, K, s, d], rope = (cos, sin) [b, s, d] -> ([b, s, H·d], probs [b, H, s, t] or None)
+    attn: {mask: [b|1, 1, s, t], output_attentions: bool}, from `DecoderLM.attention_args`.
     Order as the reference: rotate q and k, append k/v to the cache (post-RoPE, pre-GQA),
     scores = (q·kᵀ)/sqrt(d) + mask, softmax in float32 cast back, times v.
     """
-    from minivl.attention import scaled_dot_product_attention
+    from minivl.attention import causal_attention_blocks, scaled_dot_product_attention
     from minivl.rope import apply_rope
 
     # cos/sin are computed in float32 and cast to the activation dtype before use, as the reference
+    cos, sin = rope
     cos, sin = cos.astype(q.dtype)[:, None], sin.astype(q.dtype)[:, None]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)
-    out = scaled_dot_product_attention(q, k, v, mask=mask, scale_mode="divide", softmax_dtype="float32")
-    return merge_heads(out)
-
-
-class DecoderLM:
-    """The pre-norm decoder loop of the RoPE families; subclasses supply layers, RoPE and head.
-
-    A subclass sets `config`, `dtype`, `layers` (each `layer(hidden, cos, sin, mask, cache)` with
-    `.sliding_window`) and defines `embed_tokens`, `rotary_cos_sin(position_ids, kv_len)`,
-    `final_norm`, `lm_head`.
-    """
-
-    config = None
-    dtype = np.dtype(np.float32)
-    layers: list = []
-
-    def __call__(self, *args, **kwargs) -> CausalLMOutput:
-        return self.forward(*args, **kwargs)
-
-    def position_limit(self) -> int | None:
-        """Largest number of positions the model serves (None: no limit, e.g. dynamic RoPE scaling)."""
-        return self.rotary.position_limit()
-
-    def rotary_cos_sin(self, position_ids: np.ndarray, kv_len: int):
-        """(cos, sin) [b, s, head_dim] for these positions; kv_len drives dynamic NTK."""
-        return self.rotary.cos_sin(position_ids, kv_len)
-
-    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None,
-                past_key_values=None, use_cache=False, output_hidden_states=False) -> CausalLMOutput:
-        """input_ids [b, s] or inputs_embeds [b, s, hidden] -> CausalLMOutput (logits [b, s, vocab])
-
-        position_ids [b, s] default past..past+s-1; attention_mask [b, past+s] 0/1 (left padding);
-        past_key_values: a KVCache to extend (one is created when use_cache and none is given).
-        """
-        from minivl.attention import KVCache, build_attention_mask
-
-        check_inputs(input_ids, inputs_embeds, self.config.hidden_size)
-        if input_ids is not None:
-            hidden = self.embed_tokens(input_ids)
-        else:
-            hidden = np.asarray(inputs_embeds).astype(self.dtype, copy=False)
-        batch, seq_len = hidden.shape[:2]
-        cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
-        past_len = cache.get_seq_length(0) if cache is not None else 0
-        kv_len = past_len + seq_len
-        check_attention_mask(attention_mask, batch, kv_len)
-        if position_ids is None:
-            position_ids = default_position_ids(batch, seq_len, past_len)
-        position_ids = np.asarray(position_ids, dtype=np.int64)
-        if position_ids.shape != (batch, seq_len):
-            raise ShapeError(f"forward: position_ids must be [batch, seq] = [{batch}, {seq_len}] "
-                             f"(got shape {position_ids.shape})")
-
-        cos, sin = self.rotary_cos_sin(position_ids, kv_len)
-        # one additive mask per distinct window (Qwen2 may window only some layers)
-        masks = {}
-        for window in {layer.sliding_window for layer in self.layers}:
-            masks[window] = build_attention_mask(attention_mask, seq_len, past_len, self.dtype, sliding_window=window)
-
-        all_hidden = [hidden] if output_hidden_states else None
-        for layer in self.layers:
-            hidden = layer(hidden, cos, sin, masks[layer.sliding_window], cache)
-            if output_hidden_states:
-                all_hidden.append(hidden)
-        hidden = self.final_norm(hidden)
-        if output_hidden_states:
-            all_hidden.append(hidden)
-        # logits = head(h).float(): the head runs in the model dtype, the logits are float32
-        logits = self.lm_head(hidden).astype(compute_dtype(self.dtype))
-        return CausalLMOutput(logits=logits,
-                              past_key_values=cache if (use_cache or past_key_values is not None) else None,
-                              hidden_states=tuple(all_hidden) if output_hidden_states else None)
-
-
-def as_model_dtype(dtype) -> np.dtype:
-    """NumPy models compute in float32 or float64 (float64 is the gold reference)."""
-    name = str(np.dtype(dtype)) if not isinstance(dtype, str) else dtype
-    if name not in ("float32", "float64"):
-        raise ConfigError(f"NumPy models compute in float32 or float64: dtype='float32' or 'float64' "
-                          f"(got {dtype!r}); bf16/fp16 checkpoints are upcast on load, and torch_impl runs "
-                          f"bfloat16/float16")
-    return np.dtype(name)
-
-
-def take_weights(state_dict: dict, prefix: str, names, dtype) -> dict:
-    """{name: state_dict[prefix + name] cast to the model dtype} for the names present (biases may be absent)."""
-    out = {}
-    for name in names:
-        key = prefix + name
-        if key in state_dict:
-            out[name] = np.ascontiguousarray(np.asarray(state_dict[key]).astype(dtype))
-    return out
+    if attn["output_attentions"]:
+        out, probs = scaled_dot_product_attention(q, k, v, mask=attn["mask"], scale_mode="divide",
+                                                  softmax_dtype="float32", return_probs=True)
+        return merge_heads(out), probs
+    # the same attention over blocks of queries that skip the keys the causal mask hides
+    out = causal_attention_blocks(q, k, v, mask=attn["mask"], scale_mode="divide", softmax_dtype="float32")
+    return merge_heads(out), None
 
 
 class RotaryEmbedding:
@@ -254,3 +298,185 @@ class RotaryEmbedding:
             original = kw.get("original_max_position_embeddings", max_pos)
             return max(max_pos, int(original * kw["factor"]))
         return max_pos
+
+
+def cast_tensor(value, dtype) -> np.ndarray:
+    """A checkpoint tensor (NumPy, bf16/fp16 through ml_dtypes) as a contiguous array of the model dtype."""
+    return np.ascontiguousarray(np.asarray(value).astype(dtype))
+
+
+def tie_weights(tensors: dict, tied: dict) -> dict:
+    """tied {target: source}: a target the checkpoint lacks becomes the SAME tensor as its source.
+
+    A tied target the checkpoint does hold is used as stored (it is shape-checked like any other).
+    """
+    tensors = dict(tensors)
+    for target, source in tied.items():
+        if target not in tensors and source in tensors:
+            tensors[target] = tensors[source]
+    return tensors
+
+
+def tied_head(config, embed_path: str, head_path: str) -> dict:
+    """{head weight: embedding weight} when config.tie_word_embeddings (and the head is a module of its own)."""
+    if getattr(config, "tie_word_embeddings", False) and head_path != embed_path:
+        return {head_path + ".weight": embed_path + ".weight"}
+    return {}
+
+
+def build_model(cls, config, state_dict: dict, dtype, tied: dict | None = None, **kwargs):
+    """Construct `cls(config, **kwargs)` with declared (empty) parameters, then adopt the checkpoint tensors.
+
+    state_dict {key: array}: cast to `dtype`; `tied` {target: source}: see `tie_weights`. Every
+    missing, unexpected and mis-shaped tensor is reported in one CheckpointError.
+    """
+    model = cls(config, **kwargs)
+    tensors = {key: cast_tensor(value, dtype) for key, value in state_dict.items()}
+    model.load_state_dict(tie_weights(tensors, tied or {}), strict=True)
+    fuse_projections(model)
+    return model
+
+
+def declared_shapes(cls, config, skip=()) -> dict:
+    """{checkpoint key: shape} of `cls(config)` built with declared parameters, the keys in `skip` left out."""
+    return {key: tuple(p.shape) for key, p in cls(config).state_dict().items() if key not in skip}
+
+
+class DecoderLM(nn.Module):
+    """embed -> positions -> L x layer -> final norm -> head: the decoder every family runs.
+
+    A family builds its modules under the checkpoint's names in `__init__(config)` and says where
+    four of them sit (dotted paths): `embed_path`, `layers_path`, `norm_path`, `head_path` (MPT's
+    head IS its embedding table). Each layer is called `layer(hidden, rope, attn, cache)` ->
+    (hidden, attention probabilities or None) and has a `sliding_window`. Positions enter through
+    two methods a family may override: `positions` (RoPE's cos/sin; MPT adds its learned table)
+    and `attention_args` (the additive causal + padding mask; MPT's ALiBi bias).
+    """
+
+    embed_path, layers_path, norm_path, head_path = "model.embed_tokens", "model.layers", "model.norm", "lm_head"
+    logit_scale = None  # MPT's logits are multiplied by one
+    _rotary = None
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    @classmethod
+    def tied_weights(cls, config) -> dict:
+        """{target key: source key} of parameters that are one tensor: the head tied to the embedding."""
+        return tied_head(config, cls.embed_path, cls.head_path)
+
+    @staticmethod
+    def check_supported(config) -> None:
+        """Raise ConfigError for config options the family does not implement (the RoPE families implement all)."""
+
+    @classmethod
+    def expected_shapes(cls, config) -> dict:
+        """{checkpoint key: shape} from the declared parameters (a tied head is not stored)."""
+        return declared_shapes(cls, config, skip=cls.tied_weights(config))
+
+    @classmethod
+    def from_state_dict(cls, config, state_dict: dict, dtype="float32"):
+        """Build from {checkpoint key: array}; every missing/unexpected/mis-shaped tensor is reported at once."""
+        cls.check_supported(config)
+        dtype = as_model_dtype(dtype)
+        return build_model(cls, config, state_dict, dtype, tied=cls.tied_weights(config))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.get_submodule(self.norm_path).weight.dtype
+
+    @property
+    def rotary(self):
+        """The RotaryEmbedding of config.rope_kwargs(), in promote(model dtype, float32); built on first use
+        after loading, and kept (dynamic NTK is stateful). None without RoPE (MPT)."""
+        if self._rotary is None or self._rotary.rope_kwargs["dtype"] != compute_dtype(self.dtype):
+            rope_kwargs = self.config.rope_kwargs()
+            self._rotary = RotaryEmbedding(rope_kwargs, self.dtype) if rope_kwargs is not None else None
+        return self._rotary
+
+    def position_limit(self) -> int | None:
+        """Largest number of positions the model serves (None: no limit, e.g. dynamic RoPE scaling)."""
+        return self.rotary.position_limit()
+
+    def embed_tokens(self, input_ids) -> np.ndarray:
+        """[b, s] int -> [b, s, hidden]: rows of the embedding table (no scaling; positions come later)."""
+        check_token_ids(input_ids, self.config.vocab_size)
+        return self.get_submodule(self.embed_path)(input_ids)
+
+    def embed_inputs(self, inputs_embeds) -> np.ndarray:
+        """inputs_embeds [b, s, hidden] (the chat model's text + image embeddings) in the model dtype."""
+        return np.asarray(inputs_embeds).astype(self.dtype, copy=False)
+
+    def positions(self, hidden, position_ids, attention_mask, past_len: int):
+        """-> (hidden, rope): RoPE's (cos, sin) [b, s, head_dim] for these positions, hidden unchanged.
+
+        position_ids [b, s] default past..past+s-1; the kv length (past + s) drives dynamic NTK.
+        """
+        batch, seq_len = hidden.shape[:2]
+        if position_ids is None:
+            position_ids = default_position_ids(batch, seq_len, past_len)
+        check_position_ids(position_ids, batch, seq_len)
+        position_ids = np.asarray(position_ids, dtype=np.int64)
+        return hidden, self.rotary.cos_sin(position_ids, past_len + seq_len)
+
+    def attention_args(self, attention_mask, seq_len: int, past_len: int, sliding_window, output_attentions) -> dict:
+        """What every attention call of one window gets: the causal + padding mask [b|1, 1, s, t]."""
+        from minivl.attention import build_attention_mask
+
+        mask = build_attention_mask(attention_mask, seq_len, past_len, self.dtype, sliding_window=sliding_window)
+        return {"mask": mask, "output_attentions": output_attentions}
+
+    def final_norm(self, hidden):
+        """The norm after the last block. [..., hidden] -> [..., hidden]"""
+        return self.get_submodule(self.norm_path)(hidden)
+
+    def unembed(self, hidden):
+        """[..., hidden] -> logits [..., vocab]: head(h) in the model dtype (· logit_scale), then .float()."""
+        from minivl.linear import linear
+
+        logits = linear(hidden, self.get_submodule(self.head_path).weight)
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        return logits.astype(compute_dtype(self.dtype))
+
+    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None,
+                past_key_values=None, use_cache=False, output_hidden_states=False,
+                output_attentions=False, logits_to_keep: int = 0) -> CausalLMOutput:
+        """input_ids [b, s] or inputs_embeds [b, s, hidden] -> CausalLMOutput (logits [b, s, vocab])
+
+        position_ids [b, s] default past..past+s-1; attention_mask [b, past+s] 0/1 (left padding);
+        past_key_values: a KVCache to extend (one is created when use_cache and none is given);
+        logits_to_keep: 0 = logits of every position, n = of the last n only (generation needs 1;
+        transformers' name and meaning), so the head's GEMM runs over those rows alone.
+        """
+        from minivl.attention import KVCache
+
+        check_inputs(input_ids, inputs_embeds, self.get_submodule(self.embed_path).weight.shape[1])
+        hidden = self.embed_tokens(input_ids) if input_ids is not None else self.embed_inputs(inputs_embeds)
+        batch, seq_len = hidden.shape[:2]
+        cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
+        past_len = cache.get_seq_length(0) if cache is not None else 0
+        check_attention_mask(attention_mask, batch, past_len + seq_len)
+        hidden, rope = self.positions(hidden, position_ids, attention_mask, past_len)
+        layers = self.get_submodule(self.layers_path)
+        # one attention setup per distinct window (Qwen2 may window only some layers)
+        attn = {window: self.attention_args(attention_mask, seq_len, past_len, window, output_attentions)
+                for window in {layer.sliding_window for layer in layers}}
+
+        all_hidden = [hidden] if output_hidden_states else None
+        all_probs = [] if output_attentions else None
+        for layer in layers:
+            hidden, probs = layer(hidden, rope, attn[layer.sliding_window], cache)
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            if output_attentions:
+                all_probs.append(probs)
+        hidden = self.final_norm(hidden)
+        if output_hidden_states:
+            all_hidden.append(hidden)
+        check_logits_to_keep(logits_to_keep)
+        return CausalLMOutput(logits=self.unembed(hidden[:, -logits_to_keep:] if logits_to_keep else hidden),
+                              past_key_values=cache if (use_cache or past_key_values is not None) else None,
+                              hidden_states=tuple(all_hidden) if output_hidden_states else None,
+                              attentions=tuple(all_probs) if output_attentions else None)

@@ -22,6 +22,16 @@ to the residual dtype; the position table is resized with torch's bicubic keyed 
 DINOv2 checkpoints converted by minivl/weights/dinov2.py carry one labelled extra, a final
 LayerNorm (`final_norm.weight/bias`, config key `final_norm`); it is applied only when
 `forward(..., apply_final_norm=True)` asks for it, because InternViT itself has none.
+
+The module tree is the checkpoint's key tree (torch_impl/models/intern_vit.py has the same classes
+and attributes), so `state_dict()` keys are the checkpoint keys:
+
+    InternVisionModel
+    ├── embeddings          InternVisionEmbeddings: class_embedding, patch_embedding.{weight,bias},
+    │                       position_embedding
+    ├── encoder.layers[i]   InternVisionEncoderLayer: norm1, attn (InternAttention: qkv, q_norm, k_norm,
+    │                       proj), ls1, norm2, mlp (InternMLP: fc1, fc2), ls2
+    └── final_norm          DINOv2 checkpoints only (None otherwise)
 """
 from __future__ import annotations
 
@@ -29,18 +39,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minivl import nn
 from minivl.attention import scaled_dot_product_attention
 from minivl.config import InternVisionConfig
 from minivl.errors import CheckpointError, ConfigError, ShapeError
 from minivl.interpolate import interpolate_bicubic
 from minivl.linear import linear
 from minivl.mlp import gelu_mlp
-from minivl.norms import layer_norm, rms_norm
+from minivl.models.common import Linear, Norm, as_model_dtype, build_model, declared_shapes
 
 # prefix of the vision tower inside an InternVL chat checkpoint (spec 8.1)
 VISION_PREFIX = "vision_model."
 # config.json key of the DINOv2 extra; its value describes the norm (see minivl/weights/dinov2.py)
 FINAL_NORM_KEY = "final_norm"
+# config.norm_type -> the Norm leaf: RMSNorm (6B, weight only) or LayerNorm (300M, weight and bias)
+NORM_KINDS = {"rms_norm": dict(kind="rms"), "layer_norm": dict(kind="layer", bias=True)}
 
 
 @dataclass
@@ -98,155 +111,186 @@ def resize_position_table(position_embedding: np.ndarray, grid: int, h: int, w: 
     return table.reshape(1, hidden, h * w).transpose(0, 2, 1).astype(position_embedding.dtype)
 
 
-def vision_embeddings(pixel_values: np.ndarray, params: dict, config: InternVisionConfig) -> np.ndarray:
+class PatchEmbedding(nn.Module):
+    """The reference's Conv2d(3, C, kernel p, stride p): weight [C, 3, p, p], bias [C]. [b, 3, H, W] -> [b, h·w, C]"""
+
+    def __init__(self, num_channels: int, hidden_size: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.weight = nn.Parameter((hidden_size, num_channels, patch_size, patch_size))
+        self.bias = nn.Parameter((hidden_size,))
+
+    def forward(self, pixel_values: np.ndarray) -> np.ndarray:
+        return patch_embed(pixel_values, self.weight, self.bias)
+
+
+class InternVisionEmbeddings(nn.Module):
     """Class token + patch tokens + position table (InternVL `InternVisionEmbeddings`).
 
     [b, 3, H, W] -> [b, 1 + (H/p)·(W/p), C]
     """
-    weight = params["embeddings.patch_embedding.weight"]
-    p = config.patch_size
-    patches = patch_embed(pixel_values, weight, params["embeddings.patch_embedding.bias"])
-    b = pixel_values.shape[0]
-    h, w = pixel_values.shape[2] // p, pixel_values.shape[3] // p
-    cls = np.broadcast_to(params["embeddings.class_embedding"], (b, 1, weight.shape[0]))
-    tokens = np.concatenate([cls.astype(weight.dtype), patches], axis=1)
-    position = params["embeddings.position_embedding"]
-    # the cls position (row 0) is never interpolated; rows 1… are resized to the input grid
-    table = np.concatenate([position[:, :1], resize_position_table(position[:, 1:], config.image_size // p, h, w)],
-                           axis=1)
-    return tokens + table.astype(weight.dtype)
+
+    def __init__(self, config: InternVisionConfig):
+        super().__init__()
+        self.config = config
+        C, p = config.hidden_size, config.patch_size
+        self.class_embedding = nn.Parameter((1, 1, C))
+        self.patch_embedding = PatchEmbedding(config.num_channels, C, p)
+        grid = config.image_size // p
+        self.position_embedding = nn.Parameter((1, grid * grid + 1, C))
+
+    def forward(self, pixel_values: np.ndarray) -> np.ndarray:
+        target_dtype = self.patch_embedding.weight.dtype
+        patches = self.patch_embedding(pixel_values.astype(target_dtype, copy=False))  # [b, h·w, C]
+        b, p = pixel_values.shape[0], self.config.patch_size
+        h, w = pixel_values.shape[2] // p, pixel_values.shape[3] // p
+        cls = np.broadcast_to(self.class_embedding, (b, 1, patches.shape[-1])).astype(target_dtype)
+        tokens = np.concatenate([cls, patches], axis=1)
+        position = self.position_embedding
+        grid = self.config.image_size // p
+        # the cls position (row 0) is never interpolated; rows 1… are resized to the input grid
+        table = np.concatenate([position[:, :1], resize_position_table(position[:, 1:], grid, h, w)], axis=1)
+        return tokens + table.astype(target_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # one encoder layer
 # ----------------------------------------------------------------------------------------------
 
-def intern_attention(x: np.ndarray, layer: dict, config: InternVisionConfig, output_attentions: bool = False):
+def attend(q, k, v, scale: float, output_attentions: bool):
+    """softmax((q·scale) @ kᵀ) @ v, softmax in the model dtype: InternViT's order (pitfalls 7, 8).
+
+    [b, h, n, d] ×3 -> [b, h, n, d] (and probabilities [b, h, n, n] if asked, else None)
+    """
+    result = scaled_dot_product_attention(q, k, v, scale=scale, scale_mode="scale_q", softmax_dtype=None,
+                                          return_probs=output_attentions)
+    return result if output_attentions else (result, None)
+
+
+class InternAttention(nn.Module):
     """Bidirectional multi-head self-attention with fused [Q|K|V] and optional qk-norm (InternAttention, naive path).
 
     [b, n, C] -> [b, n, C] (and probabilities [b, heads, n, n] if asked, else None)
     """
-    b, n, hidden = x.shape
-    heads, head_dim = config.num_attention_heads, hidden // config.num_attention_heads
-    qkv = linear(x, layer["attn.qkv.weight"], layer.get("attn.qkv.bias"))
-    # output feature o = part·C + head·D + d with part 0/1/2 = q/k/v: three plain blocks
-    q, k, v = qkv[..., :hidden], qkv[..., hidden:2 * hidden], qkv[..., 2 * hidden:]
-    if config.qk_normalization:
-        # ONE RMSNorm over all C channels of q (and of k), not per head (pitfall 2)
-        q = rms_norm(q, layer["attn.q_norm.weight"], config.layer_norm_eps)
-        k = rms_norm(k, layer["attn.k_norm.weight"], config.layer_norm_eps)
-    # [b, n, C] -> [b, n, heads, D] -> [b, heads, n, D]
-    q, k, v = (t.reshape(b, n, heads, head_dim).transpose(0, 2, 1, 3) for t in (q, k, v))
-    # softmax((q · D^-½) @ kᵀ) @ v, softmax in the model dtype: InternViT's order (pitfalls 7, 8)
-    result = scaled_dot_product_attention(q, k, v, scale=head_dim ** -0.5, scale_mode="scale_q",
-                                          softmax_dtype=None, return_probs=output_attentions)
-    out, probs = result if output_attentions else (result, None)
-    # [b, heads, n, D] -> [b, n, C]
-    out = out.transpose(0, 2, 1, 3).reshape(b, n, hidden)
-    return linear(out, layer["attn.proj.weight"], layer["attn.proj.bias"]), probs
+
+    def __init__(self, config: InternVisionConfig):
+        super().__init__()
+        C = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = C // self.num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qk_normalization = config.qk_normalization
+        self.qkv = Linear(C, 3 * C, bias=config.qkv_bias)
+        if config.qk_normalization:
+            # ONE RMSNorm over all C channels of q (and of k), not one per head (pitfall 2)
+            self.q_norm = Norm(C, config.layer_norm_eps, kind="rms")
+            self.k_norm = Norm(C, config.layer_norm_eps, kind="rms")
+        self.proj = Linear(C, C, bias=True)
+
+    def forward(self, x: np.ndarray, output_attentions: bool = False):
+        b, n, C = x.shape
+        qkv = self.qkv(x)
+        # output feature o = part·C + head·D + d with part 0/1/2 = q/k/v: three plain blocks
+        q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
+        if self.qk_normalization:
+            q, k = self.q_norm(q), self.k_norm(k)
+        # [b, n, C] -> [b, n, heads, D] -> [b, heads, n, D]
+        q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3) for t in (q, k, v))
+        out, probs = attend(q, k, v, self.scale, output_attentions)
+        # [b, heads, n, D] -> [b, n, C]
+        out = out.transpose(0, 2, 1, 3).reshape(b, n, C)
+        return self.proj(out), probs
 
 
-def block_norm(x: np.ndarray, layer: dict, name: str, config: InternVisionConfig) -> np.ndarray:
-    """norm1 / norm2: RMSNorm (6B) or LayerNorm (300M), output cast back to the residual dtype.
+class InternMLP(nn.Module):
+    """fc2(gelu(fc1(x))), exact erf GELU (tanh for 'gelu_pytorch_tanh'). [b, n, C] -> [b, n, C]"""
 
-    [b, n, C] -> [b, n, C]
+    def __init__(self, config: InternVisionConfig):
+        super().__init__()
+        self.approximate = "tanh" if config.hidden_act == "gelu_pytorch_tanh" else False
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, bias=True)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, bias=True)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                        approximate=self.approximate)
+
+
+class InternVisionEncoderLayer(nn.Module):
+    """Pre-norm attention and MLP branches, each scaled by its layer scale. [b, n, C] -> [b, n, C]
+
+    norm1 / norm2: RMSNorm (6B) or LayerNorm (300M); their output is cast back to the residual dtype.
     """
-    if config.norm_type == "rms_norm":
-        y = rms_norm(x, layer[f"{name}.weight"], config.layer_norm_eps)
-    else:
-        y = layer_norm(x, layer[f"{name}.weight"], layer[f"{name}.bias"], config.layer_norm_eps)
-    return y.astype(x.dtype)
+
+    def __init__(self, config: InternVisionConfig):
+        super().__init__()
+        C = config.hidden_size
+        self.attn = InternAttention(config)
+        self.mlp = InternMLP(config)
+        self.norm1 = Norm(C, config.layer_norm_eps, **NORM_KINDS[config.norm_type])
+        self.norm2 = Norm(C, config.layer_norm_eps, **NORM_KINDS[config.norm_type])
+        self.ls1 = nn.Parameter((C,))
+        self.ls2 = nn.Parameter((C,))
+
+    def forward(self, x: np.ndarray, output_attentions: bool = False):
+        attn_out, probs = self.attn(self.norm1(x).astype(x.dtype), output_attentions)
+        # h = x + attn(norm1(x)) · ls1
+        h = x + attn_out * self.ls1
+        # out = h + mlp(norm2(h)) · ls2
+        return h + self.mlp(self.norm2(h).astype(h.dtype)) * self.ls2, probs
 
 
-def encoder_layer(x: np.ndarray, layer: dict, config: InternVisionConfig, output_attentions: bool = False):
-    """One InternVisionEncoderLayer: pre-norm attention and MLP branches, each scaled by its layer scale.
+class InternVisionEncoder(nn.Module):
+    """L encoder layers. [b, n, C] -> (last [b, n, C], hidden_states (L+1) or None, attentions (L) or None)"""
 
-    [b, n, C] -> [b, n, C] (and attention probabilities or None)
-    """
-    attn_out, probs = intern_attention(block_norm(x, layer, "norm1", config), layer, config, output_attentions)
-    # h = x + attn(norm1(x)) · ls1
-    h = x + attn_out * layer["ls1"]
-    # out = h + mlp(norm2(h)) · ls2, exact erf GELU
-    mlp_out = gelu_mlp(block_norm(h, layer, "norm2", config), layer["mlp.fc1.weight"], layer["mlp.fc1.bias"],
-                       layer["mlp.fc2.weight"], layer["mlp.fc2.bias"],
-                       approximate="tanh" if config.hidden_act == "gelu_pytorch_tanh" else False)
-    return h + mlp_out * layer["ls2"], probs
+    def __init__(self, config: InternVisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(InternVisionEncoderLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, inputs_embeds: np.ndarray, output_hidden_states: bool = False,
+                output_attentions: bool = False):
+        x = inputs_embeds
+        hidden_states, attentions = [x], []
+        for layer in self.layers:
+            x, probs = layer(x, output_attentions)
+            hidden_states.append(x)
+            attentions.append(probs)
+        return (x, tuple(hidden_states) if output_hidden_states else None,
+                tuple(attentions) if output_attentions else None)
 
 
 # ----------------------------------------------------------------------------------------------
 # the model
 # ----------------------------------------------------------------------------------------------
 
-class InternVisionModel:
-    """InternViT with weights held as NumPy arrays under their checkpoint names.
+class InternVisionModel(nn.Module):
+    """InternViT. forward: pixel_values [b, 3, H, W] -> VisionOutput (last_hidden_state [b, 1+(H/p)·(W/p), C], ...)"""
 
-    forward: pixel_values [b, 3, H, W] -> VisionOutput (last_hidden_state [b, 1+(H/p)·(W/p), C], ...)
-    """
-
-    def __init__(self, config: InternVisionConfig, params: dict[str, np.ndarray], dtype="float32"):
+    def __init__(self, config: InternVisionConfig):
+        super().__init__()
+        config = as_vision_config(config)
         self.config = config
-        self.dtype = np.dtype(dtype)
-        self.params = params
-        # per-layer dicts with the names after "encoder.layers.{i}."
-        self.layers = []
-        for i in range(config.num_hidden_layers):
-            prefix = f"encoder.layers.{i}."
-            self.layers.append({k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)})
+        self.embeddings = InternVisionEmbeddings(config)
+        self.encoder = InternVisionEncoder(config)
+        spec = final_norm_spec(config)
+        self.final_norm = Norm(config.hidden_size, spec["eps"], kind="layer", bias=True) if spec else None
 
-    @staticmethod
-    def expected_shapes(config: InternVisionConfig) -> dict[str, tuple]:
-        """Every tensor of the checkpoint (without the `vision_model.` prefix) and its shape (spec 8.1)."""
-        config = _as_config(config)
-        C, inter, p = config.hidden_size, config.intermediate_size, config.patch_size
-        grid = config.image_size // p
-        shapes = {
-            "embeddings.class_embedding": (1, 1, C),
-            "embeddings.patch_embedding.weight": (C, config.num_channels, p, p),
-            "embeddings.patch_embedding.bias": (C,),
-            "embeddings.position_embedding": (1, grid * grid + 1, C),
-        }
-        for i in range(config.num_hidden_layers):
-            layer = f"encoder.layers.{i}."
-            shapes[layer + "attn.qkv.weight"] = (3 * C, C)
-            if config.qkv_bias:
-                shapes[layer + "attn.qkv.bias"] = (3 * C,)
-            if config.qk_normalization:
-                shapes[layer + "attn.q_norm.weight"] = (C,)
-                shapes[layer + "attn.k_norm.weight"] = (C,)
-            shapes[layer + "attn.proj.weight"] = (C, C)
-            shapes[layer + "attn.proj.bias"] = (C,)
-            shapes[layer + "mlp.fc1.weight"] = (inter, C)
-            shapes[layer + "mlp.fc1.bias"] = (inter,)
-            shapes[layer + "mlp.fc2.weight"] = (C, inter)
-            shapes[layer + "mlp.fc2.bias"] = (C,)
-            for norm in ("norm1", "norm2"):
-                shapes[layer + f"{norm}.weight"] = (C,)
-                if config.norm_type == "layer_norm":
-                    shapes[layer + f"{norm}.bias"] = (C,)
-            shapes[layer + "ls1"] = (C,)
-            shapes[layer + "ls2"] = (C,)
-        if final_norm_spec(config) is not None:
-            shapes["final_norm.weight"] = (C,)
-            shapes["final_norm.bias"] = (C,)
-        return shapes
+    @classmethod
+    def expected_shapes(cls, config) -> dict[str, tuple]:
+        """Every tensor of the checkpoint (without the `vision_model.` prefix) and its shape, from the declared parameters."""
+        return declared_shapes(cls, as_vision_config(config))
 
     @classmethod
     def from_state_dict(cls, config, state_dict: dict, dtype="float32") -> "InternVisionModel":
-        """Build from checkpoint tensors (bare InternViT keys, or an InternVL checkpoint's `vision_model.*`)."""
-        from minivl.checkpoint import check_state_dict
-        from minivl.models.common import as_model_dtype
+        """Build from checkpoint tensors (bare InternViT keys, or an InternVL checkpoint's `vision_model.*`).
 
-        config = _as_config(config)
-        dtype = as_model_dtype(dtype)
-        tensors = strip_vision_prefix(state_dict)
-        check_state_dict(tensors, cls.expected_shapes(config), where="InternVisionModel")
-        # bf16/fp16 tensors (ml_dtypes) are upcast on load
-        params = {name: np.ascontiguousarray(np.asarray(t).astype(dtype)) for name, t in tensors.items()}
-        return cls(config, params, dtype)
+        bf16/fp16 tensors (ml_dtypes) are upcast on load; one CheckpointError lists every bad tensor.
+        """
+        return build_model(cls, as_vision_config(config), strip_vision_prefix(state_dict), as_model_dtype(dtype))
 
-    def embeddings(self, pixel_values: np.ndarray) -> np.ndarray:
-        """[b, 3, H, W] -> [b, 1+(H/p)·(W/p), C] (hidden_states[0])."""
-        return vision_embeddings(self._check_pixels(pixel_values), self.params, self.config)
+    @property
+    def dtype(self) -> np.dtype:
+        return self.embeddings.patch_embedding.weight.dtype
 
     def forward(self, pixel_values: np.ndarray, output_hidden_states: bool = False,
                 output_attentions: bool = False, apply_final_norm: bool = False) -> VisionOutput:
@@ -255,51 +299,24 @@ class InternVisionModel:
         apply_final_norm=True applies a converted checkpoint's extra final LayerNorm (DINOv2) to
         last_hidden_state / pooler_output only; hidden_states stay the raw layer outputs.
         """
-        x = self.embeddings(pixel_values)
-        hidden_states, attentions = [x], []
-        for layer in self.layers:
-            x, probs = encoder_layer(x, layer, self.config, output_attentions)
-            hidden_states.append(x)
-            attentions.append(probs)
-        if apply_final_norm:
-            x = self.final_norm(x)
-        return VisionOutput(last_hidden_state=x, pooler_output=x[:, 0],
-                            hidden_states=tuple(hidden_states) if output_hidden_states else None,
-                            attentions=tuple(attentions) if output_attentions else None)
-
-    __call__ = forward
-
-    def final_norm(self, x: np.ndarray) -> np.ndarray:
-        """The DINOv2 extra final LayerNorm, [b, n, C] -> [b, n, C]; CheckpointError if this checkpoint has none."""
-        spec = final_norm_spec(self.config)
-        if spec is None:
-            raise CheckpointError("this InternViT checkpoint has no final norm (InternViT never has one; only "
-                                  "DINOv2 checkpoints converted by minivl.weights.dinov2 carry final_norm.*); "
-                                  "call forward without apply_final_norm")
-        return layer_norm(x, self.params["final_norm.weight"], self.params["final_norm.bias"], spec["eps"])
-
-    def _check_pixels(self, pixel_values) -> np.ndarray:
         pixel_values = np.asarray(pixel_values)
-        p = self.config.patch_size
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
-            raise ShapeError(f"pixel_values must be [batch, {self.config.num_channels}, height, width], got shape "
-                             f"{pixel_values.shape}; add a batch axis with x[None] for one image")
-        if pixel_values.shape[2] % p or pixel_values.shape[3] % p or pixel_values.shape[2] == 0:
-            raise ShapeError(f"pixel_values height and width must be positive multiples of patch_size={p}, got "
-                             f"{pixel_values.shape[2]}×{pixel_values.shape[3]}; resize the image (InternVL "
-                             f"tiles are {self.config.image_size} px)")
-        if not np.issubdtype(pixel_values.dtype, np.floating):
-            raise ShapeError(f"pixel_values must be normalised floats, got {pixel_values.dtype}; run the "
-                             f"image through minivl.preprocess first")
-        # the reference feeds pixels in the patch-conv weight dtype
-        return pixel_values.astype(self.dtype, copy=False)
+        check_pixel_values(pixel_values.shape, np.issubdtype(pixel_values.dtype, np.floating), pixel_values.dtype,
+                           self.config)
+        x = self.embeddings(pixel_values)
+        x, hidden_states, attentions = self.encoder(x, output_hidden_states, output_attentions)
+        if apply_final_norm:
+            check_final_norm(self.final_norm)
+            x = self.final_norm(x)
+        return VisionOutput(last_hidden_state=x, pooler_output=x[:, 0], hidden_states=hidden_states,
+                            attentions=attentions)
 
 
 # ----------------------------------------------------------------------------------------------
-# helpers shared with torch_impl
+# framework-free helpers, shared with torch_impl
 # ----------------------------------------------------------------------------------------------
 
-def _as_config(config) -> InternVisionConfig:
+def as_vision_config(config) -> InternVisionConfig:
+    """An InternVisionConfig from itself, a vision config dict or a chat config dict (its vision_config)."""
     if isinstance(config, InternVisionConfig):
         return config
     if isinstance(config, dict):
@@ -318,8 +335,32 @@ def final_norm_spec(config: InternVisionConfig) -> dict | None:
     return spec
 
 
+def check_final_norm(final_norm) -> None:
+    """apply_final_norm=True on a checkpoint without one is a CheckpointError."""
+    if final_norm is None:
+        raise CheckpointError("this InternViT checkpoint has no final norm (InternViT never has one; only "
+                              "DINOv2 checkpoints converted by minivl.weights.dinov2 carry final_norm.*); "
+                              "call forward without apply_final_norm")
+
+
+def check_pixel_values(shape, is_float: bool, dtype, config: InternVisionConfig) -> None:
+    """pixel_values must be normalised floats [b, num_channels, H, W], H and W positive multiples of patch_size."""
+    p = config.patch_size
+    if len(shape) != 4 or shape[1] != config.num_channels:
+        raise ShapeError(f"pixel_values must be [batch, {config.num_channels}, height, width], got shape "
+                         f"{tuple(shape)}; add a batch axis with x[None] for one image")
+    if shape[2] % p or shape[3] % p or 0 in (shape[2], shape[3]):
+        raise ShapeError(f"pixel_values height and width must be positive multiples of patch_size={p}, got "
+                         f"{shape[2]}×{shape[3]}; resize the image (InternVL tiles are {config.image_size} px)")
+    if not is_float:
+        raise ShapeError(f"pixel_values must be normalised floats, got {dtype}; run the image through "
+                         f"minivl.preprocess first")
+
+
 def strip_vision_prefix(state_dict: dict) -> dict:
     """Bare InternViT keys: an InternVL chat checkpoint's `vision_model.*` tensors lose the prefix, the rest is dropped."""
+    from minivl.loading import strip_prefix
+
     if any(k.startswith(VISION_PREFIX) for k in state_dict):
-        return {k[len(VISION_PREFIX):]: v for k, v in state_dict.items() if k.startswith(VISION_PREFIX)}
+        return strip_prefix(state_dict, VISION_PREFIX)
     return dict(state_dict)

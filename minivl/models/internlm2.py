@@ -13,20 +13,16 @@ enlarged from kv_seq_len (cached + new keys) once that exceeds max_position_embe
 reset (`minivl.rope.DynamicNTKRope`). The reference keeps one rotary module per layer; all of them
 see the same kv_seq_len, so one shared instance gives the same tables.
 
-Checkpoint keys: model.tok_embeddings.weight, model.layers.{i}.attention.wqkv.weight (+ .bias if
-config.bias), model.layers.{i}.attention.wo.weight (+ .bias), model.layers.{i}.feed_forward.{w1,w3,w2}.weight
-(gate, up, down), model.layers.{i}.attention_norm.weight, model.layers.{i}.ffn_norm.weight,
-model.norm.weight, output.weight.
+Module names follow the checkpoint keys: model.tok_embeddings, model.layers.{i}.attention.{wqkv,wo}
+(biased iff config.bias), model.layers.{i}.feed_forward.{w1,w3,w2} (gate, up, down),
+model.layers.{i}.{attention_norm,ffn_norm}, model.norm, output.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from minivl.checkpoint import check_state_dict
-from minivl.linear import linear
-from minivl.mlp import swiglu_mlp
-from minivl.models.common import DecoderLM, RotaryEmbedding, as_model_dtype, check_token_ids, rope_attention, take_weights
-from minivl.norms import rms_norm
+from minivl import nn
+from minivl.models.common import DecoderLM, Embedding, Linear, Norm, rope_attention
 
 
 def split_wqkv(qkv: np.ndarray, n_kv_heads: int, group: int, head_dim: int):
@@ -44,96 +40,73 @@ def split_wqkv(qkv: np.ndarray, n_kv_heads: int, group: int, head_dim: int):
     return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
-class InternLM2Attention:
+class InternLM2Attention(nn.Module):
     """wqkv -> split per KV head -> RoPE -> cache -> attention -> wo.  [b, s, hidden] -> [b, s, hidden]"""
 
-    def __init__(self, config, layer_idx: int, weights: dict):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
         self.layer_idx = layer_idx
-        self.n_kv_heads = config.num_key_value_heads
-        self.group = config.num_key_value_groups
-        self.head_dim = config.head_dim
-        self.w = weights
+        self.n_kv_heads, self.group, self.head_dim = (config.num_key_value_heads, config.num_key_value_groups,
+                                                      config.head_dim)
+        n_heads = config.num_attention_heads
+        self.wqkv = Linear(config.hidden_size, (n_heads + 2 * self.n_kv_heads) * self.head_dim, config.bias)
+        self.wo = Linear(n_heads * self.head_dim, config.hidden_size, config.bias)
 
-    def __call__(self, x, cos, sin, mask, cache):
-        w = self.w
-        qkv = linear(x, w["wqkv.weight"], w.get("wqkv.bias"))
-        q, k, v = split_wqkv(qkv, self.n_kv_heads, self.group, self.head_dim)
-        out = rope_attention(q, k, v, cos, sin, mask, cache, self.layer_idx)
-        return linear(out, w["wo.weight"], w.get("wo.bias"))
+    def forward(self, x, rope, attn: dict, cache):
+        q, k, v = split_wqkv(self.wqkv(x), self.n_kv_heads, self.group, self.head_dim)
+        out, probs = rope_attention(q, k, v, rope, attn, cache, self.layer_idx)
+        return self.wo(out), probs
 
 
-class InternLM2DecoderLayer:
-    """h = x + attention(attention_norm(x)); out = h + w2(silu(w1(h')) · w3(h')), h' = ffn_norm(h).
+class InternLM2MLP(nn.Module):
+    """w2(silu(w1(x)) · w3(x)): w1 = gate, w3 = up, w2 = down. [b, s, hidden] -> [b, s, hidden]"""
 
-    [b, s, hidden] -> [b, s, hidden]
-    """
+    def __init__(self, config):
+        super().__init__()
+        self.w1 = Linear(config.hidden_size, config.intermediate_size, False)
+        self.w3 = Linear(config.hidden_size, config.intermediate_size, False)
+        self.w2 = Linear(config.intermediate_size, config.hidden_size, False)
+
+    def forward(self, x):
+        from minivl.mlp import swiglu_mlp
+
+        return swiglu_mlp(x, self.w1.weight, self.w3.weight, self.w2.weight)
+
+
+class InternLM2DecoderLayer(nn.Module):
+    """x + attention(attention_norm(x)), then + feed_forward(ffn_norm(·)). [b, s, hidden] -> same"""
 
     sliding_window = None
 
-    def __init__(self, config, layer_idx: int, weights: dict):
-        self.eps = config.rms_norm_eps
-        self.attention = InternLM2Attention(config, layer_idx, {k[len("attention."):]: v for k, v in weights.items()
-                                                                if k.startswith("attention.")})
-        self.w = weights
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.attention = InternLM2Attention(config, layer_idx)
+        self.feed_forward = InternLM2MLP(config)
+        self.attention_norm = Norm(config.hidden_size, config.rms_norm_eps)
+        self.ffn_norm = Norm(config.hidden_size, config.rms_norm_eps)
 
-    def __call__(self, x, cos, sin, mask, cache):
-        w = self.w
-        h = x + self.attention(rms_norm(x, w["attention_norm.weight"], self.eps), cos, sin, mask, cache)
-        # w1 = gate, w3 = up, w2 = down
-        return h + swiglu_mlp(rms_norm(h, w["ffn_norm.weight"], self.eps), w["feed_forward.w1.weight"],
-                              w["feed_forward.w3.weight"], w["feed_forward.w2.weight"])
+    def forward(self, x, rope, attn: dict, cache):
+        attn_out, probs = self.attention(self.attention_norm(x), rope, attn, cache)
+        h = x + attn_out
+        return h + self.feed_forward(self.ffn_norm(h)), probs
+
+
+class InternLM2Model(nn.Module):
+    """tok_embeddings, layers, norm: the parts DecoderLM runs."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.tok_embeddings = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(InternLM2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Norm(config.hidden_size, config.rms_norm_eps)
 
 
 class InternLM2ForCausalLM(DecoderLM):
     """forward(input_ids [b, s] | inputs_embeds [b, s, hidden], ...) -> CausalLMOutput(logits [b, s, vocab])"""
 
-    @classmethod
-    def expected_shapes(cls, config) -> dict:
-        """{checkpoint key: shape}; biases on wqkv/wo iff config.bias (False in every release)."""
-        hidden, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
-        n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
-        qkv_rows = (n_heads + 2 * n_kv) * d
-        shapes = {"model.tok_embeddings.weight": (config.vocab_size, hidden), "model.norm.weight": (hidden,),
-                  "output.weight": (config.vocab_size, hidden)}
-        for i in range(config.num_hidden_layers):
-            p = f"model.layers.{i}."
-            shapes[p + "attention.wqkv.weight"] = (qkv_rows, hidden)
-            shapes[p + "attention.wo.weight"] = (hidden, n_heads * d)
-            if config.bias:
-                shapes[p + "attention.wqkv.bias"] = (qkv_rows,)
-                shapes[p + "attention.wo.bias"] = (hidden,)
-            shapes[p + "feed_forward.w1.weight"] = (inter, hidden)
-            shapes[p + "feed_forward.w3.weight"] = (inter, hidden)
-            shapes[p + "feed_forward.w2.weight"] = (hidden, inter)
-            shapes[p + "attention_norm.weight"] = (hidden,)
-            shapes[p + "ffn_norm.weight"] = (hidden,)
-        return shapes
+    embed_path, layers_path, norm_path, head_path = "model.tok_embeddings", "model.layers", "model.norm", "output"
 
-    @classmethod
-    def from_state_dict(cls, config, state_dict: dict, dtype="float32") -> "InternLM2ForCausalLM":
-        """Build from {checkpoint key: array}; every missing/unexpected/mis-shaped tensor is reported at once."""
-        check_state_dict(state_dict, cls.expected_shapes(config), where=f"{cls.__name__} checkpoint")
-        return cls(config, state_dict, dtype)
-
-    def __init__(self, config, state_dict: dict, dtype="float32"):
-        self.config = config
-        self.dtype = as_model_dtype(dtype)
-        self.embed_weight = take_weights(state_dict, "model.", ["tok_embeddings.weight"], self.dtype)["tok_embeddings.weight"]
-        names = [f"attention.{p}.{t}" for p in ("wqkv", "wo") for t in ("weight", "bias")]
-        names += [f"feed_forward.{p}.weight" for p in ("w1", "w3", "w2")] + ["attention_norm.weight", "ffn_norm.weight"]
-        self.layers = [InternLM2DecoderLayer(config, i, take_weights(state_dict, f"model.layers.{i}.", names, self.dtype))
-                       for i in range(config.num_hidden_layers)]
-        self.norm_weight = take_weights(state_dict, "model.", ["norm.weight"], self.dtype)["norm.weight"]
-        self.output_weight = take_weights(state_dict, "", ["output.weight"], self.dtype)["output.weight"]
-        self.rotary = RotaryEmbedding(config.rope_kwargs(), self.dtype)
-
-    def embed_tokens(self, input_ids) -> np.ndarray:
-        """[b, s] int -> [b, s, hidden]: rows of tok_embeddings (no scaling)."""
-        check_token_ids(input_ids, self.config.vocab_size)
-        return self.embed_weight[np.asarray(input_ids)]
-
-    def final_norm(self, hidden):
-        return rms_norm(hidden, self.norm_weight, self.config.rms_norm_eps)
-
-    def lm_head(self, hidden):
-        return linear(hidden, self.output_weight)
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = InternLM2Model(config)
+        self.output = Linear(config.hidden_size, config.vocab_size, False)

@@ -4,142 +4,113 @@ embed -> L x [h = x + o_proj(attn(input_layernorm(x))); out = h + down(silu(gate
 -> norm -> lm_head, with h' = post_attention_layernorm(h). Separate q/k/v/o projections (biased
 iff `attention_bias`), rotate-half RoPE, GQA, float32 softmax, float32 logits.
 
-Checkpoint keys: model.embed_tokens.weight, model.layers.{i}.self_attn.{q,k,v,o}_proj.weight,
-model.layers.{i}.mlp.{gate,up,down}_proj.weight, model.layers.{i}.{input,post_attention}_layernorm.weight,
-model.norm.weight, lm_head.weight (absent when tie_word_embeddings: the head is embed_tokens).
+Module names follow the checkpoint keys: model.embed_tokens, model.layers.{i}.self_attn.{q,k,v,o}_proj,
+model.layers.{i}.mlp.{gate,up,down}_proj, model.layers.{i}.{input,post_attention}_layernorm,
+model.norm, lm_head (absent from the checkpoint when tie_word_embeddings: then it IS embed_tokens).
 Qwen2 (qwen2.py) is this model with biases on q/k/v and an optional sliding window.
 """
 from __future__ import annotations
 
-import numpy as np
-
-from minivl.checkpoint import check_state_dict
-from minivl.errors import CheckpointError
-from minivl.linear import linear
-from minivl.mlp import swiglu_mlp
-from minivl.models.common import (DecoderLM, RotaryEmbedding, as_model_dtype, check_token_ids, rope_attention,
-                                  split_heads, take_weights)
-from minivl.norms import rms_norm
+from minivl import nn
+from minivl.models.common import DecoderLM, Embedding, Linear, Norm, fuse_linears, project, rope_attention, split_heads
 
 
-class LlamaAttention:
-    """q/k/v/o projections around the shared RoPE attention core.
+class LlamaAttention(nn.Module):
+    """q/k/v/o projections around the shared RoPE attention core. [b, s, hidden] -> [b, s, hidden]"""
 
-    [b, s, hidden] -> [b, s, hidden]
-    """
-
-    def __init__(self, config, layer_idx: int, weights: dict):
+    def __init__(self, config, layer_idx: int, biases: dict):
+        super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads = config.num_attention_heads
-        self.n_kv_heads = config.num_key_value_heads
-        self.w = weights  # q_proj.weight, q_proj.bias (if any), ...
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        hidden, d = config.hidden_size, config.head_dim
+        self.q_proj = Linear(hidden, self.n_heads * d, biases["q_proj"])
+        self.k_proj = Linear(hidden, self.n_kv_heads * d, biases["k_proj"])
+        self.v_proj = Linear(hidden, self.n_kv_heads * d, biases["v_proj"])
+        self.o_proj = Linear(self.n_heads * d, hidden, biases["o_proj"])
 
-    def __call__(self, x, cos, sin, mask, cache):
-        w = self.w
+    def fuse_projections(self):
+        """q/k/v weights as views of one matrix: one GEMM for the three (see FusedProjection)."""
+        fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+
+    def forward(self, x, rope, attn: dict, cache):
         # q = x·Wqᵀ + bq -> [b, H, s, d];  k, v -> [b, K, s, d]
-        q = split_heads(linear(x, w["q_proj.weight"], w.get("q_proj.bias")), self.n_heads)
-        k = split_heads(linear(x, w["k_proj.weight"], w.get("k_proj.bias")), self.n_kv_heads)
-        v = split_heads(linear(x, w["v_proj.weight"], w.get("v_proj.bias")), self.n_kv_heads)
-        out = rope_attention(q, k, v, cos, sin, mask, cache, self.layer_idx)
-        return linear(out, w["o_proj.weight"], w.get("o_proj.bias"))
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
+        out, probs = rope_attention(q, k, v, rope, attn, cache, self.layer_idx)
+        return self.o_proj(out), probs
 
 
-class LlamaDecoderLayer:
-    """x + attn(input_layernorm(x)), then + mlp(post_attention_layernorm(·)).
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) · up(x)). [b, s, hidden] -> [b, s, hidden]"""
 
-    [b, s, hidden] -> [b, s, hidden]
-    """
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, False)
 
-    def __init__(self, config, layer_idx: int, weights: dict, sliding_window=None):
-        self.eps = config.rms_norm_eps
+    def fuse_projections(self):
+        """gate/up weights as views of one matrix: one GEMM for the two (see FusedProjection)."""
+        fuse_linears(self.gate_proj, self.up_proj)
+
+    def forward(self, x):
+        from minivl.activations import silu_mul
+
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        # down(silu(gate) · up)
+        return self.down_proj(silu_mul(gate, up))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """x + attn(input_layernorm(x)), then + mlp(post_attention_layernorm(·)). [b, s, hidden] -> [b, s, hidden]"""
+
+    def __init__(self, config, self_attn: nn.Module, mlp: nn.Module, sliding_window=None):
+        super().__init__()
         self.sliding_window = sliding_window
-        self.self_attn = LlamaAttention(config, layer_idx, {k[len("self_attn."):]: v for k, v in weights.items()
-                                                            if k.startswith("self_attn.")})
-        self.w = weights
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = Norm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = Norm(config.hidden_size, config.rms_norm_eps)
 
-    def __call__(self, x, cos, sin, mask, cache):
-        w = self.w
-        h = x + self.self_attn(rms_norm(x, w["input_layernorm.weight"], self.eps), cos, sin, mask, cache)
-        # SwiGLU: down(silu(gate(h)) · up(h))
-        return h + swiglu_mlp(rms_norm(h, w["post_attention_layernorm.weight"], self.eps),
-                              w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"])
+    def forward(self, x, rope, attn: dict, cache):
+        attn_out, probs = self.self_attn(self.input_layernorm(x), rope, attn, cache)
+        h = x + attn_out
+        return h + self.mlp(self.post_attention_layernorm(h)), probs
+
+
+class LlamaModel(nn.Module):
+    """embed_tokens, layers, norm: the parts DecoderLM runs."""
+
+    def __init__(self, config, layers: list):
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = Norm(config.hidden_size, config.rms_norm_eps)
 
 
 class LlamaForCausalLM(DecoderLM):
-    """Llama decoder with its LM head. See the module docstring for the key layout.
+    """forward(input_ids [b, s] | inputs_embeds [b, s, hidden], ...) -> CausalLMOutput(logits [b, s, vocab])"""
 
-    forward(input_ids [b, s] | inputs_embeds [b, s, hidden], ...) -> CausalLMOutput(logits [b, s, vocab])
-    """
+    embed_path, layers_path, norm_path, head_path = "model.embed_tokens", "model.layers", "model.norm", "lm_head"
 
-    # which projections carry a bias: Llama follows config.attention_bias for all four
+    # the attention and MLP each block holds (Phi-3 swaps in its fused ones)
+    attention_class, mlp_class = LlamaAttention, LlamaMLP
+
+    def __init__(self, config):
+        super().__init__(config)
+        biases = self.projection_biases(config)
+        layers = [LlamaDecoderLayer(config, self.attention_class(config, i, biases), self.mlp_class(config),
+                                    self.layer_sliding_window(config, i)) for i in range(config.num_hidden_layers)]
+        self.model = LlamaModel(config, layers)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, False)
+
     @staticmethod
     def projection_biases(config) -> dict:
+        """Which projections carry a bias: Llama follows config.attention_bias for all four."""
         bias = bool(getattr(config, "attention_bias", False))
         return {"q_proj": bias, "k_proj": bias, "v_proj": bias, "o_proj": bias}
 
-    @classmethod
-    def layer_sliding_window(cls, config, layer_idx: int):
+    @staticmethod
+    def layer_sliding_window(config, layer_idx: int):
+        """The attention window of one layer (None: every earlier key)."""
         return None
-
-    @classmethod
-    def expected_shapes(cls, config) -> dict:
-        """{checkpoint key: shape} of every tensor the checkpoint must hold (lm_head only if untied)."""
-        hidden, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
-        n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
-        out_features = {"q_proj": n_heads * d, "k_proj": n_kv * d, "v_proj": n_kv * d, "o_proj": hidden}
-        in_features = {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden, "o_proj": n_heads * d}
-        shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden), "model.norm.weight": (hidden,)}
-        for i in range(config.num_hidden_layers):
-            p = f"model.layers.{i}."
-            for name, has_bias in cls.projection_biases(config).items():
-                shapes[f"{p}self_attn.{name}.weight"] = (out_features[name], in_features[name])
-                if has_bias:
-                    shapes[f"{p}self_attn.{name}.bias"] = (out_features[name],)
-            shapes[f"{p}mlp.gate_proj.weight"] = (inter, hidden)
-            shapes[f"{p}mlp.up_proj.weight"] = (inter, hidden)
-            shapes[f"{p}mlp.down_proj.weight"] = (hidden, inter)
-            shapes[f"{p}input_layernorm.weight"] = (hidden,)
-            shapes[f"{p}post_attention_layernorm.weight"] = (hidden,)
-        if not config.tie_word_embeddings:
-            shapes["lm_head.weight"] = (config.vocab_size, hidden)
-        return shapes
-
-    @classmethod
-    def from_state_dict(cls, config, state_dict: dict, dtype="float32") -> "LlamaForCausalLM":
-        """Build from {checkpoint key: array}; every missing/unexpected/mis-shaped tensor is reported at once."""
-        state_dict = dict(state_dict)
-        head = state_dict.pop("lm_head.weight", None) if config.tie_word_embeddings else None
-        check_state_dict(state_dict, cls.expected_shapes(config), where=f"{cls.__name__} checkpoint")
-        if head is not None and tuple(head.shape) != (config.vocab_size, config.hidden_size):
-            raise CheckpointError(f"{cls.__name__}: lm_head.weight has shape {tuple(head.shape)}, expected "
-                                  f"{(config.vocab_size, config.hidden_size)}")
-        if head is not None:
-            state_dict["lm_head.weight"] = head
-        return cls(config, state_dict, dtype)
-
-    def __init__(self, config, state_dict: dict, dtype="float32"):
-        self.config = config
-        self.dtype = as_model_dtype(dtype)
-        self.embed_weight = take_weights(state_dict, "model.", ["embed_tokens.weight"], self.dtype)["embed_tokens.weight"]
-        names = [f"self_attn.{p}.{t}" for p in ("q_proj", "k_proj", "v_proj", "o_proj") for t in ("weight", "bias")]
-        names += [f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
-        names += ["input_layernorm.weight", "post_attention_layernorm.weight"]
-        self.layers = [LlamaDecoderLayer(config, i, take_weights(state_dict, f"model.layers.{i}.", names, self.dtype),
-                                         sliding_window=self.layer_sliding_window(config, i))
-                       for i in range(config.num_hidden_layers)]
-        self.norm_weight = take_weights(state_dict, "model.", ["norm.weight"], self.dtype)["norm.weight"]
-        # tied: the unembedding IS the embedding table (same array, no copy)
-        head = take_weights(state_dict, "", ["lm_head.weight"], self.dtype).get("lm_head.weight")
-        self.lm_head_weight = head if head is not None else self.embed_weight
-        self.rotary = RotaryEmbedding(config.rope_kwargs(), self.dtype)
-
-    def embed_tokens(self, input_ids) -> np.ndarray:
-        """[b, s] int -> [b, s, hidden]: rows of the embedding table (no scaling)."""
-        check_token_ids(input_ids, self.config.vocab_size)
-        return self.embed_weight[np.asarray(input_ids)]
-
-    def final_norm(self, hidden):
-        return rms_norm(hidden, self.norm_weight, self.config.rms_norm_eps)
-
-    def lm_head(self, hidden):
-        return linear(hidden, self.lm_head_weight)

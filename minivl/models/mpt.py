@@ -21,11 +21,11 @@ finfo.min; every row with at least one visible key gets the same softmax either 
 KV cache: [b, n_kv, t, D] per layer like the other families (the reference keeps keys as
 [b, h, D, t] in its torch path; the layout, not the values, differs).
 
-Checkpoint keys: transformer.wte.weight, transformer.wpe.weight (learned positions only),
-transformer.blocks.{i}.norm_1.{weight,bias}, .attn.Wqkv.{weight,bias}, .attn.q_ln.{weight,bias},
-.attn.k_ln.{weight,bias} (qk_ln only), .attn.out_proj.{weight,bias}, .norm_2.{weight,bias},
-.ffn.up_proj.{weight,bias}, .ffn.down_proj.{weight,bias}, transformer.norm_f.{weight,bias};
-every bias absent with no_bias, norm biases absent for RMSNorm.
+Module names follow the checkpoint keys: transformer.wte, transformer.wpe (learned positions only),
+transformer.blocks.{i}.{norm_1, attn.Wqkv, attn.q_ln, attn.k_ln (qk_ln only), attn.out_proj, norm_2,
+ffn.up_proj, ffn.down_proj}, transformer.norm_f; every bias absent with no_bias, norm biases absent
+for RMSNorm. The decoder loop is DecoderLM's: MPT overrides only `positions` (the learned table)
+and `attention_args` (the ALiBi / padding bias).
 """
 from __future__ import annotations
 
@@ -33,22 +33,17 @@ import math
 
 import numpy as np
 
-from minivl.checkpoint import check_state_dict
+from minivl import nn
 from minivl.errors import ConfigError, GenerationError, ShapeError
-from minivl.linear import linear
-from minivl.mlp import gelu_mlp
-from minivl.models.common import (CausalLMOutput, as_model_dtype, check_attention_mask, check_inputs,
-                                  check_token_ids, compute_dtype, merge_heads, split_heads)
-from minivl.norms import layer_norm, rms_norm_mpt
+from minivl.models.common import DecoderLM, Embedding, Linear, Norm, compute_dtype, merge_heads, split_heads
 
 NORM_EPS = 1e-5  # every MPT norm is built with the default eps
 
 
-def mpt_norm(x, weight, bias, norm_type: str):
+def mpt_norm(config) -> Norm:
     """LayerNorm for 'layernorm'/'low_precision_layernorm' (the same thing without autocast), MPT RMSNorm otherwise."""
-    if norm_type.endswith("rmsnorm"):
-        return rms_norm_mpt(x, weight, NORM_EPS)
-    return layer_norm(x, weight, bias, NORM_EPS)
+    rms = config.norm_type.endswith("rmsnorm")
+    return Norm(config.d_model, NORM_EPS, kind="rms_mpt" if rms else "layer", bias=not config.no_bias and not rms)
 
 
 def mpt_positions(batch: int, seq_len: int, past_len: int, attention_mask) -> np.ndarray:
@@ -87,25 +82,33 @@ def mpt_attention_bias(config, batch_mask, kv_len: int, dtype) -> np.ndarray | N
     return bias
 
 
-class MPTAttention:
+class MPTAttention(nn.Module):
     """Wqkv -> clip -> split -> qk_ln -> cache -> scores·scale + bias, causal -> softmax -> out_proj.
 
     [b, s, d_model] -> [b, s, d_model]
     """
 
-    def __init__(self, config, layer_idx: int, weights: dict):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
         attn = config.attn_config
+        has_bias = not config.no_bias
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.num_key_value_heads, config.head_dim
         self.d_model = config.d_model
-        self.clip_qkv = attn["clip_qkv"]
-        self.qk_ln = attn["qk_ln"]
+        self.clip_qkv, self.qk_ln = attn["clip_qkv"], attn["qk_ln"]
         self.softmax_scale = attn["softmax_scale"] or 1.0 / math.sqrt(config.d_model / config.n_heads)
-        self.w = weights
+        kv_width = self.n_kv_heads * self.head_dim
+        self.Wqkv = Linear(self.d_model, self.d_model + 2 * kv_width, has_bias)
+        if self.qk_ln:
+            # the block builds nn.LayerNorm here whatever norm_type says
+            self.q_ln = Norm(self.d_model, NORM_EPS, kind="layer", bias=has_bias)
+            self.k_ln = Norm(kv_width, NORM_EPS, kind="layer", bias=has_bias)
+        self.out_proj = Linear(self.d_model, self.d_model, has_bias)
 
-    def __call__(self, x, bias, causal, cache):
-        w = self.w
-        qkv = linear(x, w["Wqkv.weight"], w.get("Wqkv.bias"))
+    def forward(self, x, attn: dict, cache):
+        from minivl.attention import scaled_dot_product_attention
+
+        qkv = self.Wqkv(x)
         if self.clip_qkv:
             qkv = np.clip(qkv, -self.clip_qkv, self.clip_qkv)
         kv_width = self.n_kv_heads * self.head_dim
@@ -113,71 +116,80 @@ class MPTAttention:
                              qkv[..., self.d_model + kv_width:])
         if self.qk_ln:
             # q over d_model; k over d_model (multi-head) or head_dim (multi-query), cast back
-            query = layer_norm(query, w["q_ln.weight"], w.get("q_ln.bias"), NORM_EPS).astype(x.dtype)
-            key = layer_norm(key, w["k_ln.weight"], w.get("k_ln.bias"), NORM_EPS).astype(x.dtype)
+            query, key = self.q_ln(query).astype(x.dtype), self.k_ln(key).astype(x.dtype)
         q, k, v = split_heads(query, self.n_heads), split_heads(key, self.n_kv_heads), split_heads(value, self.n_kv_heads)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        from minivl.attention import scaled_dot_product_attention
-
         # softmax in float32 only when the float32 bias promoted the scores (see module docstring)
-        out = scaled_dot_product_attention(q, k, v, mask=causal, bias=bias, scale=self.softmax_scale,
-                                           scale_mode="multiply",
-                                           softmax_dtype="float32" if bias is not None else None)
-        return linear(merge_heads(out), w["out_proj.weight"], w.get("out_proj.bias"))
+        bias = attn["bias"]
+        out = scaled_dot_product_attention(q, k, v, mask=attn["causal"], bias=bias, scale=self.softmax_scale,
+                                           scale_mode="multiply", softmax_dtype="float32" if bias is not None else None,
+                                           return_probs=attn["output_attentions"])
+        out, probs = out if attn["output_attentions"] else (out, None)
+        return self.out_proj(merge_heads(out)), probs
 
 
-class MPTBlock:
-    """x + attn(norm_1(x)); then x + down(gelu(up(norm_2(x)))). [b, s, d_model] -> [b, s, d_model]"""
+class MPTMLP(nn.Module):
+    """down(GELU_exact(up(x))). [b, s, d_model] -> [b, s, d_model]"""
 
-    def __init__(self, config, layer_idx: int, weights: dict):
-        self.norm_type = config.norm_type
-        self.attn = MPTAttention(config, layer_idx, {k[len("attn."):]: v for k, v in weights.items()
-                                                     if k.startswith("attn.")})
-        self.w = weights
+    def __init__(self, config):
+        super().__init__()
+        inner = config.expansion_ratio * config.d_model
+        self.up_proj = Linear(config.d_model, inner, not config.no_bias)
+        self.down_proj = Linear(inner, config.d_model, not config.no_bias)
 
-    def __call__(self, x, bias, causal, cache):
-        w = self.w
-        x = x + self.attn(mpt_norm(x, w["norm_1.weight"], w.get("norm_1.bias"), self.norm_type), bias, causal, cache)
-        m = mpt_norm(x, w["norm_2.weight"], w.get("norm_2.bias"), self.norm_type)
-        return x + gelu_mlp(m, w["ffn.up_proj.weight"], w.get("ffn.up_proj.bias"), w["ffn.down_proj.weight"],
-                            w.get("ffn.down_proj.bias"), approximate=False)
+    def forward(self, x):
+        from minivl.mlp import gelu_mlp
+
+        return gelu_mlp(x, self.up_proj.weight, self.up_proj.bias, self.down_proj.weight, self.down_proj.bias,
+                        approximate=False)
 
 
-class MPTForCausalLM:
+class MPTBlock(nn.Module):
+    """x + attn(norm_1(x)); then x + ffn(norm_2(x)). [b, s, d_model] -> [b, s, d_model]"""
+
+    sliding_window = None
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.norm_1 = mpt_norm(config)
+        self.attn = MPTAttention(config, layer_idx)
+        self.norm_2 = mpt_norm(config)
+        self.ffn = MPTMLP(config)
+
+    def forward(self, x, rope, attn: dict, cache):
+        # rope is None: MPT's positions are the ALiBi bias in attn, or the wpe rows already added
+        attn_out, probs = self.attn(self.norm_1(x), attn, cache)
+        x = x + attn_out
+        return x + self.ffn(self.norm_2(x)), probs
+
+
+class MPTModel(nn.Module):
+    """wte, wpe (learned positions only), blocks, norm_f: the parts DecoderLM runs."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.wte = Embedding(config.vocab_size, config.d_model)
+        if config.learned_pos_emb and not config.attn_config["alibi"]:
+            self.wpe = Embedding(config.max_seq_len, config.d_model)
+        else:
+            self.wpe = None
+        self.blocks = nn.ModuleList(MPTBlock(config, i) for i in range(config.n_layers))
+        self.norm_f = mpt_norm(config)
+
+
+class MPTForCausalLM(DecoderLM):
     """forward(input_ids [b, s] | inputs_embeds [b, s, d_model] (ALiBi only), ...) -> CausalLMOutput"""
 
-    @staticmethod
-    def expected_shapes(config) -> dict:
-        """{checkpoint key: shape}; biases only without no_bias, norm biases only for LayerNorm, wpe only
-        for learned positions, q_ln/k_ln only with qk_ln."""
-        d, inner = config.d_model, config.expansion_ratio * config.d_model
-        kv_width = config.num_key_value_heads * config.head_dim
-        has_bias = not config.no_bias
-        norm_bias = has_bias and not config.norm_type.endswith("rmsnorm")
-        shapes = {"transformer.wte.weight": (config.vocab_size, d)}
-        if config.learned_pos_emb and not config.attn_config["alibi"]:
-            shapes["transformer.wpe.weight"] = (config.max_seq_len, d)
+    embed_path, layers_path, norm_path = "transformer.wte", "transformer.blocks", "transformer.norm_f"
+    head_path = "transformer.wte"  # the tied unembedding IS wte: logits = h·wteᵀ · logit_scale
 
-        def add(name, out_features, in_features=None, bias=has_bias):
-            shapes[name + ".weight"] = (out_features, in_features) if in_features else (out_features,)
-            if bias:
-                shapes[name + ".bias"] = (out_features,)
-
-        for i in range(config.n_layers):
-            p = f"transformer.blocks.{i}."
-            add(p + "norm_1", d, bias=norm_bias)
-            add(p + "attn.Wqkv", d + 2 * kv_width, d)
-            if config.attn_config["qk_ln"]:
-                # the block builds nn.LayerNorm here whatever norm_type says
-                add(p + "attn.q_ln", d)
-                add(p + "attn.k_ln", kv_width)
-            add(p + "attn.out_proj", d, d)
-            add(p + "norm_2", d, bias=norm_bias)
-            add(p + "ffn.up_proj", inner, d)
-            add(p + "ffn.down_proj", d, inner)
-        add("transformer.norm_f", d, bias=norm_bias)
-        return shapes
+    def __init__(self, config):
+        super().__init__(config)
+        self.transformer = MPTModel(config)
+        scale = config.logit_scale
+        # 'inv_sqrt_d_model' = 1/sqrt(d_model)
+        self.logit_scale = 1.0 / math.sqrt(config.d_model) if scale == "inv_sqrt_d_model" else scale
 
     @staticmethod
     def check_supported(config) -> None:
@@ -187,92 +199,49 @@ class MPTForCausalLM:
             raise ConfigError(f"MPT: attn_config {unsupported} = true is not implemented in minivl (prefix-LM and "
                               f"packed-sequence masks are training features); set them to false for inference")
 
-    @classmethod
-    def from_state_dict(cls, config, state_dict: dict, dtype="float32") -> "MPTForCausalLM":
-        """Build from {checkpoint key: array}; every missing/unexpected/mis-shaped tensor is reported at once."""
-        cls.check_supported(config)
-        check_state_dict(state_dict, cls.expected_shapes(config), where=f"{cls.__name__} checkpoint")
-        return cls(config, state_dict, dtype)
-
-    def __init__(self, config, state_dict: dict, dtype="float32"):
-        self.config = config
-        self.dtype = as_model_dtype(dtype)
-        cast = {k: np.ascontiguousarray(np.asarray(v).astype(self.dtype)) for k, v in state_dict.items()}
-        self.wte = cast["transformer.wte.weight"]
-        self.wpe = cast.get("transformer.wpe.weight")
-        self.blocks = []
-        for i in range(config.n_layers):
-            p = f"transformer.blocks.{i}."
-            self.blocks.append(MPTBlock(config, i, {k[len(p):]: v for k, v in cast.items() if k.startswith(p)}))
-        self.norm_f_weight, self.norm_f_bias = cast["transformer.norm_f.weight"], cast.get("transformer.norm_f.bias")
-        scale = config.logit_scale
-        # 'inv_sqrt_d_model' = 1/sqrt(d_model)
-        self.logit_scale = 1.0 / math.sqrt(config.d_model) if scale == "inv_sqrt_d_model" else scale
-
-    def __call__(self, *args, **kwargs) -> CausalLMOutput:
-        return self.forward(*args, **kwargs)
-
     def position_limit(self) -> int:
         """max_seq_len: the wpe table's length, and the length the ALiBi bias is built for."""
         return self.config.max_seq_len
 
-    def embed_tokens(self, input_ids) -> np.ndarray:
-        """[b, s] int -> [b, s, d_model]: rows of wte (positions are added in forward)."""
-        check_token_ids(input_ids, self.config.vocab_size)
-        return self.wte[np.asarray(input_ids)]
+    def embed_inputs(self, inputs_embeds) -> np.ndarray:
+        if not self.config.attn_config["alibi"]:
+            raise ShapeError("MPT: inputs_embeds are accepted only with ALiBi (the reference refuses them with "
+                             "learned positions, MPT-M:169-173); pass input_ids")
+        return super().embed_inputs(inputs_embeds)
 
-    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None,
-                past_key_values=None, use_cache=False, output_hidden_states=False) -> CausalLMOutput:
-        """input_ids [b, s] (or inputs_embeds with ALiBi) -> CausalLMOutput(logits [b, s, vocab])
+    def positions(self, hidden, position_ids, attention_mask, past_len: int):
+        """-> (hidden + wpe[positions] (learned positions only), no RoPE).
 
         position_ids (learned positions only) default to MPT's own rule from attention_mask.
         """
-        from minivl.attention import KVCache, causal_mask
-
         config = self.config
-        check_inputs(input_ids, inputs_embeds, config.d_model)
-        if inputs_embeds is not None and not config.attn_config["alibi"]:
-            raise ShapeError("MPT: inputs_embeds are accepted only with ALiBi (the reference refuses them with "
-                             "learned positions, MPT-M:169-173); pass input_ids")
-        x = self.embed_tokens(input_ids) if input_ids is not None else np.asarray(inputs_embeds).astype(self.dtype)
-        batch, seq_len = x.shape[:2]
-        cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
-        past_len = cache.get_seq_length(0) if cache is not None else 0
-        kv_len = past_len + seq_len
-        check_attention_mask(attention_mask, batch, kv_len)
-        if kv_len > config.max_seq_len:
-            raise GenerationError(f"MPT: {kv_len} positions (cached {past_len} + new {seq_len}) exceed max_seq_len="
-                                  f"{config.max_seq_len}, the length of the position table / ALiBi bias; "
+        batch, seq_len = hidden.shape[:2]
+        if past_len + seq_len > config.max_seq_len:
+            raise GenerationError(f"MPT: {past_len + seq_len} positions (cached {past_len} + new {seq_len}) exceed "
+                                  f"max_seq_len={config.max_seq_len}, the length of the position table / ALiBi bias; "
                                   f"shorten the input")
-        if self.wpe is not None:
+        wpe = self.transformer.wpe
+        if wpe is not None:
             if position_ids is None:
                 position_ids = mpt_positions(batch, seq_len, past_len, attention_mask)
             position_ids = np.asarray(position_ids, dtype=np.int64)
             if position_ids.shape != (batch, seq_len) or position_ids.min() < 0 or position_ids.max() >= config.max_seq_len:
                 raise ShapeError(f"MPT: position_ids must be [batch, seq] = [{batch}, {seq_len}] in "
                                  f"[0, {config.max_seq_len}) (got shape {position_ids.shape})")
-            x = x + self.wpe[position_ids]
+            hidden = hidden + wpe(position_ids)
         fraction = config.embedding_fraction
         if fraction != 1:
             # x·f + x.detach()·(1 − f): the identity in value, kept for its rounding
-            x = x * fraction + x * (1 - fraction)
+            hidden = hidden * fraction + hidden * (1 - fraction)
+        return hidden, None
 
-        bias = mpt_attention_bias(config, attention_mask, kv_len, self.dtype)
+    def attention_args(self, attention_mask, seq_len: int, past_len: int, sliding_window, output_attentions) -> dict:
+        """The ALiBi / padding bias [1|b, H|1, 1, t] (or None) and the causal triangle (None for one query)."""
+        from minivl.attention import causal_mask
+
+        kv_len = past_len + seq_len
+        bias = mpt_attention_bias(self.config, attention_mask, kv_len, self.dtype)
         # causal triangle (bottom-right aligned); a single query sees every key, as the reference skips it
         mask_dtype = bias.dtype if bias is not None else self.dtype
         causal = None if seq_len == 1 else causal_mask(seq_len, kv_len, mask_dtype)[None, None]
-        all_hidden = [x] if output_hidden_states else None
-        for block in self.blocks:
-            x = block(x, bias, causal, cache)
-            if output_hidden_states:
-                all_hidden.append(x)
-        x = mpt_norm(x, self.norm_f_weight, self.norm_f_bias, config.norm_type)
-        if output_hidden_states:
-            all_hidden.append(x)
-        # tied unembedding h·wteᵀ in the model dtype, then · logit_scale; logits returned in float32
-        logits = linear(x, self.wte)
-        if self.logit_scale is not None:
-            logits = logits * self.logit_scale
-        return CausalLMOutput(logits=logits.astype(compute_dtype(self.dtype)),
-                              past_key_values=cache if (use_cache or past_key_values is not None) else None,
-                              hidden_states=tuple(all_hidden) if output_hidden_states else None)
+        return {"bias": bias, "causal": causal, "output_attentions": output_attentions}

@@ -6,7 +6,7 @@ The Llama decoder (llama.py) with two differences:
   (transformers >= 4.45 semantics; 4.37.2's eager path passed `sliding_window` to every layer's
   mask regardless of the flag — both are inert below the released window of 32k/128k tokens).
 
-Checkpoint keys as Llama plus model.layers.{i}.self_attn.{q,k,v}_proj.bias.
+Module names (and checkpoint keys) as Llama's, plus model.layers.{i}.self_attn.{q,k,v}_proj.bias.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     def projection_biases(config) -> dict:
         return {"q_proj": True, "k_proj": True, "v_proj": True, "o_proj": False}
 
-    @classmethod
-    def layer_sliding_window(cls, config, layer_idx: int):
+    @staticmethod
+    def layer_sliding_window(config, layer_idx: int):
         # window only where transformers marks the layer "sliding_attention"
         if config.use_sliding_window and config.sliding_window is not None and layer_idx >= config.max_window_layers:
             return config.sliding_window

@@ -30,14 +30,16 @@ import tempfile
 
 import numpy as np
 
+from minivl.conversation import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from minivl.errors import ConfigError
+from minivl.tiny.vision import DTYPES
 
 # ids 0..9: the base tokenizer's control tokens (a union of the InternLM2 / Qwen2 / Phi-3 ones)
 BASE_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>",
                        "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # added by InternVL's fine-tuning script, in this order, after the base vocabulary (spec 6.6)
-INTERNVL_SPECIAL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>",
-                           "<box>", "</box>"]
+INTERNVL_SPECIAL_TOKENS = [IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, "<quad>", "</quad>",
+                           "<ref>", "</ref>", "<box>", "</box>"]
 
 LLM_SETTINGS = {
     # template, tokenizer roles (bos / eos / pad), whether the tokenizer prepends <s>
@@ -46,7 +48,6 @@ LLM_SETTINGS = {
     "phi3": dict(template="phi3-chat", bos="<s>", eos="<|endoftext|>", pad="<|endoftext|>", add_bos=True),
 }
 VISION_FLAVOURS = ("300m", "6b")
-DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 def tiny_internvl_vocab() -> list[str]:
@@ -135,6 +136,7 @@ def write_tiny_internvl(directory, llm: str = "qwen2", vision: str = "300m", dty
     dtype: float32 | float64 | bfloat16 | float16 (the stored tensors, also torch_dtype).
     overrides: top-level config.json keys (e.g. select_layer=-2, ps_version='v1', system_message='...').
     """
+    from minivl.auto_map import write_auto_map_modules
     from minivl.checkpoint import load_state_dict, save_checkpoint
     from minivl.config import InternVLChatConfig
     from minivl.projector import mlp1_expected_shapes
@@ -167,6 +169,7 @@ def write_tiny_internvl(directory, llm: str = "qwen2", vision: str = "300m", dty
     os.makedirs(directory, exist_ok=True)
     save_checkpoint(directory, config, tensors)
     write_tiny_tokenizer(directory, llm)
+    write_auto_map_modules(directory)  # the .py files the auto_map names (minivl/auto_map.py)
     return os.fspath(directory)
 
 

@@ -85,17 +85,10 @@ _CONFIGS = {
                         "prefix_lm": False, "qk_ln": False, "softmax_scale": None},
         "transformers_version": "4.28.1",
     },
-    "mpt_learned": {
-        "architectures": ["MPTForCausalLM"], "model_type": "mpt", "d_model": 64, "n_heads": 4, "n_layers": 2,
-        "expansion_ratio": 4, "max_seq_len": 64, "vocab_size": 300, "resid_pdrop": 0.0, "emb_pdrop": 0.0,
-        "learned_pos_emb": True, "no_bias": False, "logit_scale": None, "norm_type": "low_precision_layernorm",
-        "embedding_fraction": 1.0, "init_device": "cpu", "use_cache": False, "verbose": 0,
-        "attn_config": {"alibi": False, "alibi_bias_max": 8, "attn_impl": "torch", "attn_pdrop": 0.0,
-                        "attn_type": "multihead_attention", "attn_uses_sequence_id": False, "clip_qkv": None,
-                        "prefix_lm": False, "qk_ln": True, "softmax_scale": None},
-        "transformers_version": "4.28.1",
-    },
 }
+# llm-foundry's learned-position MPT: the same sizes with a wpe table, biases and qk_ln
+_CONFIGS["mpt_learned"] = {**_CONFIGS["mpt_alibi"], "learned_pos_emb": True, "no_bias": False,
+                           "attn_config": {**_CONFIGS["mpt_alibi"]["attn_config"], "alibi": False, "qk_ln": True}}
 
 
 def tiny_llm_config(family: str, **overrides) -> dict:
@@ -119,6 +112,7 @@ def write_tiny_llm(directory, family: str, dtype: str = "float32", seed: int = 0
 
     dtype: float32 | float64 | bfloat16 | float16 (the stored tensors' dtype, also torch_dtype).
     """
+    from minivl.auto_map import write_auto_map_modules
     from minivl.checkpoint import save_checkpoint
     from minivl.config import load_config
 
@@ -131,6 +125,7 @@ def write_tiny_llm(directory, family: str, dtype: str = "float32", seed: int = 0
     tensors = {name: _cast(t, dtype) for name, t in tensors.items()}
     os.makedirs(directory, exist_ok=True)
     save_checkpoint(directory, config, tensors, max_shard_bytes=max_shard_bytes)
+    write_auto_map_modules(directory)  # the .py files InternLM2's auto_map names (minivl/auto_map.py)
     return os.fspath(directory)
 
 

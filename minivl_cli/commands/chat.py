@@ -6,7 +6,7 @@ given. Without a prompt: an interactive conversation on stdin (history kept; `/r
 `/exit` or end of input quits).
 
 With `--model-dir` pointing at an InternVL chat checkpoint (config.json `model_type: internvl_chat`,
-plus a tokenizer.json), the answer comes from `InternVLChatModel.chat` and `--image PATH` shows it a
+plus tokenizer.json or .model), the answer comes from `InternVLChatModel.chat` and `--image PATH` shows it a
 picture: tiled as the InternVL README's `load_image` (the checkpoint's own tile size and thumbnail
 setting, at most `--max-tiles` tiles), `<image>` inserted on the first turn only, the image kept for
 every later turn of the conversation as the reference's multi-round example does.
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from minivl.errors import CheckpointError, ConfigError, GenerationError
+from minivl.errors import ConfigError, GenerationError
 
 BACKENDS = ("numpy", "torch")
 
@@ -32,8 +32,8 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n")[0])
     parser.add_argument("prompt", nargs="?", help="the question; omit it for an interactive conversation")
     add_model_arguments(parser, model_help="a Llama-family checkpoint directory, or an InternVL chat checkpoint "
-                                           "(for --image), with tokenizer.json (default: SmolLM2-135M-Instruct, "
-                                           "converted on first use)")
+                                           "(for --image), with tokenizer.json or tokenizer.model (default: "
+                                           "SmolLM2-135M-Instruct, converted on first use)")
     parser.add_argument("--system", default=None,
                         help="system message (default: SmolLM2's own, or the InternVL checkpoint's template's)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
@@ -90,7 +90,7 @@ def load_backend_model(directory, args):
 
 def load_lm(args):
     """(model, tokenizer, generate) for --backend/--dtype/--device/--model-dir; converts SmolLM2 if needed."""
-    from minivl.tokenizer import Tokenizer
+    from minivl.tokenizer import load_tokenizer
 
     if args.model_dir:
         directory = args.model_dir
@@ -99,7 +99,7 @@ def load_lm(args):
 
         directory = ensure_smollm2()
     model, generate = load_backend_model(directory, args)
-    return model, Tokenizer.from_file(directory), generate
+    return model, load_tokenizer(directory), generate
 
 
 def sampling_settings(args) -> dict:
@@ -235,17 +235,12 @@ def is_internvl_checkpoint(directory) -> bool:
 
 def load_internvl(args):
     """(InternVLChatModel of --backend, Tokenizer) from --model-dir; the tokenizer file is checked first."""
-    from minivl.tokenizer import Tokenizer
+    from minivl.tokenizer import load_tokenizer
 
     directory = args.model_dir
-    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
-        found = " (it has a SentencePiece tokenizer.model)" if os.path.isfile(
-            os.path.join(directory, "tokenizer.model")) else ""
-        raise CheckpointError(f"{directory} has no tokenizer.json{found}; minivl reads only the `tokenizers` "
-                              "library's tokenizer.json, SentencePiece tokenizer.model is not supported: write one "
-                              "with transformers' AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
+    tokenizer = load_tokenizer(directory)  # tokenizer.json or InternLM2's tokenizer.model, before the weights
     model, _ = load_backend_model(directory, args)
-    return model, Tokenizer.from_file(directory)
+    return model, tokenizer
 
 
 def image_inputs(model, paths, max_tiles: int, log=None):

@@ -39,7 +39,9 @@ def tokens_per_tile(image_size: int = 448, patch_size: int = 14, downsample_rati
     """InternVL's num_image_token = int((image_size // patch_size)² · downsample_ratio²) (spec 2.12)."""
     if image_size % patch_size:
         raise ConfigError(f"--image-size {image_size} must be a multiple of --patch-size {patch_size}")
-    return int((image_size // patch_size) ** 2 * downsample_ratio ** 2)
+    from minivl.pixel_shuffle import num_image_token
+
+    return num_image_token(image_size, patch_size, downsample_ratio)
 
 
 def describe(image_path, min_num=1, max_num=12, image_size=448, use_thumbnail=True, patch_size=14,

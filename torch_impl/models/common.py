@@ -3,6 +3,8 @@
 Modules here hold parameters under the checkpoint's own names (so `load_state_dict` is a plain
 name match) and call the torch_impl components in the same order as the NumPy code. Models are
 built on the meta device and filled with the checkpoint tensors (`assign=True`): no random init.
+`build_model` (meta build, dtype cast, tied weights) and `as_model_dtype` (the dtype table) are
+the loading every torch model uses, InternViT and the chat model included.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import torch
 from torch import nn
 
 from minivl.errors import ConfigError, ShapeError
-from minivl.models.common import check_attention_mask, check_inputs  # noqa: F401  (shared checks)
+from minivl.models.common import (check_attention_mask, check_inputs, check_logits_to_keep,  # noqa: F401  (shared)
+                                  check_position_ids, tie_weights, tied_head)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash", "triton")
@@ -21,25 +24,27 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash", "triton")
 @dataclass
 class CausalLMOutput:
     """logits [b, s, vocab] float32 (float64 in a float64 run), past_key_values (KVCache or None),
-    hidden_states: L+2 tensors [b, s, hidden] (embedding, each block, final norm) or None."""
+    hidden_states: L+2 tensors [b, s, hidden] (embedding, each block, final norm) or None,
+    attentions: L tensors [b, H, s, t] of softmax probabilities or None."""
 
     logits: torch.Tensor
     past_key_values: object = None
     hidden_states: tuple | None = None
+    attentions: tuple | None = None
 
 
-def as_torch_dtype(dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """promote(dtype, float32): the reference's ".float()" in a float32 or float64 run."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def as_model_dtype(dtype) -> torch.dtype:
     """'float32' | 'float64' | 'bfloat16' | 'float16' (or the torch dtype) -> torch.dtype."""
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if dtype not in DTYPES:
         raise ConfigError(f"torch models run in one of {sorted(DTYPES)} (got {dtype!r})")
     return DTYPES[dtype]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """promote(dtype, float32): the reference's ".float()" in a float32 or float64 run."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def check_attn_implementation(attn_implementation: str) -> str:
@@ -78,6 +83,54 @@ class Linear(nn.Module):
         from torch_impl.linear import linear
 
         return linear(x, self.weight, self.bias)
+
+
+class FusedProjection:
+    """Several Linear modules that read the same input, their weights (and biases) views of ONE matrix.
+
+    The mirror of minivl.models.common.FusedProjection: `project` computes them with one GEMM; the
+    modules keep their names, shapes and values (each Parameter a view into the fused storage).
+    """
+
+    def __init__(self, linears):
+        self.weight = torch.cat([linear.weight for linear in linears])
+        self.bias = torch.cat([linear.bias for linear in linears]) if linears[0].bias is not None else None
+        ends = torch.tensor([linear.weight.shape[0] for linear in linears]).cumsum(0).tolist()
+        self.bounds = list(zip([0, *ends[:-1]], ends))
+        for linear, (start, stop) in zip(linears, self.bounds):
+            linear.weight = nn.Parameter(self.weight[start:stop], requires_grad=False)
+            if self.bias is not None:
+                linear.bias = nn.Parameter(self.bias[start:stop], requires_grad=False)
+            linear.fused = self
+        self.views = [linear.weight for linear in linears]
+
+    def serves(self, linears) -> bool:
+        """True while these are still the fused modules, in order, holding the views (no reload since)."""
+        return len(linears) == len(self.views) and all(linear.weight is view for linear, view in zip(linears, self.views))
+
+
+def fuse_linears(*linears) -> None:
+    """Make these Linear modules (same input width, all biased or none) one FusedProjection."""
+    if len({linear.weight.shape[1] for linear in linears}) == 1 and len({linear.bias is None for linear in linears}) == 1:
+        FusedProjection(linears)
+
+
+def project(x, *linears) -> list:
+    """[linear(x) for linear in linears], as one GEMM split by columns when they are one FusedProjection."""
+    from torch_impl.linear import linear as affine
+
+    fused = getattr(linears[0], "fused", None)
+    if fused is None or not fused.serves(linears):
+        return [linear(x) for linear in linears]
+    y = affine(x, fused.weight, fused.bias)
+    return [y[..., start:stop] for start, stop in fused.bounds]
+
+
+def fuse_projections(model) -> None:
+    """Call `fuse_projections()` of every module that defines it (after loading: the weights are real)."""
+    for _, module in model.named_modules():
+        if hasattr(type(module), "fuse_projections"):
+            module.fuse_projections()
 
 
 class Norm(nn.Module):
@@ -125,41 +178,32 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, s, n * d)
 
 
-def rope_attention(q, k, v, cos, sin, attn: dict, cache, layer_idx: int) -> torch.Tensor:
-    """The shared attention core of the RoPE families (see minivl.models.common.rope_attention).
+def rope_attention(q, k, v, rope, attn: dict, cache, layer_idx: int):
+    """The attention core the RoPE families share (InternLM2, Phi-3, Llama, Qwen2).
 
-    q [b, H, s, d], k/v [b, K, s, d], cos/sin [b, s, d] -> [b, s, H·d]
-    attn: {mask: [b|1, 1, s, t] or None, is_causal: bool, backend: eager|sdpa|flash|triton},
-    from `attention_args`.
+    q [b, H, s, d], k/v [b, K, s, d], rope = (cos, sin) [b, s, d] -> ([b, s, H·d], probs [b, H, s, t] or None)
+    attn: {mask: [b|1, 1, s, t] or None, is_causal, backend, output_attentions}, from
+    `DecoderLM.attention_args`.
     """
-    from torch_impl.attention import scaled_dot_product_attention
+    from torch_impl.attention import causal_attention_blocks, scaled_dot_product_attention
     from torch_impl.rope import apply_rope
 
+    cos, sin = rope
     cos, sin = cos.to(q.dtype)[:, None], sin.to(q.dtype)[:, None]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)
-    out = scaled_dot_product_attention(q, k, v, mask=attn["mask"], is_causal=attn["is_causal"],
-                                       scale_mode="divide", softmax_dtype="float32", backend=attn["backend"])
-    return merge_heads(out)
-
-
-def attention_args(backend: str, attention_mask, q_len: int, past_len: int, dtype, sliding_window=None) -> dict:
-    """What one attention call needs: the 4-D additive mask, or none and is_causal for the fused kernels.
-
-    eager always gets the reference's additive mask (causal + padding), even where it is all zeros.
-    sdpa / flash / triton on an unpadded batch without a window get is_causal instead (bottom-right
-    aligned: the same keys hidden), which lets the kernels skip the masked tiles. flash takes no
-    additive mask at all: a padded or windowed batch runs sdpa with the mask (the reference unpads
-    into flash_attn_varlen_func instead: same values, another kernel).
-    """
-    from torch_impl.attention import build_attention_mask
-
-    unpadded = attention_mask is None or bool(attention_mask.bool().all())
-    if backend != "eager" and unpadded and sliding_window is None:
-        return {"mask": None, "is_causal": True, "backend": backend}
-    mask = build_attention_mask(attention_mask, q_len, past_len, dtype, sliding_window=sliding_window)
-    return {"mask": mask, "is_causal": False, "backend": "sdpa" if backend == "flash" else backend}
+    if attn["output_attentions"]:
+        out, probs = scaled_dot_product_attention(q, k, v, mask=attn["mask"], scale_mode="divide",
+                                                  softmax_dtype="float32", return_probs=True)
+        return merge_heads(out), probs
+    if attn["backend"] == "eager":
+        # the same attention over blocks of queries that skip the keys the causal mask hides
+        out = causal_attention_blocks(q, k, v, mask=attn["mask"], scale_mode="divide", softmax_dtype="float32")
+    else:
+        out = scaled_dot_product_attention(q, k, v, mask=attn["mask"], is_causal=attn["is_causal"],
+                                           scale_mode="divide", softmax_dtype="float32", backend=attn["backend"])
+    return merge_heads(out), None
 
 
 class RotaryEmbedding:
@@ -206,99 +250,199 @@ class RotaryEmbedding:
         return _NumpyRotary.position_limit(self)
 
 
-class DecoderLM(nn.Module):
-    """The pre-norm decoder loop of the RoPE families (mirror of minivl.models.common.DecoderLM).
+def cast_tensor(value, dtype, device) -> torch.Tensor:
+    """A checkpoint tensor (torch, or NumPy with bf16 through ml_dtypes) as a tensor of the model dtype on device."""
+    from torch_impl.checkpoint import to_torch
 
-    Subclasses define `decoder_layers()`, `final_norm_module()`, `embed_tokens`, `lm_head` and set
-    `config`, `rotary`, `attn_implementation`.
+    tensor = value if isinstance(value, torch.Tensor) else to_torch(value)
+    return tensor.to(device=device, dtype=dtype)
+
+
+def build_model(cls, config, state_dict: dict, dtype, device, tied: dict | None = None, **kwargs):
+    """Construct `cls(config, **kwargs)` on the meta device (no allocation), then adopt the checkpoint tensors.
+
+    state_dict {key: tensor}: cast to `dtype` on `device`; `tied` {target: source}: see `tie_weights`.
+    Every missing, unexpected and mis-shaped tensor is reported in one CheckpointError.
+    """
+    from torch_impl.checkpoint import check_state_dict
+
+    with torch.device("meta"):
+        model = cls(config, **kwargs)
+    tensors = tie_weights({key: cast_tensor(value, dtype, device) for key, value in state_dict.items()}, tied or {})
+    check_state_dict(tensors, {key: tuple(p.shape) for key, p in model.state_dict().items()},
+                     where=f"{cls.__name__} checkpoint")
+    model.load_state_dict(tensors, strict=True, assign=True)
+    for target, source in (tied or {}).items():
+        if tensors[target] is tensors[source]:
+            # assign=True gives two Parameters over one storage; make them one object so they stay tied
+            owner, name = target.rsplit(".", 1)
+            setattr(model.get_submodule(owner), name, model.get_parameter(source))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fuse_projections(model)
+    return model.eval()
+
+
+def declared_shapes(cls, config, skip=()) -> dict:
+    """{checkpoint key: shape} of `cls(config)` built on the meta device (no allocation), the keys in `skip` left out."""
+    with torch.device("meta"):
+        model = cls(config)
+    return {key: tuple(p.shape) for key, p in model.state_dict().items() if key not in skip}
+
+
+class DecoderLM(nn.Module):
+    """embed -> positions -> L x layer -> final norm -> head (mirror of minivl.models.common.DecoderLM).
+
+    A family builds its modules under the checkpoint's names in `__init__(config, attn_implementation)`
+    and sets `embed_path`, `layers_path`, `norm_path`, `head_path`; MPT overrides `positions` and
+    `attention_args`.
     """
 
-    def final_norm(self, hidden):
-        return self.final_norm_module()(hidden)
+    embed_path, layers_path, norm_path, head_path = "model.embed_tokens", "model.layers", "model.norm", "lm_head"
+    logit_scale = None  # MPT's logits are multiplied by one
+    _rotary = None
 
-    def position_limit(self) -> int | None:
-        return self.rotary.position_limit()
+    def __init__(self, config, attn_implementation: str = "eager"):
+        super().__init__()
+        self.config = config
+        self.attn_implementation = check_attn_implementation(attn_implementation)
+
+    @classmethod
+    def tied_weights(cls, config) -> dict:
+        """{target key: source key} of parameters that are one tensor: the head tied to the embedding."""
+        return tied_head(config, cls.embed_path, cls.head_path)
+
+    @staticmethod
+    def check_supported(config) -> None:
+        """Raise ConfigError for config options the family does not implement (the RoPE families implement all)."""
+
+    @classmethod
+    def expected_shapes(cls, config) -> dict:
+        """{checkpoint key: shape} from the declared parameters (a tied head is not stored)."""
+        return declared_shapes(cls, config, skip=cls.tied_weights(config))
+
+    @classmethod
+    def from_state_dict(cls, config, state_dict: dict, dtype="float32", device="cpu",
+                        attn_implementation: str = "eager"):
+        """Build from {checkpoint key: tensor}; every missing/unexpected/mis-shaped tensor is reported at once."""
+        cls.check_supported(config)
+        dtype = as_model_dtype(dtype)
+        return build_model(cls, config, state_dict, dtype, device, tied=cls.tied_weights(config),
+                           attn_implementation=attn_implementation)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.final_norm_module().weight.dtype
+        return self.get_submodule(self.norm_path).weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.final_norm_module().weight.device
+        return self.get_submodule(self.norm_path).weight.device
 
     def set_attn_implementation(self, attn_implementation: str) -> None:
         self.attn_implementation = check_attn_implementation(attn_implementation)
 
+    @property
+    def rotary(self):
+        """The RotaryEmbedding of config.rope_kwargs(), in promote(model dtype, float32); built on first use
+        after loading, and kept (dynamic NTK is stateful). None without RoPE (MPT)."""
+        if self._rotary is None or self._rotary.rope_kwargs["dtype"] != compute_dtype(self.dtype):
+            rope_kwargs = self.config.rope_kwargs()
+            self._rotary = RotaryEmbedding(rope_kwargs, self.dtype) if rope_kwargs is not None else None
+        return self._rotary
+
+    def position_limit(self) -> int | None:
+        """Largest number of positions the model serves (None: no limit, e.g. dynamic RoPE scaling)."""
+        return self.rotary.position_limit()
+
+    def embed_tokens(self, input_ids) -> torch.Tensor:
+        """[b, s] int -> [b, s, hidden]: rows of the embedding table (no scaling; positions come later)."""
+        input_ids = torch.as_tensor(input_ids, device=self.device)
+        check_token_ids(input_ids, self.config.vocab_size)
+        return self.get_submodule(self.embed_path)(input_ids)
+
+    def embed_inputs(self, inputs_embeds) -> torch.Tensor:
+        """inputs_embeds [b, s, hidden] (the chat model's text + image embeddings) in the model dtype."""
+        return torch.as_tensor(inputs_embeds, device=self.device).to(self.dtype)
+
+    def positions(self, hidden, position_ids, attention_mask, past_len: int):
+        """-> (hidden, rope): RoPE's (cos, sin) [b, s, head_dim] for these positions, hidden unchanged."""
+        batch, seq_len = hidden.shape[:2]
+        if position_ids is None:
+            position_ids = default_position_ids(batch, seq_len, past_len, self.device)
+        check_position_ids(position_ids, batch, seq_len)
+        position_ids = torch.as_tensor(position_ids, dtype=torch.int64, device=self.device)
+        return hidden, self.rotary.cos_sin(position_ids, past_len + seq_len)
+
+    def attention_args(self, attention_mask, seq_len: int, past_len: int, sliding_window, output_attentions) -> dict:
+        """What every attention call of one window gets: the additive mask, or none and is_causal.
+
+        eager always gets the reference's additive mask (causal + padding), even where it is all zeros.
+        sdpa / flash / triton on an unpadded batch without a window get is_causal instead (bottom-right
+        aligned: the same keys hidden), which lets the kernels skip the masked tiles. flash takes no
+        additive mask at all: a padded or windowed batch runs sdpa with the mask (the reference unpads
+        into flash_attn_varlen_func instead: same values, another kernel). output_attentions runs
+        eager, as transformers falls back to it: the fused kernels never form the probabilities.
+        """
+        from torch_impl.attention import build_attention_mask
+
+        backend = "eager" if output_attentions else self.attn_implementation
+        unpadded = attention_mask is None or bool(attention_mask.bool().all())
+        if backend != "eager" and unpadded and sliding_window is None:
+            return {"mask": None, "is_causal": True, "backend": backend, "output_attentions": False}
+        mask = build_attention_mask(attention_mask, seq_len, past_len, self.dtype, sliding_window=sliding_window)
+        return {"mask": mask, "is_causal": False, "backend": "sdpa" if backend == "flash" else backend,
+                "output_attentions": output_attentions}
+
+    def final_norm(self, hidden):
+        """The norm after the last block. [..., hidden] -> [..., hidden]"""
+        return self.get_submodule(self.norm_path)(hidden)
+
+    def unembed(self, hidden):
+        """[..., hidden] -> logits [..., vocab]: head(h) in the model dtype (· logit_scale), then .float()."""
+        from torch_impl.linear import linear
+
+        logits = linear(hidden, self.get_submodule(self.head_path).weight)
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        return logits.to(compute_dtype(self.dtype))
+
     @torch.no_grad()
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None,
-                past_key_values=None, use_cache=False, output_hidden_states=False) -> CausalLMOutput:
-        """input_ids [b, s] or inputs_embeds [b, s, hidden] -> CausalLMOutput (logits [b, s, vocab])"""
+                past_key_values=None, use_cache=False, output_hidden_states=False,
+                output_attentions=False, logits_to_keep: int = 0) -> CausalLMOutput:
+        """input_ids [b, s] or inputs_embeds [b, s, hidden] -> CausalLMOutput (logits [b, s, vocab])
+
+        logits_to_keep: 0 = every position, n = the last n only (see minivl's DecoderLM.forward).
+        """
         from torch_impl.attention import KVCache
 
-        check_inputs(input_ids, inputs_embeds, self.config.hidden_size)
-        if input_ids is not None:
-            hidden = self.embed_tokens(torch.as_tensor(input_ids, device=self.device))
-        else:
-            hidden = torch.as_tensor(inputs_embeds, device=self.device).to(self.dtype)
+        check_inputs(input_ids, inputs_embeds, self.get_submodule(self.embed_path).weight.shape[1])
+        hidden = self.embed_tokens(input_ids) if input_ids is not None else self.embed_inputs(inputs_embeds)
         batch, seq_len = hidden.shape[:2]
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         past_len = cache.get_seq_length(0) if cache is not None else 0
-        kv_len = past_len + seq_len
-        check_attention_mask(attention_mask, batch, kv_len)
+        check_attention_mask(attention_mask, batch, past_len + seq_len)
         if attention_mask is not None:
             attention_mask = torch.as_tensor(attention_mask, device=self.device)
-        if position_ids is None:
-            position_ids = default_position_ids(batch, seq_len, past_len, self.device)
-        position_ids = torch.as_tensor(position_ids, dtype=torch.int64, device=self.device)
-        if tuple(position_ids.shape) != (batch, seq_len):
-            raise ShapeError(f"forward: position_ids must be [batch, seq] = [{batch}, {seq_len}] "
-                             f"(got shape {tuple(position_ids.shape)})")
-
-        cos, sin = self.rotary.cos_sin(position_ids, kv_len)
-        layers = self.decoder_layers()
+        hidden, rope = self.positions(hidden, position_ids, attention_mask, past_len)
+        layers = self.get_submodule(self.layers_path)
         # one attention setup per distinct window (Qwen2 may window only some layers)
-        attn = {window: attention_args(self.attn_implementation, attention_mask, seq_len, past_len, self.dtype,
-                                       window)
+        attn = {window: self.attention_args(attention_mask, seq_len, past_len, window, output_attentions)
                 for window in {layer.sliding_window for layer in layers}}
 
         all_hidden = [hidden] if output_hidden_states else None
+        all_probs = [] if output_attentions else None
         for layer in layers:
-            hidden = layer(hidden, cos, sin, attn[layer.sliding_window], cache)
+            hidden, probs = layer(hidden, rope, attn[layer.sliding_window], cache)
             if output_hidden_states:
                 all_hidden.append(hidden)
+            if output_attentions:
+                all_probs.append(probs)
         hidden = self.final_norm(hidden)
         if output_hidden_states:
             all_hidden.append(hidden)
-        # logits = head(h).float()
-        logits = self.lm_head(hidden).to(compute_dtype(self.dtype))
-        return CausalLMOutput(logits=logits,
+        check_logits_to_keep(logits_to_keep)
+        return CausalLMOutput(logits=self.unembed(hidden[:, -logits_to_keep:] if logits_to_keep else hidden),
                               past_key_values=cache if (use_cache or past_key_values is not None) else None,
-                              hidden_states=tuple(all_hidden) if output_hidden_states else None)
-
-
-def build_on_meta(cls, config, state_dict: dict, dtype, device, tied: dict | None = None, **kwargs):
-    """Construct `cls(config, **kwargs)` without allocating, then adopt the checkpoint tensors.
-
-    state_dict {key: tensor}: cast to `dtype` and moved to `device`; `tied` {target: source} makes a
-    parameter the SAME tensor as another (tied LM head).
-    """
-    with torch.device("meta"):
-        model = cls(config, **kwargs)
-    tensors = {k: torch.as_tensor(v).to(device=device, dtype=dtype) for k, v in state_dict.items()}
-    for target, source in (tied or {}).items():
-        tensors[target] = tensors[source]
-    model.load_state_dict(tensors, strict=True, assign=True)
-    for target, source in (tied or {}).items():
-        # assign=True gives two Parameters over one storage; make them one object so they stay tied
-        owner_t, name_t = _owner(model, target)
-        owner_s, name_s = _owner(model, source)
-        setattr(owner_t, name_t, getattr(owner_s, name_s))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
-
-def _owner(model: nn.Module, key: str):
-    path, name = key.rsplit(".", 1)
-    return model.get_submodule(path), name
+                              hidden_states=tuple(all_hidden) if output_hidden_states else None,
+                              attentions=tuple(all_probs) if output_attentions else None)

@@ -8,16 +8,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minivl.models.internlm2 import InternLM2ForCausalLM as _NumpyInternLM2
-from torch_impl.checkpoint import check_state_dict
-from torch_impl.models.common import (DecoderLM, Embedding, Linear, Norm, RotaryEmbedding, as_torch_dtype,
-                                      build_on_meta, check_attn_implementation, check_token_ids, rope_attention)
+from torch_impl.models.common import DecoderLM, Embedding, Linear, Norm, rope_attention
 
 
 def split_wqkv(qkv: torch.Tensor, n_kv_heads: int, group: int, head_dim: int):
-    """[b, s, (H + 2K)·D] -> q [b, H, s, D], k [b, K, s, D], v [b, K, s, D] (wqkv grouped per KV head)"""
+    """Undo the per-KV-head grouping of wqkv's output.
+
+    [b, s, (H + 2K)·D] -> q [b, H, s, D], k [b, K, s, D], v [b, K, s, D]   (H = K·G)
+    """
     b, s, _ = qkv.shape
+    # 'b s (h gs d) -> b s h gs d' with gs = G + 2 slots per KV head
     grouped = qkv.view(b, s, n_kv_heads, group + 2, head_dim)
+    # query head k·G + j sits in slot j of block k: flattening (k, j) keeps that order
     q = grouped[:, :, :, :group].reshape(b, s, n_kv_heads * group, head_dim)
     k = grouped[:, :, :, group]
     v = grouped[:, :, :, group + 1]
@@ -25,7 +27,7 @@ def split_wqkv(qkv: torch.Tensor, n_kv_heads: int, group: int, head_dim: int):
 
 
 class InternLM2Attention(nn.Module):
-    """[b, s, hidden] -> [b, s, hidden]"""
+    """wqkv -> split per KV head -> RoPE -> cache -> attention -> wo.  [b, s, hidden] -> [b, s, hidden]"""
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -36,13 +38,14 @@ class InternLM2Attention(nn.Module):
         self.wqkv = Linear(config.hidden_size, (n_heads + 2 * self.n_kv_heads) * self.head_dim, config.bias)
         self.wo = Linear(n_heads * self.head_dim, config.hidden_size, config.bias)
 
-    def forward(self, x, cos, sin, attn: dict, cache):
+    def forward(self, x, rope, attn: dict, cache):
         q, k, v = split_wqkv(self.wqkv(x), self.n_kv_heads, self.group, self.head_dim)
-        return self.wo(rope_attention(q, k, v, cos, sin, attn, cache, self.layer_idx))
+        out, probs = rope_attention(q, k, v, rope, attn, cache, self.layer_idx)
+        return self.wo(out), probs
 
 
 class InternLM2MLP(nn.Module):
-    """w2(silu(w1(x)) · w3(x)). [b, s, hidden] -> [b, s, hidden]"""
+    """w2(silu(w1(x)) · w3(x)): w1 = gate, w3 = up, w2 = down. [b, s, hidden] -> [b, s, hidden]"""
 
     def __init__(self, config):
         super().__init__()
@@ -68,12 +71,15 @@ class InternLM2DecoderLayer(nn.Module):
         self.attention_norm = Norm(config.hidden_size, config.rms_norm_eps)
         self.ffn_norm = Norm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn: dict, cache):
-        h = x + self.attention(self.attention_norm(x), cos, sin, attn, cache)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, rope, attn: dict, cache):
+        attn_out, probs = self.attention(self.attention_norm(x), rope, attn, cache)
+        h = x + attn_out
+        return h + self.feed_forward(self.ffn_norm(h)), probs
 
 
 class InternLM2Model(nn.Module):
+    """tok_embeddings, layers, norm: the parts DecoderLM runs."""
+
     def __init__(self, config):
         super().__init__()
         self.tok_embeddings = Embedding(config.vocab_size, config.hidden_size)
@@ -84,34 +90,9 @@ class InternLM2Model(nn.Module):
 class InternLM2ForCausalLM(DecoderLM):
     """forward(input_ids [b, s] | inputs_embeds [b, s, hidden], ...) -> CausalLMOutput(logits [b, s, vocab])"""
 
-    expected_shapes = _NumpyInternLM2.expected_shapes
+    embed_path, layers_path, norm_path, head_path = "model.tok_embeddings", "model.layers", "model.norm", "output"
 
     def __init__(self, config, attn_implementation: str = "eager"):
-        super().__init__()
-        self.config = config
-        self.attn_implementation = check_attn_implementation(attn_implementation)
+        super().__init__(config, attn_implementation)
         self.model = InternLM2Model(config)
         self.output = Linear(config.hidden_size, config.vocab_size, False)
-
-    @classmethod
-    def from_state_dict(cls, config, state_dict: dict, dtype="float32", device="cpu",
-                        attn_implementation: str = "eager") -> "InternLM2ForCausalLM":
-        check_state_dict(state_dict, cls.expected_shapes(config), where=f"{cls.__name__} checkpoint")
-        dtype = as_torch_dtype(dtype)
-        model = build_on_meta(cls, config, state_dict, dtype, device, attn_implementation=attn_implementation)
-        model.rotary = RotaryEmbedding(config.rope_kwargs(), dtype)
-        return model
-
-    def decoder_layers(self):
-        return list(self.model.layers)
-
-    def final_norm_module(self):
-        return self.model.norm
-
-    def embed_tokens(self, input_ids) -> torch.Tensor:
-        input_ids = torch.as_tensor(input_ids, device=self.device)
-        check_token_ids(input_ids, self.config.vocab_size)
-        return self.model.tok_embeddings(input_ids)
-
-    def lm_head(self, hidden):
-        return self.output(hidden)

@@ -6,19 +6,13 @@ model.norm, lm_head (the same tensor as model.embed_tokens.weight when tied).
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from minivl.errors import CheckpointError
-from minivl.models.llama import LlamaForCausalLM as _NumpyLlama
-from torch_impl.checkpoint import check_state_dict
-from torch_impl.models.common import (DecoderLM, Embedding, Linear, Norm, RotaryEmbedding, as_torch_dtype,
-                                      build_on_meta, check_attn_implementation, check_token_ids, rope_attention,
-                                      split_heads)
+from torch_impl.models.common import DecoderLM, Embedding, Linear, Norm, fuse_linears, project, rope_attention, split_heads
 
 
 class LlamaAttention(nn.Module):
-    """[b, s, hidden] -> [b, s, hidden]"""
+    """q/k/v/o projections around the shared RoPE attention core. [b, s, hidden] -> [b, s, hidden]"""
 
     def __init__(self, config, layer_idx: int, biases: dict):
         super().__init__()
@@ -30,16 +24,19 @@ class LlamaAttention(nn.Module):
         self.v_proj = Linear(hidden, self.n_kv_heads * d, biases["v_proj"])
         self.o_proj = Linear(self.n_heads * d, hidden, biases["o_proj"])
 
-    def forward(self, x, cos, sin, attn: dict, cache):
-        q = split_heads(self.q_proj(x), self.n_heads)
-        k = split_heads(self.k_proj(x), self.n_kv_heads)
-        v = split_heads(self.v_proj(x), self.n_kv_heads)
-        out = rope_attention(q, k, v, cos, sin, attn, cache, self.layer_idx)
-        return self.o_proj(out)
+    def fuse_projections(self):
+        """q/k/v weights as views of one matrix: one GEMM for the three (see FusedProjection)."""
+        fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+
+    def forward(self, x, rope, attn: dict, cache):
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
+        out, probs = rope_attention(q, k, v, rope, attn, cache, self.layer_idx)
+        return self.o_proj(out), probs
 
 
 class LlamaMLP(nn.Module):
-    """down(silu(gate(x)) · up(x)). [b, s, hidden] -> [b, s, hidden]"""
+    """SwiGLU: down(silu(gate(x)) · up(x)). [b, s, hidden] -> [b, s, hidden]"""
 
     def __init__(self, config):
         super().__init__()
@@ -47,81 +44,68 @@ class LlamaMLP(nn.Module):
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, False)
 
-    def forward(self, x):
-        from torch_impl.mlp import swiglu_mlp
+    def fuse_projections(self):
+        """gate/up weights as views of one matrix: one GEMM for the two (see FusedProjection)."""
+        fuse_linears(self.gate_proj, self.up_proj)
 
-        return swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+    def forward(self, x):
+        from torch_impl.activations import silu_mul
+
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        # down(silu(gate) · up)
+        return self.down_proj(silu_mul(gate, up))
 
 
 class LlamaDecoderLayer(nn.Module):
     """x + attn(input_layernorm(x)), then + mlp(post_attention_layernorm(·)). [b, s, hidden] -> [b, s, hidden]"""
 
-    def __init__(self, config, layer_idx: int, biases: dict, sliding_window=None):
+    def __init__(self, config, self_attn: nn.Module, mlp: nn.Module, sliding_window=None):
         super().__init__()
         self.sliding_window = sliding_window
-        self.self_attn = LlamaAttention(config, layer_idx, biases)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = self_attn
+        self.mlp = mlp
         self.input_layernorm = Norm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Norm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn: dict, cache):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x, rope, attn: dict, cache):
+        attn_out, probs = self.self_attn(self.input_layernorm(x), rope, attn, cache)
+        h = x + attn_out
+        return h + self.mlp(self.post_attention_layernorm(h)), probs
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, layer_biases: dict, windows: list):
+    """embed_tokens, layers, norm: the parts DecoderLM runs."""
+
+    def __init__(self, config, layers: list):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, layer_biases, windows[i])
-                                    for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(layers)
         self.norm = Norm(config.hidden_size, config.rms_norm_eps)
 
 
 class LlamaForCausalLM(DecoderLM):
     """forward(input_ids [b, s] | inputs_embeds [b, s, hidden], ...) -> CausalLMOutput(logits [b, s, vocab])"""
 
-    projection_biases = staticmethod(_NumpyLlama.projection_biases)
-    layer_sliding_window = _NumpyLlama.layer_sliding_window
-    expected_shapes = _NumpyLlama.expected_shapes
+    embed_path, layers_path, norm_path, head_path = "model.embed_tokens", "model.layers", "model.norm", "lm_head"
+
+    # the attention and MLP each block holds (Phi-3 swaps in its fused ones)
+    attention_class, mlp_class = LlamaAttention, LlamaMLP
 
     def __init__(self, config, attn_implementation: str = "eager"):
-        super().__init__()
-        self.config = config
-        self.attn_implementation = check_attn_implementation(attn_implementation)
-        windows = [self.layer_sliding_window(config, i) for i in range(config.num_hidden_layers)]
-        self.model = LlamaModel(config, self.projection_biases(config), windows)
+        super().__init__(config, attn_implementation)
+        biases = self.projection_biases(config)
+        layers = [LlamaDecoderLayer(config, self.attention_class(config, i, biases), self.mlp_class(config),
+                                    self.layer_sliding_window(config, i)) for i in range(config.num_hidden_layers)]
+        self.model = LlamaModel(config, layers)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False)
 
-    @classmethod
-    def from_state_dict(cls, config, state_dict: dict, dtype="float32", device="cpu",
-                        attn_implementation: str = "eager") -> "LlamaForCausalLM":
-        """Build from {checkpoint key: tensor}; every missing/unexpected/mis-shaped tensor is reported at once."""
-        state_dict = dict(state_dict)
-        head = state_dict.pop("lm_head.weight", None) if config.tie_word_embeddings else None
-        check_state_dict(state_dict, cls.expected_shapes(config), where=f"{cls.__name__} checkpoint")
-        tied = None
-        if head is not None:
-            if tuple(head.shape) != (config.vocab_size, config.hidden_size):
-                raise CheckpointError(f"{cls.__name__}: lm_head.weight has shape {tuple(head.shape)}, expected "
-                                      f"{(config.vocab_size, config.hidden_size)}")
-            state_dict["lm_head.weight"] = head
-        elif config.tie_word_embeddings:
-            tied = {"lm_head.weight": "model.embed_tokens.weight"}
-        dtype = as_torch_dtype(dtype)
-        model = build_on_meta(cls, config, state_dict, dtype, device, tied=tied,
-                              attn_implementation=attn_implementation)
-        model.rotary = RotaryEmbedding(config.rope_kwargs(), dtype)
-        return model
+    @staticmethod
+    def projection_biases(config) -> dict:
+        """Which projections carry a bias: Llama follows config.attention_bias for all four."""
+        bias = bool(getattr(config, "attention_bias", False))
+        return {"q_proj": bias, "k_proj": bias, "v_proj": bias, "o_proj": bias}
 
-    def decoder_layers(self):
-        return list(self.model.layers)
-
-    def final_norm_module(self):
-        return self.model.norm
-
-    def embed_tokens(self, input_ids) -> torch.Tensor:
-        """[b, s] int -> [b, s, hidden]"""
-        input_ids = torch.as_tensor(input_ids, device=self.device)
-        check_token_ids(input_ids, self.config.vocab_size)
-        return self.model.embed_tokens(input_ids)
+    @staticmethod
+    def layer_sliding_window(config, layer_idx: int):
+        """The attention window of one layer (None: every earlier key)."""
+        return None

@@ -10,13 +10,15 @@ import math
 import torch
 from torch import nn
 
-from minivl.errors import GenerationError, ShapeError
-from minivl.models.mpt import MPTForCausalLM as _NumpyMPT
+from minivl.errors import ConfigError, GenerationError, ShapeError
 from minivl.models.mpt import NORM_EPS
-from torch_impl.checkpoint import check_state_dict
-from torch_impl.models.common import (CausalLMOutput, Embedding, Linear, Norm, as_torch_dtype, build_on_meta,
-                                      check_attention_mask, check_attn_implementation, check_inputs,
-                                      check_token_ids, compute_dtype, merge_heads, split_heads)
+from torch_impl.models.common import DecoderLM, Embedding, Linear, Norm, compute_dtype, merge_heads, split_heads
+
+
+def mpt_norm(config) -> Norm:
+    """LayerNorm for 'layernorm'/'low_precision_layernorm' (the same thing without autocast), MPT RMSNorm otherwise."""
+    rms = config.norm_type.endswith("rmsnorm")
+    return Norm(config.d_model, NORM_EPS, kind="rms_mpt" if rms else "layer", bias=not config.no_bias and not rms)
 
 
 def mpt_positions(batch: int, seq_len: int, past_len: int, attention_mask, device) -> torch.Tensor:
@@ -47,7 +49,10 @@ def mpt_attention_bias(config, batch_mask, kv_len: int, dtype, device):
 
 
 class MPTAttention(nn.Module):
-    """[b, s, d_model] -> [b, s, d_model]"""
+    """Wqkv -> clip -> split -> qk_ln -> cache -> scores·scale + bias, causal -> softmax -> out_proj.
+
+    [b, s, d_model] -> [b, s, d_model]
+    """
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -61,11 +66,12 @@ class MPTAttention(nn.Module):
         kv_width = self.n_kv_heads * self.head_dim
         self.Wqkv = Linear(self.d_model, self.d_model + 2 * kv_width, has_bias)
         if self.qk_ln:
+            # the block builds nn.LayerNorm here whatever norm_type says
             self.q_ln = Norm(self.d_model, NORM_EPS, kind="layer", bias=has_bias)
             self.k_ln = Norm(kv_width, NORM_EPS, kind="layer", bias=has_bias)
         self.out_proj = Linear(self.d_model, self.d_model, has_bias)
 
-    def forward(self, x, bias, causal, cache, backend="eager"):
+    def forward(self, x, attn: dict, cache):
         from torch_impl.attention import scaled_dot_product_attention
 
         qkv = self.Wqkv(x)
@@ -75,16 +81,18 @@ class MPTAttention(nn.Module):
         query, key, value = (qkv[..., :self.d_model], qkv[..., self.d_model:self.d_model + kv_width],
                              qkv[..., self.d_model + kv_width:])
         if self.qk_ln:
+            # q over d_model; k over d_model (multi-head) or head_dim (multi-query), cast back
             query, key = self.q_ln(query).to(x.dtype), self.k_ln(key).to(x.dtype)
         q, k, v = split_heads(query, self.n_heads), split_heads(key, self.n_kv_heads), split_heads(value, self.n_kv_heads)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        # flash takes no additive bias: MPT on the flash backend runs sdpa (the reference refuses ALiBi with flash)
-        backend = "sdpa" if backend == "flash" else backend
-        out = scaled_dot_product_attention(q, k, v, mask=causal, bias=bias, scale=self.softmax_scale,
-                                           scale_mode="multiply",
-                                           softmax_dtype="float32" if bias is not None else None, backend=backend)
-        return self.out_proj(merge_heads(out))
+        # softmax in float32 only when the float32 bias promoted the scores (see module docstring)
+        bias = attn["bias"]
+        out = scaled_dot_product_attention(q, k, v, mask=attn["causal"], bias=bias, scale=self.softmax_scale,
+                                           scale_mode="multiply", softmax_dtype="float32" if bias is not None else None,
+                                           return_probs=attn["output_attentions"], backend=attn["backend"])
+        out, probs = out if attn["output_attentions"] else (out, None)
+        return self.out_proj(merge_heads(out)), probs
 
 
 class MPTMLP(nn.Module):
@@ -103,27 +111,28 @@ class MPTMLP(nn.Module):
                         approximate=False)
 
 
-def _norm(config):
-    rms = config.norm_type.endswith("rmsnorm")
-    return Norm(config.d_model, NORM_EPS, kind="rms_mpt" if rms else "layer", bias=not config.no_bias and not rms)
-
-
 class MPTBlock(nn.Module):
     """x + attn(norm_1(x)); then x + ffn(norm_2(x)). [b, s, d_model] -> [b, s, d_model]"""
 
+    sliding_window = None
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
-        self.norm_1 = _norm(config)
+        self.norm_1 = mpt_norm(config)
         self.attn = MPTAttention(config, layer_idx)
-        self.norm_2 = _norm(config)
+        self.norm_2 = mpt_norm(config)
         self.ffn = MPTMLP(config)
 
-    def forward(self, x, bias, causal, cache, backend="eager"):
-        x = x + self.attn(self.norm_1(x), bias, causal, cache, backend)
-        return x + self.ffn(self.norm_2(x))
+    def forward(self, x, rope, attn: dict, cache):
+        # rope is None: MPT's positions are the ALiBi bias in attn, or the wpe rows already added
+        attn_out, probs = self.attn(self.norm_1(x), attn, cache)
+        x = x + attn_out
+        return x + self.ffn(self.norm_2(x)), probs
 
 
 class MPTModel(nn.Module):
+    """wte, wpe (learned positions only), blocks, norm_f: the parts DecoderLM runs."""
+
     def __init__(self, config):
         super().__init__()
         self.wte = Embedding(config.vocab_size, config.d_model)
@@ -132,71 +141,50 @@ class MPTModel(nn.Module):
         else:
             self.wpe = None
         self.blocks = nn.ModuleList(MPTBlock(config, i) for i in range(config.n_layers))
-        self.norm_f = _norm(config)
+        self.norm_f = mpt_norm(config)
 
 
-class MPTForCausalLM(nn.Module):
+class MPTForCausalLM(DecoderLM):
     """forward(input_ids [b, s] | inputs_embeds [b, s, d_model] (ALiBi only), ...) -> CausalLMOutput"""
 
-    expected_shapes = staticmethod(_NumpyMPT.expected_shapes)
+    embed_path, layers_path, norm_path = "transformer.wte", "transformer.blocks", "transformer.norm_f"
+    head_path = "transformer.wte"  # the tied unembedding IS wte: logits = h·wteᵀ · logit_scale
 
     def __init__(self, config, attn_implementation: str = "eager"):
-        super().__init__()
-        self.config = config
-        self.attn_implementation = check_attn_implementation(attn_implementation)
+        super().__init__(config, attn_implementation)
         self.transformer = MPTModel(config)
         scale = config.logit_scale
+        # 'inv_sqrt_d_model' = 1/sqrt(d_model)
         self.logit_scale = 1.0 / math.sqrt(config.d_model) if scale == "inv_sqrt_d_model" else scale
 
-    @classmethod
-    def from_state_dict(cls, config, state_dict: dict, dtype="float32", device="cpu",
-                        attn_implementation: str = "eager") -> "MPTForCausalLM":
-        _NumpyMPT.check_supported(config)
-        check_state_dict(state_dict, cls.expected_shapes(config), where=f"{cls.__name__} checkpoint")
-        return build_on_meta(cls, config, state_dict, as_torch_dtype(dtype), device,
-                             attn_implementation=attn_implementation)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.wte.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.wte.weight.device
-
-    def set_attn_implementation(self, attn_implementation: str) -> None:
-        self.attn_implementation = check_attn_implementation(attn_implementation)
+    @staticmethod
+    def check_supported(config) -> None:
+        """ConfigError for the training-only MPT options minivl does not implement."""
+        unsupported = [name for name in ("prefix_lm", "attn_uses_sequence_id") if config.attn_config[name]]
+        if unsupported:
+            raise ConfigError(f"MPT: attn_config {unsupported} = true is not implemented in minivl (prefix-LM and "
+                              f"packed-sequence masks are training features); set them to false for inference")
 
     def position_limit(self) -> int:
+        """max_seq_len: the wpe table's length, and the length the ALiBi bias is built for."""
         return self.config.max_seq_len
 
-    def embed_tokens(self, input_ids) -> torch.Tensor:
-        input_ids = torch.as_tensor(input_ids, device=self.device)
-        check_token_ids(input_ids, self.config.vocab_size)
-        return self.transformer.wte(input_ids)
-
-    @torch.no_grad()
-    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None,
-                past_key_values=None, use_cache=False, output_hidden_states=False) -> CausalLMOutput:
-        from torch_impl.attention import KVCache, causal_mask
-
-        config = self.config
-        check_inputs(input_ids, inputs_embeds, config.d_model)
-        if inputs_embeds is not None and not config.attn_config["alibi"]:
+    def embed_inputs(self, inputs_embeds) -> torch.Tensor:
+        if not self.config.attn_config["alibi"]:
             raise ShapeError("MPT: inputs_embeds are accepted only with ALiBi (the reference refuses them with "
                              "learned positions, MPT-M:169-173); pass input_ids")
-        x = self.embed_tokens(input_ids) if input_ids is not None else \
-            torch.as_tensor(inputs_embeds, device=self.device).to(self.dtype)
-        batch, seq_len = x.shape[:2]
-        cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
-        past_len = cache.get_seq_length(0) if cache is not None else 0
-        kv_len = past_len + seq_len
-        check_attention_mask(attention_mask, batch, kv_len)
-        if attention_mask is not None:
-            attention_mask = torch.as_tensor(attention_mask, device=self.device)
-        if kv_len > config.max_seq_len:
-            raise GenerationError(f"MPT: {kv_len} positions (cached {past_len} + new {seq_len}) exceed max_seq_len="
-                                  f"{config.max_seq_len}, the length of the position table / ALiBi bias; "
+        return super().embed_inputs(inputs_embeds)
+
+    def positions(self, hidden, position_ids, attention_mask, past_len: int):
+        """-> (hidden + wpe[positions] (learned positions only), no RoPE).
+
+        position_ids (learned positions only) default to MPT's own rule from attention_mask.
+        """
+        config = self.config
+        batch, seq_len = hidden.shape[:2]
+        if past_len + seq_len > config.max_seq_len:
+            raise GenerationError(f"MPT: {past_len + seq_len} positions (cached {past_len} + new {seq_len}) exceed "
+                                  f"max_seq_len={config.max_seq_len}, the length of the position table / ALiBi bias; "
                                   f"shorten the input")
         wpe = self.transformer.wpe
         if wpe is not None:
@@ -207,27 +195,22 @@ class MPTForCausalLM(nn.Module):
                     or int(position_ids.max()) >= config.max_seq_len:
                 raise ShapeError(f"MPT: position_ids must be [batch, seq] = [{batch}, {seq_len}] in "
                                  f"[0, {config.max_seq_len}) (got shape {tuple(position_ids.shape)})")
-            x = x + wpe(position_ids)
+            hidden = hidden + wpe(position_ids)
         fraction = config.embedding_fraction
         if fraction != 1:
-            x = x * fraction + x * (1 - fraction)
+            # x·f + x.detach()·(1 − f): the identity in value, kept for its rounding
+            hidden = hidden * fraction + hidden * (1 - fraction)
+        return hidden, None
 
-        bias = mpt_attention_bias(config, attention_mask, kv_len, self.dtype, self.device)
+    def attention_args(self, attention_mask, seq_len: int, past_len: int, sliding_window, output_attentions) -> dict:
+        """The ALiBi / padding bias [1|b, H|1, 1, t] (or None) and the causal triangle (None for one query)."""
+        from torch_impl.attention import causal_mask
+
+        kv_len = past_len + seq_len
+        bias = mpt_attention_bias(self.config, attention_mask, kv_len, self.dtype, self.device)
         mask_dtype = bias.dtype if bias is not None else self.dtype
         causal = None if seq_len == 1 else causal_mask(seq_len, kv_len, mask_dtype, device=self.device)[None, None]
-        all_hidden = [x] if output_hidden_states else None
-        for block in self.transformer.blocks:
-            x = block(x, bias, causal, cache, self.attn_implementation)
-            if output_hidden_states:
-                all_hidden.append(x)
-        x = self.transformer.norm_f(x)
-        if output_hidden_states:
-            all_hidden.append(x)
-        from torch_impl.linear import linear
-
-        logits = linear(x, self.transformer.wte.weight)
-        if self.logit_scale is not None:
-            logits = logits * self.logit_scale
-        return CausalLMOutput(logits=logits.to(compute_dtype(self.dtype)),
-                              past_key_values=cache if (use_cache or past_key_values is not None) else None,
-                              hidden_states=tuple(all_hidden) if output_hidden_states else None)
+        # flash takes no additive bias: MPT on the flash backend runs sdpa (the reference refuses ALiBi with flash)
+        backend = "eager" if output_attentions else self.attn_implementation
+        return {"bias": bias, "causal": causal, "backend": "sdpa" if backend == "flash" else backend,
+                "output_attentions": output_attentions}

@@ -6,34 +6,33 @@ model.norm, lm_head.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from minivl.models.phi3 import Phi3ForCausalLM as _NumpyPhi3
-from torch_impl.checkpoint import check_state_dict
-from torch_impl.models.common import (DecoderLM, Embedding, Linear, Norm, RotaryEmbedding, as_torch_dtype,
-                                      build_on_meta, check_attn_implementation, check_token_ids, rope_attention,
-                                      split_heads)
+from torch_impl.models.common import Linear, rope_attention, split_heads
+from torch_impl.models.llama import LlamaForCausalLM
 
 
 class Phi3Attention(nn.Module):
-    """[b, s, hidden] -> [b, s, hidden]"""
+    """qkv_proj -> [Q | K | V] -> RoPE -> cache -> attention -> o_proj.  [b, s, hidden] -> [b, s, hidden]"""
 
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config, layer_idx: int, biases: dict):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                                         config.head_dim)
-        self.qkv_proj = Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, False)
-        self.o_proj = Linear(self.n_heads * self.head_dim, config.hidden_size, False)
+        self.qkv_proj = Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
+                               biases["qkv_proj"])
+        self.o_proj = Linear(self.n_heads * self.head_dim, config.hidden_size, biases["o_proj"])
 
-    def forward(self, x, cos, sin, attn: dict, cache):
+    def forward(self, x, rope, attn: dict, cache):
         qkv = self.qkv_proj(x)
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        # rows [0, H·D) are Q, the next K·D are K, the last K·D are V
         q = split_heads(qkv[..., :q_width], self.n_heads)
         k = split_heads(qkv[..., q_width:q_width + kv_width], self.n_kv_heads)
         v = split_heads(qkv[..., q_width + kv_width:], self.n_kv_heads)
-        return self.o_proj(rope_attention(q, k, v, cos, sin, attn, cache, self.layer_idx))
+        out, probs = rope_attention(q, k, v, rope, attn, cache, self.layer_idx)
+        return self.o_proj(out), probs
 
 
 class Phi3MLP(nn.Module):
@@ -50,58 +49,20 @@ class Phi3MLP(nn.Module):
         return fused_swiglu_mlp(x, self.gate_up_proj.weight, self.down_proj.weight)
 
 
-class Phi3DecoderLayer(nn.Module):
-    """x + attn(input_layernorm(x)), then + mlp(post_attention_layernorm(·)). [b, s, hidden] -> same"""
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Llama's blocks (same names, same forward: resid_pdrop and embd_pdrop are the identity at
+    inference) around Phi-3's fused attention and MLP, a window on every layer, no biases.
 
-    def __init__(self, config, layer_idx: int):
-        super().__init__()
-        self.sliding_window = config.sliding_window
-        self.self_attn = Phi3Attention(config, layer_idx)
-        self.mlp = Phi3MLP(config)
-        self.input_layernorm = Norm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = Norm(config.hidden_size, config.rms_norm_eps)
+    forward(input_ids [b, s] | inputs_embeds [b, s, hidden], ...) -> CausalLMOutput(logits [b, s, vocab])
+    """
 
-    def forward(self, x, cos, sin, attn: dict, cache):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    attention_class, mlp_class = Phi3Attention, Phi3MLP
 
+    @staticmethod
+    def projection_biases(config) -> dict:
+        return {"qkv_proj": False, "o_proj": False}
 
-class Phi3Model(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Phi3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = Norm(config.hidden_size, config.rms_norm_eps)
-
-
-class Phi3ForCausalLM(DecoderLM):
-    """forward(input_ids [b, s] | inputs_embeds [b, s, hidden], ...) -> CausalLMOutput(logits [b, s, vocab])"""
-
-    expected_shapes = _NumpyPhi3.expected_shapes
-
-    def __init__(self, config, attn_implementation: str = "eager"):
-        super().__init__()
-        self.config = config
-        self.attn_implementation = check_attn_implementation(attn_implementation)
-        self.model = Phi3Model(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, False)
-
-    @classmethod
-    def from_state_dict(cls, config, state_dict: dict, dtype="float32", device="cpu",
-                        attn_implementation: str = "eager") -> "Phi3ForCausalLM":
-        check_state_dict(state_dict, cls.expected_shapes(config), where=f"{cls.__name__} checkpoint")
-        dtype = as_torch_dtype(dtype)
-        model = build_on_meta(cls, config, state_dict, dtype, device, attn_implementation=attn_implementation)
-        model.rotary = RotaryEmbedding(config.rope_kwargs(), dtype)
-        return model
-
-    def decoder_layers(self):
-        return list(self.model.layers)
-
-    def final_norm_module(self):
-        return self.model.norm
-
-    def embed_tokens(self, input_ids) -> torch.Tensor:
-        input_ids = torch.as_tensor(input_ids, device=self.device)
-        check_token_ids(input_ids, self.config.vocab_size)
-        return self.model.embed_tokens(input_ids)
+    @staticmethod
+    def layer_sliding_window(config, layer_idx: int):
+        # visible keys pos − w < j <= pos on every layer (None: the whole past)
+        return config.sliding_window

@@ -5,13 +5,22 @@ when use_sliding_window is set.
 """
 from __future__ import annotations
 
-from minivl.models.qwen2 import Qwen2ForCausalLM as _NumpyQwen2
 from torch_impl.models.llama import LlamaForCausalLM
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
-    """forward(input_ids [b, s] | inputs_embeds [b, s, hidden], ...) -> CausalLMOutput(logits [b, s, vocab])"""
+    """Qwen2 decoder with its LM head: Llama with q/k/v biases.
 
-    projection_biases = staticmethod(_NumpyQwen2.projection_biases)
-    layer_sliding_window = _NumpyQwen2.layer_sliding_window
-    expected_shapes = _NumpyQwen2.expected_shapes
+    forward(input_ids [b, s] | inputs_embeds [b, s, hidden], ...) -> CausalLMOutput(logits [b, s, vocab])
+    """
+
+    @staticmethod
+    def projection_biases(config) -> dict:
+        return {"q_proj": True, "k_proj": True, "v_proj": True, "o_proj": False}
+
+    @staticmethod
+    def layer_sliding_window(config, layer_idx: int):
+        # window only where transformers marks the layer "sliding_attention"
+        if config.use_sliding_window and config.sliding_window is not None and layer_idx >= config.max_window_layers:
+            return config.sliding_window
+        return None

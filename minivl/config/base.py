@@ -1,6 +1,6 @@
-"""The machinery under minivl.config: reading/writing config.json, value checks, and `_Config`.
+"""The machinery under minivl.config: reading/writing config.json, value checks, and `BaseConfig`.
 
-`_Config` gives every config class from_dict / to_dict / from_pretrained / save_pretrained, and
+`BaseConfig` gives every config class from_dict / to_dict / from_pretrained / save_pretrained, and
 keeps the config.json keys a class does not model in `extra` so a round trip loses nothing.
 """
 from __future__ import annotations
@@ -57,15 +57,15 @@ def _write_config_json(config_dict: dict, directory: str | os.PathLike) -> str:
 # value checks shared by the classes
 # ----------------------------------------------------------------------------------------------
 
-def _describe(value: Any) -> str:
+def describe(value: Any) -> str:
     return f"{value!r} of type {type(value).__name__}"
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -74,7 +74,7 @@ def _is_number(value: Any) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 @dataclass(kw_only=True)
-class _Config:
+class BaseConfig:
     """from_dict / to_dict / from_pretrained / save_pretrained, and unknown keys kept in `extra`."""
 
     model_type: ClassVar[str] = ""
@@ -93,21 +93,21 @@ class _Config:
     # -- error helpers -------------------------------------------------------------------------
     def _error(self, name: str, value: Any, allowed: str, fix: str = "") -> ConfigError:
         fix = f"; {fix}" if fix else ""
-        return ConfigError(f"{type(self).__name__}: {name} must be {allowed} (got {_describe(value)}){fix}")
+        return ConfigError(f"{type(self).__name__}: {name} must be {allowed} (got {describe(value)}){fix}")
 
     def _check_int(self, name: str, minimum: int = 1) -> None:
         value = getattr(self, name)
-        if not _is_int(value) or value < minimum:
+        if not is_int(value) or value < minimum:
             raise self._error(name, value, f"an integer >= {minimum}")
 
     def _check_probability(self, name: str) -> None:
         value = getattr(self, name)
-        if not _is_number(value) or not 0.0 <= value <= 1.0:
+        if not is_number(value) or not 0.0 <= value <= 1.0:
             raise self._error(name, value, "a number in [0, 1]")
 
     def _check_positive_number(self, name: str) -> None:
         value = getattr(self, name)
-        if not _is_number(value) or value <= 0:
+        if not is_number(value) or value <= 0:
             raise self._error(name, value, "a number > 0")
 
     def _check_choice(self, name: str, allowed: tuple, fix: str = "") -> None:
@@ -144,7 +144,7 @@ class _Config:
         out: dict[str, Any] = {"model_type": self.model_type}
         for name in self._field_names():
             value = getattr(self, name)
-            out[name] = value.to_dict() if isinstance(value, _Config) else copy.deepcopy(value)
+            out[name] = value.to_dict() if isinstance(value, BaseConfig) else copy.deepcopy(value)
         out.update(copy.deepcopy(self.extra))
         return out
 

@@ -9,12 +9,12 @@ import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from minivl._config_base import _Config, _is_int, _is_number
+from minivl.config.base import BaseConfig, is_int, is_number
 from minivl.errors import ConfigError
 
 
 @dataclass(kw_only=True)
-class _DecoderConfig(_Config):
+class DecoderConfig(BaseConfig):
     """Fields and checks shared by the HF-style decoders (InternLM2, Phi-3, Llama, Qwen2)."""
 
     vocab_size: int = 32000
@@ -92,7 +92,7 @@ class _DecoderConfig(_Config):
     def _check_factor_list(self, key: str) -> None:
         """short_factor / long_factor: one number per frequency pair, so head_dim/2 of them."""
         value, n_pairs = self.rope_scaling.get(key), self.head_dim // 2
-        if not (isinstance(value, list) and all(_is_number(v) for v in value)):
+        if not (isinstance(value, list) and all(is_number(v) for v in value)):
             raise self._rope_error(key, value, f"a list of {n_pairs} numbers")
         if len(value) != n_pairs:
             raise self._rope_error(key, value, f"a list of length head_dim // 2 = {n_pairs} "
@@ -109,7 +109,7 @@ class _DecoderConfig(_Config):
 
 
 @dataclass(kw_only=True)
-class InternLM2Config(_DecoderConfig):
+class InternLM2Config(DecoderConfig):
     """InternLM2 / InternLM2.5, as InternVL's vendored `InternLM2Config`.
 
     The defaults are the reference class's, NOT the released checkpoints': `bias=True`,
@@ -142,7 +142,7 @@ class InternLM2Config(_DecoderConfig):
         factor = scaling.get("factor")
         # the reference tests isinstance(factor, float): JSON 2 is an int and is refused
         if not isinstance(factor, float) or factor < 1.0:
-            fix = f"write {float(factor)}" if _is_int(factor) and factor >= 1 else ""
+            fix = f"write {float(factor)}" if is_int(factor) and factor >= 1 else ""
             raise self._rope_error("factor", factor, "a float >= 1.0", fix)
 
     def rope_kwargs(self) -> dict:
@@ -153,7 +153,7 @@ class InternLM2Config(_DecoderConfig):
 
 
 @dataclass(kw_only=True)
-class Phi3Config(_DecoderConfig):
+class Phi3Config(DecoderConfig):
     """Phi-3 (InternVL2-4B's LLM), as InternVL's vendored `Phi3Config` (transformers ~4.40 era).
 
     rope_scaling: None, or exactly `{"type": "su"|"yarn", "short_factor": [...], "long_factor": [...]}`
@@ -234,7 +234,7 @@ class _HFRopeScalingMixin:
         required, optional = _NEWER_ROPE_TYPES[kind]
         # {'type', 'rope_type'} may both be present when a config was re-saved by newer transformers
         self._check_rope_scaling_keys(required | {type_key}, optional | ({"type", "rope_type"} - {type_key}))
-        if "factor" in scaling and (not _is_number(scaling["factor"]) or scaling["factor"] < 1.0):
+        if "factor" in scaling and (not is_number(scaling["factor"]) or scaling["factor"] < 1.0):
             raise self._rope_error("factor", scaling["factor"], "a number >= 1.0")
         if kind == "longrope":
             self._check_factor_list("short_factor")
@@ -280,7 +280,7 @@ class _HFRopeScalingMixin:
 
 
 @dataclass(kw_only=True)
-class LlamaConfig(_HFRopeScalingMixin, _DecoderConfig):
+class LlamaConfig(_HFRopeScalingMixin, DecoderConfig):
     """Llama, as transformers 4.37.2's `LlamaConfig` (InternVL2-40B/76B's LLM).
 
     rope_scaling, 4.37.2 form: exactly `{"type": "linear"|"dynamic", "factor": <Python float > 1>}`.
@@ -311,7 +311,7 @@ class LlamaConfig(_HFRopeScalingMixin, _DecoderConfig):
             self._check_rope_scaling_keys({"type", "factor"})
             factor = scaling["factor"]
             if not isinstance(factor, float) or factor <= 1.0:
-                fix = f"write {float(factor)}" if _is_int(factor) and factor > 1 else ""
+                fix = f"write {float(factor)}" if is_int(factor) and factor > 1 else ""
                 raise self._rope_error("factor", factor, "a float > 1.0", fix)
         else:
             self._check_newer_rope_scaling()
@@ -323,7 +323,7 @@ class LlamaConfig(_HFRopeScalingMixin, _DecoderConfig):
 
 
 @dataclass(kw_only=True)
-class Qwen2Config(_HFRopeScalingMixin, _DecoderConfig):
+class Qwen2Config(_HFRopeScalingMixin, DecoderConfig):
     """Qwen2 / Qwen2.5, as transformers 4.37.2's `Qwen2Config` (InternVL2-1B, InternVL2.5-1B/4B/38B/78B).
 
     transformers 4.37.2 has no rope_scaling for Qwen2 and silently IGNORES one in config.json

@@ -8,7 +8,7 @@ import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
-from minivl._config_base import _Config, _is_number
+from minivl.config.base import BaseConfig, is_number
 from minivl.errors import ConfigError
 
 
@@ -24,7 +24,7 @@ MPT_INIT_CONFIG_DEFAULTS = {
 
 
 @dataclass(kw_only=True)
-class MPTConfig(_Config):
+class MPTConfig(BaseConfig):
     """MPT, as the llm-foundry `MPTConfig` vendored in InternVL's LLaVA sub-project.
 
     `attn_config` / `init_config` keys missing from config.json are filled from the defaults,
@@ -67,7 +67,7 @@ class MPTConfig(_Config):
         self._check_divides("d_model", "n_heads")
         for name, value in (("attn_config.attn_pdrop", attn["attn_pdrop"]), ("resid_pdrop", self.resid_pdrop),
                             ("emb_pdrop", self.emb_pdrop)):
-            if not _is_number(value) or not 0.0 <= value <= 1.0:
+            if not is_number(value) or not 0.0 <= value <= 1.0:
                 raise self._error(name, value, "a number in [0, 1]")
         if attn["attn_impl"] not in ("torch", "flash", "triton"):
             raise self._error("attn_config.attn_impl", attn["attn_impl"], "one of ['torch', 'flash', 'triton']")
@@ -79,7 +79,7 @@ class MPTConfig(_Config):
             if attn[flag] and attn["attn_impl"] not in ("torch", "triton"):
                 raise self._error("attn_config.attn_impl", attn["attn_impl"], f"'torch' or 'triton' when "
                                   f"attn_config.{flag} is set", "flash attention builds no bias or prefix mask")
-        if not _is_number(self.embedding_fraction) or not 0 < self.embedding_fraction <= 1:
+        if not is_number(self.embedding_fraction) or not 0 < self.embedding_fraction <= 1:
             raise self._error("embedding_fraction", self.embedding_fraction, "a number in (0, 1]")
         if isinstance(self.logit_scale, str) and self.logit_scale != "inv_sqrt_d_model":
             raise self._error("logit_scale", self.logit_scale, "a number, null or 'inv_sqrt_d_model'")

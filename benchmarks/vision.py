@@ -1,0 +1,75 @@
+"""DINOv2-S/14 (real weights, as an InternViT) at 448 px in NumPy and torch_impl, as a ratio to the
+same matrix products run alone in the same run (benchmarks/machine.py):
+
+* the patch embedding as one GEMM ([patches, 3·14·14] · [3·14·14, C]);
+* per layer: qkv, the attention products q·kᵀ and p·v over every token pair (a ViT attends
+  bidirectionally, nothing to skip), proj, fc1, fc2.
+
+    python3 benchmarks/vision.py               # markdown table for the README
+    python3 benchmarks/vision.py --size 224 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+
+from machine import describe_machine, time_best, time_gemms  # noqa: E402
+
+
+def vit_gemm_shapes(config, height: int, width: int) -> list[tuple]:
+    """(m, k, n) / (batch, m, k, n) of every matrix product of one ViT forward at batch 1."""
+    C, p, heads = config.hidden_size, config.patch_size, config.num_attention_heads
+    patches = (height // p) * (width // p)
+    tokens, d = patches + 1, C // heads
+    layer = [(tokens, C, 3 * C), (heads, tokens, d, tokens), (heads, tokens, tokens, d), (tokens, C, C),
+             (tokens, C, config.intermediate_size), (tokens, config.intermediate_size, C)]
+    return [(patches, config.num_channels * p * p, C)] + layer * config.num_hidden_layers
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=448, help="square input side in pixels (a multiple of 14)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    import minivl
+    import torch_impl
+    from minivl.weights.dinov2 import dinov2_checkpoint
+
+    path = dinov2_checkpoint()
+    numpy_model = minivl.load_model(path, dtype="float32")
+    config = numpy_model.config
+    pixels = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size), dtype=np.float32)
+    models = {"NumPy": (numpy_model, np.asarray)}
+    for backend in ("eager", "sdpa"):
+        models[f"torch_impl {backend}"] = (torch_impl.load_model(path, dtype="float32", attn_implementation=backend),
+                                           torch.from_numpy)
+    shapes = vit_gemm_shapes(config, args.size, args.size)
+    with torch.inference_mode():
+        gemms = {"numpy": time_gemms(shapes, "numpy", args.repeats), "torch": time_gemms(shapes, "torch", args.repeats)}
+        times = {name: time_best(lambda: model(to_input(pixels)), args.repeats) for name, (model, to_input) in models.items()}
+        gemms = {fw: min(t, time_gemms(shapes, fw, args.repeats)) for fw, t in gemms.items()}
+
+    tokens = (args.size // config.patch_size) ** 2 + 1
+    print(f"DINOv2-S/14 as InternViT, float32, batch 1, {args.size}×{args.size} px = {tokens} tokens, "
+          f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads; "
+          f"best of {args.repeats}; {describe_machine()}; load average {os.getloadavg()[0]:.1f} at the end.")
+    print()
+    print("| | forward (ms) | the same GEMMs alone (ms) | ÷ its GEMMs |")
+    print("|---|---|---|---|")
+    for name, seconds in times.items():
+        fw = "numpy" if name == "NumPy" else "torch"
+        print(f"| {name} | {seconds * 1e3:.0f} | {gemms[fw] * 1e3:.0f} ({'NumPy' if fw == 'numpy' else 'torch'}) | "
+              f"{seconds / gemms[fw]:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""Per-stage traces of an InternVL forward pass, and the diff that names where two runs part ways.
+
+A trace is a safetensors file: one tensor per stage, in pipeline order, plus metadata. The stages
+of an InternVL chat checkpoint (names follow the checkpoint's module tree where there is a module):
+
+    tile_grid                           [2] int64: (columns, rows) of the dynamic tiling
+    pixel_values                        [n, 3, s, s]: the normalised tiles (thumbnail last)
+    vision_model.embeddings             [n, 1+P, C]: patch + cls + position embeddings
+    vision_model.encoder.layers.{i}     [n, 1+P, C]: output of ViT layer i
+    select_layer                        [n, P, C]: hidden_states[select_layer] with the cls token dropped
+    pixel_shuffle                       [n, P/4, 4C]: after pixel shuffle (the mlp1 input)
+    mlp1                                [n, P/4, D]: image tokens in LLM space
+    input_ids                           [b, t] int64: the prompt, <IMG_CONTEXT> tokens included
+    image_token_positions               [k] int64: flat positions of the <IMG_CONTEXT> tokens
+    inputs_embeds                       [b, t, D]: token embeddings with the image tokens spliced in
+    language_model.model.layers.{i}     [b, t, D]: output of LLM layer i
+    language_model.model.norm           [b, t, D]: after the final norm
+    logits                              [b, t, vocab]
+
+A bare InternViT checkpoint gives tile_grid, pixel_values, `embeddings` and `encoder.layers.{i}`
+(its own key names). Metadata: format, producer, dtype, versions, config_sha256, prompt, image and
+the stage order (safetensors sorts its keys). The stage functions take any model with minivl's
+public API (the NumPy one or torch_impl's, duck-typed), so this module never imports torch.
+
+`diff_traces(candidate, reference)` compares stage by stage: integer stages exactly, float stages
+with |a − r| <= atol + rtol·|r|, rtol = U·eps, atol = U·eps·max|r| of the stage, U in ulps of the
+coarser of the two dtypes (DEFAULT_ULPS). The first stage outside its tolerance is where the
+candidate diverges; later stages inherit the error, so the report names the first one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from minivl.errors import TraceError
+from minivl.testing import compare, eps, to_numpy, tolerance
+
+FORMAT = "minivl-trace/1"
+# Stage budget in ulps of the dtype (rtol) and of the stage's max |value| (atol): the InternVL chat
+# test's NumPy-vs-torch budget (tests/test_internvl_chat.py). A half-precision trace gets fewer ulps:
+# each of its roundings is already 2^-8 relative.
+DEFAULT_ULPS = {"float64": 512.0, "float32": 512.0, "bfloat16": 16.0, "float16": 16.0}
+INT_STAGES = ("tile_grid", "input_ids", "image_token_positions")
+
+
+@dataclass
+class Trace:
+    """Stages in pipeline order (name -> array) and string metadata."""
+
+    stages: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> str:
+        return self.metadata.get("dtype", "float32")
+
+
+# ----------------------------------------------------------------------------- computing stages
+
+def as_array(x) -> np.ndarray:
+    """A NumPy array in the run's own precision (a torch tensor without importing torch; bf16 -> float32)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if str(x.dtype) in ("torch.bfloat16", "torch.float16"):
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def vision_stages(vision_model, pixel_values, as_input=np.asarray, prefix: str = "") -> dict:
+    """{prefix+'embeddings', prefix+'encoder.layers.{i}'} from the ViT's output_hidden_states.
+
+    pixel_values [n, 3, s, s] -> dict of [n, 1+P, C] arrays; `as_input` turns a NumPy array into
+    what the model takes (torch.from_numpy for torch_impl).
+    """
+    hidden_states = vision_model(as_input(pixel_values), output_hidden_states=True).hidden_states
+    stages = {prefix + "embeddings": as_array(hidden_states[0])}
+    for i, h in enumerate(hidden_states[1:]):
+        stages[prefix + f"encoder.layers.{i}"] = as_array(h)
+    return stages, hidden_states
+
+
+def internvl_stages(model, pixel_values: np.ndarray, input_ids: np.ndarray, grid, as_input=np.asarray) -> dict:
+    """Every stage of InternVLChatModel.forward, computed through the model's public pieces.
+
+    Same steps as `extract_feature` + `forward` (vision_model with output_hidden_states, drop cls,
+    pixel_shuffle, mlp1, embed_with_images, language_model with output_hidden_states), so a stage
+    here is the value the forward pass computes. model.img_context_token_id must be set.
+    """
+    stages = {"tile_grid": np.asarray(grid, dtype=np.int64), "pixel_values": np.asarray(pixel_values)}
+    vision, hidden_states = vision_stages(model.vision_model, pixel_values, as_input, "vision_model.")
+    stages.update(vision)
+    selected = hidden_states[model.select_layer][:, 1:]                    # drop the cls token
+    n, n_patches, width = selected.shape
+    side = math.isqrt(n_patches)
+    stages["select_layer"] = as_array(selected)
+    shuffled = model.pixel_shuffle(selected.reshape(n, side, side, width), model.downsample_ratio)
+    tokens = shuffled.reshape(n, -1, shuffled.shape[-1])
+    stages["pixel_shuffle"] = as_array(tokens)
+    features = model.mlp1(tokens)
+    stages["mlp1"] = as_array(features)
+    input_ids = np.asarray(input_ids, dtype=np.int64)
+    stages["input_ids"] = input_ids
+    stages["image_token_positions"] = np.flatnonzero(input_ids.reshape(-1) == model.img_context_token_id)
+    embeds = model.embed_with_images(as_input(input_ids), features, keep_graph_form=True)
+    out = model.language_model.forward(inputs_embeds=embeds, output_hidden_states=True)
+    llm_hidden = out.hidden_states
+    stages["inputs_embeds"] = as_array(llm_hidden[0])
+    for i, h in enumerate(llm_hidden[1:-1]):
+        stages[f"language_model.model.layers.{i}"] = as_array(h)
+    stages["language_model.model.norm"] = as_array(llm_hidden[-1])
+    stages["logits"] = as_array(out.logits)
+    return stages
+
+
+def bare_vit_stages(vision_model, pixel_values: np.ndarray, as_input=np.asarray) -> dict:
+    """tile_grid (1, 1), pixel_values and every ViT stage of a bare InternViT checkpoint."""
+    stages = {"tile_grid": np.asarray((1, 1), dtype=np.int64), "pixel_values": np.asarray(pixel_values)}
+    stages.update(vision_stages(vision_model, pixel_values, as_input)[0])
+    return stages
+
+
+# ----------------------------------------------------------------------------- the file
+
+def config_sha256(directory) -> str:
+    """sha256 of the checkpoint's config.json, canonicalised (sorted keys), so formatting does not matter."""
+    path = os.path.join(os.fspath(directory), "config.json")
+    with open(path, encoding="utf-8") as f:
+        canonical = json.dumps(json.load(f), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def save_trace(path, trace: Trace) -> str:
+    """Write a trace as safetensors (atomically); the stage order goes into the metadata."""
+    from minivl.checkpoint import write_safetensors
+
+    if not trace.stages:
+        raise TraceError(f"refusing to write {os.fspath(path)!r}: the trace has no stages")
+    metadata = {k: str(v) for k, v in trace.metadata.items()}
+    metadata.update(format=FORMAT, stages=json.dumps(list(trace.stages)))
+    tensors = {name: np.ascontiguousarray(value) for name, value in trace.stages.items()}
+    return write_safetensors(path, tensors, metadata=metadata)
+
+
+def load_trace(path) -> Trace:
+    """Read a trace written by save_trace (or by any tool that follows the same format)."""
+    from minivl.checkpoint import read_safetensors
+    from minivl.errors import CheckpointError
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise TraceError(f"trace file {path!r} does not exist; write one with `minivl trace DIR --image IMG "
+                         "--prompt TEXT --out FILE`")
+    try:
+        tensors, metadata = read_safetensors(path, mmap=False, with_metadata=True)
+    except CheckpointError as err:
+        raise TraceError(f"{path!r} is not a readable safetensors trace ({err})") from None
+    if metadata.get("format") != FORMAT:
+        raise TraceError(f"{path!r} is not a minivl trace (metadata format {metadata.get('format')!r}, "
+                         f"expected {FORMAT!r}); write it with `minivl trace` or tools/trace_transformers.py")
+    try:
+        order = json.loads(metadata["stages"])
+    except (KeyError, json.JSONDecodeError):
+        raise TraceError(f"{path!r}: metadata 'stages' must be a JSON list of stage names") from None
+    missing = [name for name in order if name not in tensors]
+    if missing:
+        raise TraceError(f"{path!r}: metadata lists stages with no tensor: {missing[:5]}")
+    return Trace({name: tensors[name] for name in order}, dict(metadata))
+
+
+# ----------------------------------------------------------------------------- the diff
+
+@dataclass
+class StageDiff:
+    """One stage's comparison; `status` is OK, DIFF, or 'only in A' / 'only in B'."""
+
+    name: str
+    status: str
+    shape: tuple = ()
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    worst_index: tuple = ()
+    candidate_value: float | None = None
+    reference_value: float | None = None
+    allowed: float = 0.0
+    n_bad: int = 0
+    n_total: int = 0
+    detail: str = ""
+
+
+def coarser_dtype(a: str, b: str) -> str:
+    return a if eps(a) >= eps(b) else b
+
+
+def compare_stage(name: str, candidate, reference, dtype: str, ulps: float) -> StageDiff:
+    """Exact for integer stages; dtype-aware tolerance (module docstring) for float stages."""
+    a, r = np.asarray(candidate), np.asarray(reference)
+    if a.shape != r.shape:
+        return StageDiff(name, "DIFF", r.shape, math.inf, math.inf,
+                         detail=f"shape {a.shape} in A vs {r.shape} in B")
+    if a.size == 0:
+        return StageDiff(name, "OK", r.shape)
+    if name in INT_STAGES or (np.issubdtype(a.dtype, np.integer) and np.issubdtype(r.dtype, np.integer)):
+        bad = a != r
+        if not bad.any():
+            return StageDiff(name, "OK", r.shape, n_total=int(a.size))
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        return StageDiff(name, "DIFF", r.shape, float(np.abs(a.astype(np.float64) - r).max()), math.inf, index,
+                         float(a[index]), float(r[index]), 0.0, int(bad.sum()), int(a.size), "must match exactly")
+    ref = to_numpy(r)
+    finite = ref[np.isfinite(ref)]
+    scale = float(np.abs(finite).max()) if finite.size else 1.0
+    rtol, atol = tolerance(dtype, ulps, ulps, scale=scale)
+    c = compare(a, ref, rtol, atol)
+    index = c.worst_index
+    return StageDiff(name, "OK" if c.ok else "DIFF", r.shape, c.max_abs, c.max_rel, index,
+                     float(to_numpy(a)[index]), float(ref[index]), atol + rtol * abs(float(ref[index])),
+                     c.n_bad, c.n_total)
+
+
+def compare_stages(candidate: dict, reference: dict, dtype: str, ulps: float | None = None) -> list[StageDiff]:
+    """Stage by stage in the reference's order, then candidate-only stages; see the module docstring."""
+    ulps = DEFAULT_ULPS.get(dtype, 512.0) if ulps is None else float(ulps)
+    rows = []
+    for name, ref in reference.items():
+        if name not in candidate:
+            rows.append(StageDiff(name, "only in B", np.asarray(ref).shape))
+        else:
+            rows.append(compare_stage(name, candidate[name], ref, dtype, ulps))
+    rows += [StageDiff(name, "only in A", np.asarray(a).shape) for name, a in candidate.items() if name not in reference]
+    return rows
+
+
+def diff_traces(candidate: Trace, reference: Trace, ulps: float | None = None) -> list[StageDiff]:
+    """compare_stages with the coarser of the two traces' dtypes."""
+    for trace in (candidate, reference):
+        try:
+            eps(trace.dtype)
+        except ValueError:
+            raise TraceError(f"trace dtype {trace.dtype!r} is not a float dtype minivl knows") from None
+    return compare_stages(candidate.stages, reference.stages, coarser_dtype(candidate.dtype, reference.dtype), ulps)
+
+
+def first_divergence(rows: list[StageDiff]) -> StageDiff | None:
+    return next((row for row in rows if row.status == "DIFF"), None)
+
+
+def format_rows(rows: list[StageDiff]) -> str:
+    """A Markdown table: stage, shape, max abs, max rel, worst index, status."""
+    lines = ["| stage | shape | max abs | max rel | worst at | |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        shape = "×".join(str(s) for s in row.shape) or "scalar"
+        if row.status in ("OK", "DIFF") and not row.detail.startswith("shape"):
+            cells = f"{row.max_abs:.3e} | {row.max_rel:.3e} | {row.worst_index if row.status == 'DIFF' else ''}"
+        else:
+            cells = f"{row.detail or '-'} | | "
+        lines.append(f"| {row.name} | {shape} | {cells} | {row.status} |")
+    return "\n".join(lines)
+
+
+def describe_divergence(row: StageDiff) -> str:
+    """One sentence: the stage, where, and by how much."""
+    if row.detail.startswith("shape"):
+        return f"first divergence at stage {row.name}: {row.detail}"
+    return (f"first divergence at stage {row.name}: at index {row.worst_index} A = {row.candidate_value!r}, "
+            f"B = {row.reference_value!r} (|A − B| = {abs(row.candidate_value - row.reference_value):.3e}, "
+            f"allowed {row.allowed:.3e}); {row.n_bad} of {row.n_total} elements outside"
+            + (f" ({row.detail})" if row.detail else ""))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def synthetic_image(width: int = 100, height: int = 60, seed: int = 0):
+    """A smooth random RGB picture (PIL), for a parity run without --image: same pixels on every machine."""
+    from PIL import Image
+
+    small = np.random.default_rng(seed).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.BICUBIC)
+
+
+def internvl_inputs(directory, model, image, prompt: str, max_num: int | None = None, dtype="float32"):
+    """(pixel_values [n, 3, s, s], grid, input_ids [1, t], <IMG_CONTEXT> id) as InternVL's chat builds them.
+
+    Tiling follows the checkpoint's config (image_size, use_thumbnail, min/max_dynamic_patch; one tile
+    when dynamic_image_size is false); the prompt is the config template's first turn with
+    `<image>\\n` + prompt, tokenized with the directory's tokenizer.json. Sets model.img_context_token_id.
+    Any model with minivl's chat attributes works (config, template, system_message, num_image_token).
+    """
+    from minivl.conversation import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_query, encode, token_id
+    from minivl.preprocess import load_image
+    from minivl.tokenizer import Tokenizer
+
+    config = model.config
+    if not os.path.isfile(os.path.join(os.fspath(directory), "tokenizer.json")):
+        raise TraceError(f"{os.fspath(directory)!r} has no tokenizer.json; a trace needs the checkpoint's tokenizer "
+                         "to build the prompt (copy tokenizer.json from the model repository)")
+    tokenizer = Tokenizer.from_file(directory)
+    if max_num is None:
+        max_num = config.max_dynamic_patch if config.dynamic_image_size else 1
+    pixel_values, grid = load_image(image, max_num=max_num, image_size=config.image_size,
+                                    use_thumbnail=config.use_thumbnail, min_num=min(config.min_dynamic_patch, max_num))
+    model.img_context_token_id = token_id(tokenizer, IMG_CONTEXT_TOKEN)
+    question = prompt if IMAGE_PLACEHOLDER in prompt else IMAGE_PLACEHOLDER + "\n" + prompt
+    query = build_query(model.template, model.system_message, question, [], [len(pixel_values)],
+                        model.num_image_token)
+    input_ids = np.asarray([encode(tokenizer, query)], dtype=np.int64)
+    # the reference feeds the tiles in the model's dtype
+    return pixel_values.astype(dtype), tuple(grid), input_ids, model.img_context_token_id

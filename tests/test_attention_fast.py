@@ -1,0 +1,205 @@
+"""The fast attention paths beside the readable ones (minivl/attention.py, torch_impl/attention.py):
+
+* `_softmax_inplace` and the in-place score updates of `scaled_dot_product_attention`: the same IEEE
+  operations in the same order as the formula, so they are held BIT-equal to the formula written
+  out of place here;
+* `causal_attention_blocks`: query blocks that skip the keys a causal mask hides. It equals
+  `scaled_dot_product_attention` up to the summation order of the softmax denominator and of
+  p·v (the skipped keys add exact zeros, but a shorter sum is blocked differently by BLAS), so
+  the tolerance is that of two orderings of a length-t sum: rtol 8 ulps, atol (sqrt(t) + 16) ulps
+  of (p·|v|) per output element, the p·v term of tests/test_attention.py's error bound;
+* the preallocated `KVCache`: no copy of the cache per decode step.
+"""
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from minivl import attention as A
+from minivl.alibi import alibi_bias
+from minivl.testing import assert_close, tolerance
+from torch_impl import attention as T
+
+DTYPES = ["float32", "float64"]
+
+
+def formula_softmax(scores, softmax_dtype):
+    """The softmax as minivl.attention.softmax writes it, out of place."""
+    compute = scores.dtype if softmax_dtype is None else np.promote_types(scores.dtype, np.dtype(softmax_dtype))
+    x = scores.astype(compute)
+    exp = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    return exp / np.sum(exp, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("dtype,softmax_dtype", [("float32", "float32"), ("float32", None), ("float64", "float32"),
+                                                 ("float32", "float64"), ("float64", None)])
+def test_inplace_softmax_is_bit_equal_to_the_formula(dtype, softmax_dtype):
+    rng = np.random.default_rng(0)
+    scores = (rng.standard_normal((2, 3, 7, 33)) * 8).astype(dtype)
+    scores[0, 0, :, 20:] = np.finfo(dtype).min  # masked entries, as causal_mask fills them
+    scores[1, 2, 3, :5] = -np.inf  # doubly masked
+    expected = formula_softmax(scores, softmax_dtype)
+    for got in (A.softmax(scores, softmax_dtype), A._softmax_inplace(scores.copy(), softmax_dtype)):
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale_mode", A.SCALE_MODES)
+def test_inplace_attention_is_bit_equal_to_the_formula(dtype, scale_mode):
+    """scaled_dot_product_attention updates its score tensor in place; this writes every step out of place."""
+    rng = np.random.default_rng(1)
+    b, h, kv, s, t, d = 2, 6, 2, 5, 9, 96
+    q = rng.standard_normal((b, h, s, d)).astype(dtype)
+    k, v = (rng.standard_normal((b, kv, t, d)).astype(dtype) for _ in range(2))
+    attention_mask = np.ones((b, t), dtype=np.int64)
+    attention_mask[0, :3] = 0
+    mask = A.build_attention_mask(attention_mask, s, t - s, dtype)
+    bias = alibi_bias(h, t).astype(dtype)
+    softmax_dtype = None if scale_mode == "scale_q" else "float32"
+
+    qg, kt = q.reshape(b, kv, (h // kv) * s, d), np.swapaxes(k, -1, -2)
+    if scale_mode == "divide":
+        scores = (qg @ kt) / math.sqrt(d)
+    elif scale_mode == "scale_q":
+        scores = (qg * d ** -0.5) @ kt
+    else:
+        scores = (qg @ kt) * (1.0 / math.sqrt(d))
+    with np.errstate(over="ignore"):
+        scores = scores.reshape(b, h, s, t) + bias + mask
+    probs = formula_softmax(scores, softmax_dtype).astype(v.dtype)
+    expected = (probs.reshape(b, kv, (h // kv) * s, t) @ v).reshape(b, h, s, d)
+
+    got, got_probs = A.scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, scale_mode=scale_mode,
+                                                    softmax_dtype=softmax_dtype, return_probs=True)
+    np.testing.assert_array_equal(got_probs, probs)
+    np.testing.assert_array_equal(got, expected)
+
+
+def _case(rng, dtype, b, h, kv, s, past, d, pad, window):
+    t = past + s
+    q = rng.standard_normal((b, h, s, d)).astype(dtype)
+    k, v = (rng.standard_normal((b, kv, t, d)).astype(dtype) for _ in range(2))
+    attention_mask = None
+    if pad:
+        attention_mask = np.ones((b, t), dtype=np.int64)
+        attention_mask[0, :pad] = 0  # left padding: some query rows see no real key at all
+    mask = A.build_attention_mask(attention_mask, s, past, dtype, sliding_window=window)
+    return q, k, v, mask
+
+
+def _blocked_tolerance(dtype, probs, v, group):
+    # two orderings of the length-t sums in the denominator and in p·v
+    t = v.shape[2]
+    pv = probs.astype(np.float64) @ np.repeat(np.abs(v.astype(np.float64)), group, axis=1)
+    return tolerance(dtype, 8, atol_ulps=math.sqrt(t) + 16, scale=pv)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,h,kv,s,past,pad,window,block_q", [
+    (1, 9, 3, 37, 0, 0, None, 8),      # SmolLM2's 9 query / 3 KV heads, a prefill in 5 blocks
+    (2, 6, 2, 23, 0, 5, None, 4),      # left padding: the first blocks keep every key
+    (2, 4, 4, 19, 6, 0, None, 5),      # a chunk after a cached past
+    (1, 8, 2, 30, 0, 0, 7, 6),         # sliding window (Qwen2)
+    (2, 4, 1, 16, 3, 4, 5, 3),         # all of it, MQA
+    (1, 4, 2, 10, 0, 0, None, 64),     # one block: the plain call
+])
+def test_causal_blocks_equal_full_attention(dtype, b, h, kv, s, past, pad, window, block_q):
+    rng = np.random.default_rng(s + past)
+    q, k, v, mask = _case(rng, dtype, b, h, kv, s, past, 64, pad, window)
+    full, probs = A.scaled_dot_product_attention(q, k, v, mask=mask, return_probs=True)
+    rtol, atol = _blocked_tolerance(dtype, probs, v, h // kv)
+    blocked = A.causal_attention_blocks(q, k, v, mask=mask, block_q=block_q)
+    assert_close(blocked, full, rtol=rtol, atol=atol, what="NumPy blocks vs full")
+    tq, tk, tv, tmask = (torch.from_numpy(x) for x in (q, k, v, mask))
+    t_blocked = T.causal_attention_blocks(tq, tk, tv, mask=tmask, block_q=block_q)
+    t_full = T.scaled_dot_product_attention(tq, tk, tv, mask=tmask)
+    assert_close(t_blocked, t_full.numpy(), rtol=rtol, atol=atol, what="torch blocks vs torch full")
+    assert_close(t_blocked, blocked, rtol=rtol, atol=2 * atol, what="torch blocks vs NumPy blocks")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_blocks_with_alibi_bias_and_multiply_scale(dtype):
+    """MPT's path: ALiBi bias [1, H, 1, t] sliced per block, scale multiplied after the matmul."""
+    rng = np.random.default_rng(3)
+    q, k, v, mask = _case(rng, dtype, 1, 8, 8, 21, 0, 32, 0, None)
+    bias = alibi_bias(8, 21).astype(dtype)
+    options = dict(bias=bias, scale_mode="multiply")
+    full, probs = A.scaled_dot_product_attention(q, k, v, mask=mask, return_probs=True, **options)
+    rtol, atol = _blocked_tolerance(dtype, probs, v, 1)
+    assert_close(A.causal_attention_blocks(q, k, v, mask=mask, block_q=4, **options), full, rtol=rtol, atol=atol)
+
+
+def test_causal_blocks_fall_back_on_a_mask_that_is_not_causal():
+    """A bidirectional padding mask with per-query rows: every block must keep every key (nothing is skipped)."""
+    rng = np.random.default_rng(4)
+    s = 12
+    q = rng.standard_normal((1, 2, s, 16)).astype(np.float64)
+    k, v = (rng.standard_normal((1, 2, s, 16)) for _ in range(2))
+    mask = np.broadcast_to(A.padding_mask(np.ones((1, s), dtype=np.int64), np.float64), (1, 1, s, s)).copy()
+    mask[..., 0, -1] = np.finfo(np.float64).min  # not causal: row 0 sees later keys
+    full = A.scaled_dot_product_attention(q, k, v, mask=mask)
+    np.testing.assert_array_equal(A.causal_attention_blocks(q, k, v, mask=mask, block_q=3), full)
+
+
+def test_causal_blocks_never_hold_the_full_score_tensor():
+    """A 1024-token prefill with 4 heads: the full score tensor is 16 MiB in float32; blocks of 128
+    queries hold at most 2 MiB of scores (and the softmax works in place)."""
+    rng = np.random.default_rng(5)
+    s, h = 1024, 4
+    q = rng.standard_normal((1, h, s, 16), dtype=np.float32)
+    k, v = (rng.standard_normal((1, h, s, 16), dtype=np.float32) for _ in range(2))
+    mask = A.build_attention_mask(None, s, 0, np.float32)
+    full_scores = h * s * s * 4
+    tracemalloc.start()
+    try:
+        A.causal_attention_blocks(q, k, v, mask=mask, block_q=128)
+        _, peak_blocks = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        A.scaled_dot_product_attention(q, k, v, mask=mask)
+        _, peak_full = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak_full >= full_scores  # the measurement sees the full tensor when there is one
+    assert peak_blocks < full_scores / 4, f"blocked attention peaked at {peak_blocks / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("module,wrap,address", [
+    (A, np.asarray, lambda x: x.__array_interface__["data"][0]),
+    (T, torch.from_numpy, lambda x: x.data_ptr()),
+])
+def test_kv_cache_writes_in_place_and_grows_geometrically(module, wrap, address):
+    """100 decode steps after a 5-token prefill: the cache moves only when its capacity doubles
+    (16, 32, 64, 128: 3 moves), never per step, and holds exactly what concatenation would."""
+    rng = np.random.default_rng(6)
+    keys = rng.standard_normal((1, 2, 105, 8))
+    values = rng.standard_normal((1, 2, 105, 8))
+    cache = module.KVCache()
+    k_all, _ = cache.update(0, wrap(keys[:, :, :5].copy()), wrap(values[:, :, :5].copy()))
+    addresses = {address(k_all)}
+    earlier = np.asarray(k_all).copy()
+    for step in range(5, 105):
+        k_all, v_all = cache.update(0, wrap(keys[:, :, step:step + 1].copy()), wrap(values[:, :, step:step + 1].copy()))
+        addresses.add(address(k_all))
+    assert len(addresses) == 4, f"the cache moved {len(addresses) - 1} times in 100 steps"
+    np.testing.assert_array_equal(np.asarray(k_all), keys)
+    np.testing.assert_array_equal(np.asarray(v_all), values)
+    np.testing.assert_array_equal(earlier, keys[:, :, :5])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_is_bit_equal_to_silu_times_up(dtype):
+    """The one-buffer SwiGLU product against the formula, including e^(−x) overflow (x = −100 -> −0)."""
+    from minivl.activations import silu, silu_mul
+    from torch_impl.activations import silu_mul as torch_silu_mul
+
+    rng = np.random.default_rng(7)
+    gate = (rng.standard_normal((3, 17, 40)) * 6).astype(dtype)
+    gate[0, 0, :4] = [-100.0, -1000.0, 88.0, 0.0]
+    up = rng.standard_normal((3, 17, 40)).astype(dtype)
+    expected = silu(gate) * up
+    np.testing.assert_array_equal(silu_mul(gate, up), expected)
+    rtol, atol = tolerance(dtype, 4, scale=float(np.abs(expected).max()))
+    assert_close(torch_silu_mul(torch.from_numpy(gate), torch.from_numpy(up)), expected, rtol=rtol, atol=atol)

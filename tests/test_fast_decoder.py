@@ -1,0 +1,135 @@
+"""The decoders' fast paths, held equal to the readable ones (NumPy and torch):
+
+* fused projections: Llama/Qwen2's q/k/v and gate/up weights become views of one matrix at load
+  (`FusedProjection`), so one GEMM serves each group. The checkpoint's tensors, names and
+  state_dict() are unchanged; the forward equals the separate-projection forward to the summation
+  order of a GEMM (the fused product may be blocked differently by BLAS: 16 ulps of max|logits|,
+  measured 0 - 2 here);
+* causal attention in query blocks (`causal_attention_blocks`) in every prefill longer than a block:
+  equal to the full-score attention to the softmax denominators' summation order (MODEL_ULPS, the
+  tolerance of the decoder parity tests; measured <= 4 ulps here);
+* `logits_to_keep`: the head over the last n positions only, equal to those rows of the full logits;
+* a long prefill never holds a [heads, n, n] score tensor (tracemalloc).
+"""
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+import minivl
+import minivl.attention
+import torch_impl
+import torch_impl.attention
+import torch_impl.models.common
+from _decoder_util import DTYPES, MODEL_ULPS, assert_parity
+from minivl.errors import ShapeError
+from minivl.models.common import FusedProjection
+from minivl.tiny.llm import write_tiny_llm
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast")
+    return {family: write_tiny_llm(root / family, family, seed=3) for family in ("llama", "qwen2")}
+
+
+def unfuse(model):
+    """Give every fused Linear a private copy of its weight: `project` then runs the separate GEMMs."""
+    for _, module in model.named_modules():
+        if getattr(module, "fused", None) is not None:
+            module.weight = module.weight.copy() if isinstance(module.weight, np.ndarray) else \
+                torch.nn.Parameter(module.weight.clone(), requires_grad=False)
+            if module.bias is not None:
+                module.bias = module.bias.copy() if isinstance(module.bias, np.ndarray) else \
+                    torch.nn.Parameter(module.bias.clone(), requires_grad=False)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("package", ["numpy", "torch"])
+def test_fused_projections_keep_the_checkpoint_and_equal_the_separate_path(checkpoints, family, package):
+    from minivl.checkpoint import load_state_dict
+
+    load = minivl.load_model if package == "numpy" else torch_impl.load_model
+    model = load(checkpoints[family], dtype="float32")
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj.fused, (FusedProjection, torch_impl.models.common.FusedProjection))
+    assert layer.mlp.gate_proj.fused is layer.mlp.up_proj.fused
+    # the state dict is the checkpoint's: same keys, same values (the views hold them)
+    stored = load_state_dict(checkpoints[family])
+    state = model.state_dict()
+    assert set(state) - {"lm_head.weight"} == set(stored) - {"lm_head.weight"}
+    for key, value in stored.items():
+        np.testing.assert_array_equal(np.asarray(state[key]), np.asarray(value), err_msg=key)
+
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 9))
+    wrap = np.asarray if package == "numpy" else torch.from_numpy
+    fused = model(input_ids=wrap(ids)).logits
+    separate = unfuse(model)(input_ids=wrap(ids)).logits
+    assert not hasattr(layer.self_attn.q_proj, "fused") or not layer.self_attn.q_proj.fused.serves(
+        [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+    assert_parity(fused, separate, "float32", ulps=16, what=f"{package} {family} fused vs separate")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("package", ["numpy", "torch"])
+def test_blocked_causal_prefill_equals_full_attention(checkpoints, dtype, package, monkeypatch):
+    """A 300-token prefill (3 query blocks of 128) with left padding in one row, against the same model
+    with causal_attention_blocks replaced by the plain full-score call."""
+    module = minivl.attention if package == "numpy" else torch_impl.attention
+    load = minivl.load_model if package == "numpy" else torch_impl.load_model
+    wrap = np.asarray if package == "numpy" else torch.from_numpy
+    model = load(checkpoints["qwen2"], dtype=dtype)
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 300))
+    mask = np.ones((2, 300), dtype=np.int64)
+    mask[1, :7] = 0
+    kwargs = dict(input_ids=wrap(ids), attention_mask=wrap(mask), output_hidden_states=True)
+    blocked = model(**kwargs)
+    calls = []
+
+    def full(q, k, v, *, mask, bias=None, block_q=128, **options):
+        calls.append(q.shape[2])
+        return module.scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, **options)
+
+    monkeypatch.setattr(module, "causal_attention_blocks", full)
+    reference = model(**kwargs)
+    assert calls and calls[0] == 300  # the model does go through the blocked path
+    real = mask.astype(bool)  # padded positions hold garbage in both (a uniform average of pads)
+    for i, (a, r) in enumerate(zip(blocked.hidden_states, reference.hidden_states)):
+        assert_parity(np.asarray(a)[real], np.asarray(r)[real], dtype, ulps=MODEL_ULPS, what=f"hidden {i}")
+    assert_parity(np.asarray(blocked.logits)[real], np.asarray(reference.logits)[real], dtype, what="logits")
+
+
+@pytest.mark.parametrize("package", ["numpy", "torch"])
+def test_logits_to_keep(checkpoints, package):
+    load = minivl.load_model if package == "numpy" else torch_impl.load_model
+    wrap = np.asarray if package == "numpy" else torch.from_numpy
+    model = load(checkpoints["llama"], dtype="float64")
+    ids = wrap(np.random.default_rng(2).integers(0, model.config.vocab_size, (2, 6)))
+    full = np.asarray(model(input_ids=ids).logits)
+    for n in (1, 3):
+        last = np.asarray(model(input_ids=ids, logits_to_keep=n).logits)
+        assert last.shape == (2, n, model.config.vocab_size)
+        assert_parity(last, full[:, -n:], "float64", ulps=8, what=f"logits_to_keep={n}")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ShapeError, match="logits_to_keep must be an int >= 0"):
+            model(input_ids=ids, logits_to_keep=bad)
+
+
+def test_long_prefill_never_holds_a_heads_n_n_tensor(tmp_path):
+    """4096 tokens through a 1-layer, 4-head decoder: one [4, 4096, 4096] float32 score tensor would be
+    256 MiB. The blocked prefill holds blocks of 128 queries (8 MiB of scores); its largest array is the
+    additive [1, 1, n, n] mask (64 MiB, 1/heads of a score tensor) and its bool visibility pattern (16 MiB)."""
+    path = write_tiny_llm(tmp_path / "long", "llama", num_hidden_layers=1, max_position_embeddings=8192)
+    model = minivl.load_model(path, dtype="float32")
+    heads, n = model.config.num_attention_heads, 4096
+    ids = np.random.default_rng(3).integers(0, model.config.vocab_size, (1, n))
+    tracemalloc.start()
+    try:
+        model(input_ids=ids, logits_to_keep=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    scores = heads * n * n * 4
+    assert peak < scores / 2, f"peak {peak / 2**20:.0f} MiB vs one score tensor {scores / 2**20:.0f} MiB"

@@ -1,0 +1,354 @@
+"""minivl trace / minivl diff (minivl/trace.py, minivl_cli/commands/trace.py) and tools/trace_transformers.py.
+
+* NumPy and torch_impl traces of tiny InternVL checkpoints agree (diff exit 0), in both directions;
+* transformers' InternVLForConditionalGeneration on the same weights (the tiny checkpoint rewritten
+  in its layout here, independently of minivl) agrees with minivl stage by stage, both directions;
+* three deliberately broken ports are each caught at the stage where they were broken, with every
+  earlier stage OK: pixel shuffle v1 where v2 is configured (pixel_shuffle), a thumbnail added for a
+  single tile (pixel_values), a stale dynamic-NTK base (language_model.model.layers.0);
+* the file format: round trip, order, metadata; named errors for a missing or foreign file.
+
+Tolerance of every diff: the default, 512 ulps of float32 relative and of each stage's max |B|
+(minivl.trace.DEFAULT_ULPS; the ledger docs/parity.md measures < 20 ulps between these
+implementations). The breakages move values by O(1e-2) or more relative, 10⁵ ulps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from minivl import trace
+from minivl.errors import TraceError
+from minivl_cli.cli import main
+from minivl.tiny.internvl import write_tiny_internvl
+
+PROMPT = "What is in the picture?"
+# the v1 broken port triggers InternVL's own "transposed image" warning: expected here
+pytestmark = pytest.mark.filterwarnings("ignore:In ps_version 'v1':UserWarning")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trace")
+    trace.synthetic_image(130, 60).save(root / "wide.png")        # 2×1 grid + thumbnail with max_num 4
+    trace.synthetic_image(56, 56, seed=1).save(root / "square.png")  # one tile: no thumbnail
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoints(root):
+    return {llm: write_tiny_internvl(root / llm, llm=llm, seed=4) for llm in ("qwen2", "internlm2")}
+
+
+def _trace(checkpoint, image, out, *extra):
+    assert main(["trace", checkpoint, "--image", str(image), "--prompt", PROMPT, "--out", str(out), *extra]) == 0
+    return str(out)
+
+
+def _first_diverging(capsys) -> str | None:
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("first divergence at stage "):
+            return line[len("first divergence at stage "):].split(":")[0]
+    return None
+
+
+def _statuses(rows):
+    return {row.name: row.status for row in rows}
+
+
+# ----------------------------------------------------------------------------- NumPy vs torch_impl
+
+@pytest.mark.parametrize("llm", ["qwen2", "internlm2"])
+def test_numpy_and_torch_traces_agree_both_ways(root, checkpoints, capsys, llm):
+    a = _trace(checkpoints[llm], root / "wide.png", root / f"{llm}_np.safetensors")
+    b = _trace(checkpoints[llm], root / "wide.png", root / f"{llm}_torch.safetensors", "--backend", "torch")
+    capsys.readouterr()
+    assert main(["diff", a, b]) == 0 and "all 16 shared stages agree" in capsys.readouterr().out
+    assert main(["diff", b, a]) == 0
+
+
+def test_trace_file_has_every_stage_in_order_and_the_metadata(root, checkpoints):
+    path = _trace(checkpoints["qwen2"], root / "wide.png", root / "meta.safetensors")
+    t = trace.load_trace(path)
+    assert list(t.stages)[:3] == ["tile_grid", "pixel_values", "vision_model.embeddings"]
+    assert [n for n in t.stages if n.startswith("vision_model.encoder.layers.")] == \
+        [f"vision_model.encoder.layers.{i}" for i in range(3)]
+    assert list(t.stages)[6:11] == ["select_layer", "pixel_shuffle", "mlp1", "input_ids", "image_token_positions"]
+    assert list(t.stages)[-3:] == ["language_model.model.layers.1", "language_model.model.norm", "logits"]
+    assert t.stages["tile_grid"].tolist() == [2, 1] and t.stages["pixel_values"].shape == (3, 3, 56, 56)
+    # 3 tiles × 4 tokens per 56-px tile, all <IMG_CONTEXT>, contiguous
+    positions = t.stages["image_token_positions"]
+    assert len(positions) == 12 and np.all(np.diff(positions) == 1)
+    context_id = t.stages["input_ids"][0, positions[0]]
+    assert np.all(t.stages["input_ids"][0, positions] == context_id)
+    # the image tokens of the merged embeddings are the mlp1 rows, in (tile, token) order
+    np.testing.assert_array_equal(t.stages["inputs_embeds"][0, positions], t.stages["mlp1"].reshape(12, -1))
+    assert t.metadata["dtype"] == "float32" and t.metadata["producer"] == "minivl (NumPy)"
+    assert t.metadata["config_sha256"] == trace.config_sha256(checkpoints["qwen2"])
+    assert set(json.loads(t.metadata["versions"])) >= {"minivl", "numpy"}
+    assert t.metadata["prompt"] == PROMPT
+
+
+def test_bare_internvit_trace_and_diff(root, capsys):
+    from minivl.tiny.vision import write_tiny_vit
+
+    vit = write_tiny_vit(root / "vit", "6b")
+    a = _trace(vit, root / "wide.png", root / "vit_np.safetensors")
+    b = _trace(vit, root / "wide.png", root / "vit_torch.safetensors", "--backend", "torch")
+    stages = trace.load_trace(a).stages
+    assert list(stages) == ["tile_grid", "pixel_values", "embeddings"] + [f"encoder.layers.{i}" for i in range(3)]
+    capsys.readouterr()
+    assert main(["diff", a, b]) == 0
+
+
+# ----------------------------------------------------------------------------- deliberately broken ports
+
+def _broken_trace(checkpoint, image, out, break_model=None, thumbnail_for_one_tile=False):
+    """A NumPy trace from a port with one bug planted (the same code path `minivl trace` takes)."""
+    import minivl
+    from minivl.conversation import IMG_CONTEXT_TOKEN, build_query, encode, token_id
+    from minivl.preprocess import dynamic_preprocess, open_image, to_pixel_values
+    from minivl.tokenizer import Tokenizer
+
+    model = minivl.load_model(checkpoint, "float32")
+    if break_model is not None:
+        break_model(model)
+    pixel_values, grid, input_ids, _ = trace.internvl_inputs(checkpoint, model, str(image), PROMPT)
+    if thumbnail_for_one_tile:
+        # the bug of vllm #7160: a thumbnail appended although the grid has one tile
+        picture = open_image(str(image))
+        tiles = dynamic_preprocess(picture, max_num=12, image_size=56, use_thumbnail=False)
+        assert len(tiles) == 1
+        tiles.append(picture.resize((56, 56), resample=3))
+        pixel_values = to_pixel_values(tiles, 56)
+        tokenizer = Tokenizer.from_file(checkpoint)
+        query = build_query(model.template, model.system_message, "<image>\n" + PROMPT, [], [len(tiles)],
+                            model.num_image_token)
+        input_ids = np.asarray([encode(tokenizer, query)], dtype=np.int64)
+        model.img_context_token_id = token_id(tokenizer, IMG_CONTEXT_TOKEN)
+    stages = trace.internvl_stages(model, pixel_values, input_ids, grid)
+    trace.save_trace(out, trace.Trace(stages, {"producer": "a broken port", "dtype": "float32"}))
+    return str(out)
+
+
+def _use_v1(model):
+    model.ps_version = "v1"           # config.json says v2
+
+
+def _stale_ntk_base(model):
+    # one earlier call longer than max_position_embeddings (512) enlarged the dynamic-NTK base; this
+    # port keeps it for the next, short prompt, which a fresh reference run does not
+    model.language_model.forward(input_ids=np.arange(600, dtype=np.int64)[None] % 200 + 20)
+
+
+@pytest.mark.parametrize("llm, image, broken, expected_stage", [
+    ("qwen2", "wide.png", dict(break_model=_use_v1), "pixel_shuffle"),
+    ("qwen2", "square.png", dict(thumbnail_for_one_tile=True), "pixel_values"),
+    ("internlm2", "wide.png", dict(break_model=_stale_ntk_base), "language_model.model.layers.0"),
+], ids=["v1-pixel-shuffle", "thumbnail-for-one-tile", "stale-dynamic-ntk-base"])
+def test_a_broken_port_is_caught_where_it_breaks(root, checkpoints, capsys, llm, image, broken, expected_stage):
+    reference = _trace(checkpoints[llm], root / image, root / f"ref_{llm}_{image}.safetensors", "--backend", "torch")
+    candidate = _broken_trace(checkpoints[llm], root / image, root / f"broken_{expected_stage}.safetensors", **broken)
+    capsys.readouterr()
+    assert main(["diff", candidate, reference]) == 1
+    assert _first_diverging(capsys) == expected_stage
+    rows = trace.diff_traces(trace.load_trace(candidate), trace.load_trace(reference))
+    names = [row.name for row in rows]
+    before = names[:names.index(expected_stage)]
+    assert before and all(_statuses(rows)[name] == "OK" for name in before), _statuses(rows)
+    first = trace.first_divergence(rows)
+    if expected_stage == "pixel_values":
+        assert first.detail == "shape (2, 3, 56, 56) in A vs (1, 3, 56, 56) in B"
+    else:
+        # where and by how much: the worst element is named and far outside the tolerance
+        assert len(first.worst_index) == 3 and abs(first.candidate_value - first.reference_value) > 100 * first.allowed
+
+
+def test_diff_output_names_index_and_size(root, checkpoints, capsys):
+    reference = _trace(checkpoints["qwen2"], root / "wide.png", root / "ref_names.safetensors")
+    candidate = _broken_trace(checkpoints["qwen2"], root / "wide.png", root / "v1_names.safetensors",
+                              break_model=_use_v1)
+    capsys.readouterr()
+    assert main(["diff", candidate, reference]) == 1
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("first divergence"))
+    assert line.startswith("first divergence at stage pixel_shuffle: at index (")
+    assert "|A − B| = " in line and "allowed" in line and "elements outside" in line
+    assert "| select_layer | 3×16×64 |" in out and out.count("| DIFF |") >= 2
+
+
+# ----------------------------------------------------------------------------- transformers' InternVL port
+
+def to_hf_internvl(minivl_dir, out_dir) -> str:
+    """A minivl (= InternVL) chat checkpoint rewritten as transformers' InternVLForConditionalGeneration.
+
+    Keys: vision_model.* -> model.vision_tower.* (qkv split into q/k/v_proj, norm1/2 ->
+    layernorm_before/after, ls1/2 -> lambda_1/2), mlp1.{0,1,3} -> model.multi_modal_projector.
+    {layer_norm, linear_1, linear_2}, language_model.model.* -> model.language_model.*,
+    language_model.lm_head -> lm_head. Written here from transformers' module tree, not from minivl.
+    """
+    import transformers
+
+    from minivl.checkpoint import load_state_dict
+    from minivl.config import load_config
+    from minivl.conversation import IMG_CONTEXT_TOKEN
+    from minivl.tokenizer import Tokenizer
+    from test_intern_vit import _to_hf
+
+    config = load_config(minivl_dir)
+    state = load_state_dict(minivl_dir)
+    vit = {k[len("vision_model."):]: v for k, v in state.items() if k.startswith("vision_model.")}
+    hf = {"model.vision_tower." + k: v for k, v in _to_hf(config.vision_config, vit).items()}
+    for ours, theirs in (("mlp1.0", "layer_norm"), ("mlp1.1", "linear_1"), ("mlp1.3", "linear_2")):
+        for leaf in ("weight", "bias"):
+            hf[f"model.multi_modal_projector.{theirs}.{leaf}"] = torch.from_numpy(np.array(state[f"{ours}.{leaf}"]))
+    for key, value in state.items():
+        if key.startswith("language_model.model."):
+            hf["model.language_model." + key[len("language_model.model."):]] = torch.from_numpy(np.array(value))
+    hf["lm_head.weight"] = torch.from_numpy(np.array(state["language_model.lm_head.weight"]))
+    vc, llm = config.vision_config, config.llm_config
+    text_config = {k: v for k, v in llm.to_dict().items() if k not in ("architectures", "transformers_version")}
+    hf_config = transformers.InternVLConfig(
+        vision_config=dict(hidden_size=vc.hidden_size, num_hidden_layers=vc.num_hidden_layers,
+                           num_attention_heads=vc.num_attention_heads, intermediate_size=vc.intermediate_size,
+                           attention_bias=vc.qkv_bias, use_qk_norm=vc.qk_normalization, norm_type=vc.norm_type,
+                           layer_norm_eps=vc.layer_norm_eps, image_size=vc.image_size, patch_size=vc.patch_size,
+                           use_mean_pooling=True),
+        text_config=text_config, downsample_ratio=config.downsample_ratio, projector_hidden_act="gelu",
+        vision_feature_layer=config.select_layer, vision_feature_select_strategy="default",
+        image_token_id=Tokenizer.from_file(minivl_dir).token_to_id(IMG_CONTEXT_TOKEN),
+        image_seq_length=config.num_image_token, tie_word_embeddings=False)
+    model = transformers.InternVLForConditionalGeneration(hf_config).eval()
+    missing, unexpected = model.load_state_dict(hf, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    model.save_pretrained(out_dir)
+    shutil.copy(os.path.join(minivl_dir, "tokenizer.json"), out_dir)
+    return os.fspath(out_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_trace(root, checkpoints):
+    pytest.importorskip("transformers")
+    from _tools_util import load_tool
+
+    hf_dir = to_hf_internvl(checkpoints["qwen2"], root / "qwen2_hf")
+    inputs = _trace(checkpoints["qwen2"], root / "wide.png", root / "inputs_for_hf.safetensors")
+    out = root / "hf.safetensors"
+    assert load_tool("trace_transformers").main([hf_dir, "--inputs", inputs, "--out", str(out)]) == 0
+    return str(out)
+
+
+def test_transformers_trace_agrees_with_minivl_both_ways(root, checkpoints, hf_trace, capsys):
+    ours = _trace(checkpoints["qwen2"], root / "wide.png", root / "ours_vs_hf.safetensors")
+    hf = trace.load_trace(hf_trace)
+    assert list(hf.stages) == list(trace.load_trace(ours).stages)
+    assert hf.metadata["producer"].startswith("transformers ")
+    capsys.readouterr()
+    assert main(["diff", ours, hf_trace]) == 0
+    assert "all 16 shared stages agree" in capsys.readouterr().out
+    assert main(["diff", hf_trace, ours]) == 0
+    # the comparison is not vacuous: the two differ in the last bits somewhere in the LLM
+    rows = trace.diff_traces(trace.load_trace(ours), hf)
+    assert max(row.max_abs for row in rows if row.name.startswith("language_model")) > 0
+
+
+def test_v1_port_caught_against_transformers(root, checkpoints, hf_trace, capsys):
+    candidate = _broken_trace(checkpoints["qwen2"], root / "wide.png", root / "v1_vs_hf.safetensors",
+                              break_model=_use_v1)
+    capsys.readouterr()
+    assert main(["diff", candidate, hf_trace]) == 1
+    assert _first_diverging(capsys) == "pixel_shuffle"
+
+
+# ----------------------------------------------------------------------------- format and errors
+
+def test_round_trip_keeps_order_dtype_and_values(tmp_path):
+    stages = {"zeta": np.arange(6, dtype=np.float64).reshape(2, 3), "alpha": np.array([3, 1], np.int64),
+              "mid": np.ones((1, 2), np.float32)}
+    trace.save_trace(tmp_path / "t.safetensors", trace.Trace(stages, {"dtype": "float64", "prompt": "hi"}))
+    back = trace.load_trace(tmp_path / "t.safetensors")
+    assert list(back.stages) == ["zeta", "alpha", "mid"] and back.metadata["prompt"] == "hi"
+    for name, value in stages.items():
+        assert back.stages[name].dtype == value.dtype
+        np.testing.assert_array_equal(back.stages[name], value)
+
+
+def test_integer_stage_must_match_exactly_and_shapes_are_named():
+    rows = trace.compare_stages({"input_ids": np.array([[1, 2, 4]]), "x": np.zeros((2, 2))},
+                                {"input_ids": np.array([[1, 2, 3]]), "x": np.zeros((2, 3)), "y": np.ones(1)},
+                                "float32")
+    by_name = {row.name: row for row in rows}
+    assert by_name["input_ids"].status == "DIFF" and by_name["input_ids"].worst_index == (0, 2)
+    assert by_name["x"].detail == "shape (2, 2) in A vs (2, 3) in B"
+    assert by_name["y"].status == "only in B"
+
+
+def test_tolerance_is_dtype_aware():
+    reference = {"h": np.linspace(1, 2, 50)}
+    nudged = {"h": reference["h"] * (1 + 1e-5)}            # 84 float32 ulps, 4.5e10 float64 ulps
+    assert trace.compare_stages(nudged, reference, "float32")[0].status == "OK"
+    assert trace.compare_stages(nudged, reference, "float64")[0].status == "DIFF"
+    assert trace.coarser_dtype("float64", "bfloat16") == "bfloat16"
+
+
+def test_named_errors(tmp_path, checkpoints, capsys):
+    assert main(["diff", str(tmp_path / "nope.safetensors"), str(tmp_path / "nope.safetensors")]) == 1
+    assert "TraceError" in capsys.readouterr().err
+    from minivl.checkpoint import write_safetensors
+
+    write_safetensors(tmp_path / "weights.safetensors", {"w": np.zeros(2, np.float32)})
+    assert main(["diff", str(tmp_path / "weights.safetensors"), str(tmp_path / "weights.safetensors")]) == 1
+    assert "is not a minivl trace" in capsys.readouterr().err
+    from minivl.tiny.llm import write_tiny_llm
+
+    llm = write_tiny_llm(tmp_path / "llm", "llama")
+    assert main(["trace", llm, "--image", "x.png", "--out", str(tmp_path / "t.safetensors")]) == 1
+    assert "need an InternVL chat checkpoint" in capsys.readouterr().err
+    bare = tmp_path / "no_tokenizer"
+    shutil.copytree(checkpoints["qwen2"], bare)
+    os.remove(bare / "tokenizer.json")
+    trace.synthetic_image().save(tmp_path / "img.png")
+    assert main(["trace", str(bare), "--image", str(tmp_path / "img.png"), "--out", str(tmp_path / "t.st")]) == 1
+    assert "has no tokenizer.json" in capsys.readouterr().err
+    with pytest.raises(TraceError, match="no stages"):
+        trace.save_trace(tmp_path / "empty.safetensors", trace.Trace({}, {}))
+
+
+@pytest.mark.parametrize("llm", ["qwen2", "internlm2"])
+def test_stages_are_what_the_forward_computes(root, checkpoints, llm):
+    """Computed from outside through the public pieces, the stages equal extract_feature / forward bit for bit."""
+    import minivl
+
+    model = minivl.load_model(checkpoints[llm], "float32")
+    pixel_values, grid, input_ids, _ = trace.internvl_inputs(checkpoints[llm], model, str(root / "wide.png"), PROMPT)
+    stages = trace.internvl_stages(model, pixel_values, input_ids, grid)
+    np.testing.assert_array_equal(stages["mlp1"], model.extract_feature(pixel_values))
+    out = model.forward(pixel_values, input_ids, output_hidden_states=True)
+    np.testing.assert_array_equal(stages["logits"], out.logits)
+    np.testing.assert_array_equal(stages["inputs_embeds"], out.hidden_states[0])
+    np.testing.assert_array_equal(stages["language_model.model.norm"], out.hidden_states[-1])
+    vit = model.vision_model.forward(pixel_values)
+    np.testing.assert_array_equal(stages["vision_model.encoder.layers.2"], vit.last_hidden_state)
+
+
+def test_transformers_image_processor_tiles_like_internvl(root, checkpoints, hf_trace, capsys):
+    """--image-processor: transformers' GotOcr2 processor tiles and normalises the image itself."""
+    from _tools_util import load_tool
+
+    inputs = trace.load_trace(root / "inputs_for_hf.safetensors")
+    assert inputs.metadata["max_num"] == "12"
+    out = root / "hf_processor.safetensors"
+    hf_dir = str(root / "qwen2_hf")
+    assert load_tool("trace_transformers").main([hf_dir, "--inputs", str(root / "inputs_for_hf.safetensors"),
+                                                 "--out", str(out), "--image-processor"]) == 0
+    produced = trace.load_trace(out)
+    assert produced.metadata["pixels_from"] == "GotOcr2ImageProcessorPil"
+    rows = {row.name: row for row in trace.diff_traces(produced, inputs)}
+    assert rows["tile_grid"].status == "OK" and rows["pixel_values"].status == "OK", rows["pixel_values"]
+    capsys.readouterr()
+    assert main(["diff", str(out), str(root / "inputs_for_hf.safetensors")]) == 0

@@ -1,0 +1,1 @@
+"""Scripts that generate the published files under docs/ (conformance vectors, parity ledger)."""

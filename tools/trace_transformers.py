@@ -1,0 +1,196 @@
+"""Write a minivl trace (minivl/trace.py) of transformers' InternVL port, through forward hooks.
+
+    minivl trace InternVL2-1B/ --image cat.jpg --prompt "Describe the image." --out minivl.safetensors
+    python tools/trace_transformers.py InternVL2-1B-hf/ --inputs minivl.safetensors --out hf.safetensors
+    minivl diff hf.safetensors minivl.safetensors
+
+A recipe for any other implementation: run it on the same inputs, save each stage under the names
+below, and `minivl diff` names the first stage where it parts from minivl. This one loads an
+`InternVLForConditionalGeneration` directory (the transformers layout: model.vision_tower.*,
+model.multi_modal_projector.*, model.language_model.*, lm_head.*), takes the tile grid, pixel_values
+and input_ids from a trace written by `minivl trace` (`--inputs`, so that the model stages are
+compared on identical inputs; with `--image-processor` the tiles come from transformers' own
+image processor instead, so the diff also checks its tiling and normalisation), and records:
+
+    vision_model.embeddings           <- model.vision_tower.embeddings (output)
+    vision_model.encoder.layers.{i}   <- model.vision_tower.encoder.layer[i] (output)
+    select_layer                      <- the layer `vision_feature_layer` picks, cls token dropped
+    pixel_shuffle                     <- model.multi_modal_projector (input)
+    mlp1                              <- model.multi_modal_projector (output)
+    inputs_embeds                     <- model.language_model (inputs_embeds argument)
+    language_model.model.layers.{i}   <- model.language_model.layers[i] (output)
+    language_model.model.norm         <- model.language_model.norm (output)
+    logits                            <- the forward's logits
+
+transformers implements pixel shuffle v2 only, `vision_feature_select_strategy="default"` (drop
+cls) and the Qwen2 / Llama language models of InternVL 2.5 / 3; InternLM2 and Phi-3 are not in it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from minivl import trace  # noqa: E402
+from minivl.errors import TraceError  # noqa: E402
+
+
+def _output_tensor(output):
+    """A module's output: the tensor itself, or the first element of a tuple / ModelOutput."""
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    return output
+
+
+def hf_stages(model, pixel_values: np.ndarray, input_ids: np.ndarray, grid) -> dict:
+    """Run InternVLForConditionalGeneration.forward once with hooks; -> stages in minivl's order."""
+    import torch
+
+    inner = model.model
+    captured, handles = {}, []
+
+    def keep(name):
+        def hook(module, args, output):
+            captured[name] = _output_tensor(output).detach()
+        return hook
+
+    def keep_input(name):
+        def hook(module, args):
+            captured[name] = args[0].detach()
+        return hook
+
+    def keep_embeds(module, args, kwargs):
+        captured["inputs_embeds"] = kwargs["inputs_embeds"].detach()
+
+    vision = inner.vision_tower
+    layers = inner.language_model.layers
+    handles.append(vision.embeddings.register_forward_hook(keep("vision_model.embeddings")))
+    for i, layer in enumerate(vision.encoder.layer):
+        handles.append(layer.register_forward_hook(keep(f"vision_model.encoder.layers.{i}")))
+    handles.append(inner.multi_modal_projector.register_forward_pre_hook(keep_input("pixel_shuffle")))
+    handles.append(inner.multi_modal_projector.register_forward_hook(keep("mlp1")))
+    handles.append(inner.language_model.register_forward_pre_hook(keep_embeds, with_kwargs=True))
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(keep(f"language_model.model.layers.{i}")))
+    handles.append(inner.language_model.norm.register_forward_hook(keep("language_model.model.norm")))
+    dtype = next(model.parameters()).dtype
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.from_numpy(np.array(input_ids)),
+                           pixel_values=torch.from_numpy(np.array(pixel_values)).to(dtype),
+                           use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    n_vit = len(vision.encoder.layer)
+    vit_hidden = [captured["vision_model.embeddings"]] + [captured[f"vision_model.encoder.layers.{i}"]
+                                                         for i in range(n_vit)]
+    stages = {"tile_grid": np.asarray(grid, dtype=np.int64), "pixel_values": pixel_values}
+    stages.update({name: captured[name] for name in
+                   ["vision_model.embeddings"] + [f"vision_model.encoder.layers.{i}" for i in range(n_vit)]})
+    # get_image_features: hidden_states[vision_feature_layer] (last_hidden_state for -1), cls dropped
+    stages["select_layer"] = vit_hidden[model.config.vision_feature_layer][:, 1:]
+    stages["pixel_shuffle"] = captured["pixel_shuffle"]
+    stages["mlp1"] = captured["mlp1"]
+    stages["input_ids"] = input_ids
+    stages["image_token_positions"] = np.flatnonzero(input_ids.reshape(-1) == model.config.image_token_id)
+    stages["inputs_embeds"] = captured["inputs_embeds"]
+    for i in range(len(layers)):
+        stages[f"language_model.model.layers.{i}"] = captured[f"language_model.model.layers.{i}"]
+    stages["language_model.model.norm"] = captured["language_model.model.norm"]
+    stages["logits"] = logits
+    return {name: trace.as_array(value) for name, value in stages.items()}
+
+
+def hf_tiles(model, image_path: str, max_num: int, dtype: str):
+    """(grid, pixel_values) from transformers' own InternVL image processor (GotOcr2, the PIL backend).
+
+    Tiles of image_size px, at most max_num, thumbnail when there is more than one, ImageNet
+    mean/std as InternVL normalises; the grid is the processor's get_optimal_tiled_canvas.
+    """
+    from PIL import Image
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (GotOcr2ImageProcessorPil,
+                                                                           get_optimal_tiled_canvas)
+
+    from minivl.preprocess import NORMALIZATIONS
+
+    size = model.config.vision_config.image_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    mean, std = NORMALIZATIONS["imagenet"]
+    processor = GotOcr2ImageProcessorPil(size={"height": size, "width": size}, crop_to_patches=True, min_patches=1,
+                                         max_patches=max_num, image_mean=list(mean), image_std=list(std))
+    with Image.open(image_path) as image:
+        image = image.convert("RGB")
+        pixel_values = processor(images=image, return_tensors="np")["pixel_values"]
+        width, height = image.size
+    grid = get_optimal_tiled_canvas((height, width), (size, size), 1, max_num) if max_num > 1 else (1, 1)
+    return grid, np.asarray(pixel_values).astype(dtype)
+
+
+def load_hf(directory: str, dtype: str):
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers.InternVLForConditionalGeneration.from_pretrained(
+        directory, dtype=getattr(torch, dtype), attn_implementation="eager", local_files_only=True).eval()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("directory", help="an InternVLForConditionalGeneration checkpoint directory")
+    parser.add_argument("--inputs", required=True, help="a trace from `minivl trace` whose tile_grid, pixel_values "
+                                                        "and input_ids are fed to transformers")
+    parser.add_argument("--out", required=True, help="trace file to write")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                        help="default: the --inputs trace's dtype")
+    parser.add_argument("--image-processor", action="store_true",
+                        help="tile and normalise the trace's image with transformers' own image processor "
+                             "(GotOcr2ImageProcessorPil) instead of reusing the trace's pixel_values")
+    args = parser.parse_args(argv)
+    import torch
+    import transformers
+
+    source = trace.load_trace(args.inputs)
+    missing = [name for name in ("tile_grid", "pixel_values", "input_ids") if name not in source.stages]
+    if missing:
+        raise TraceError(f"{args.inputs!r} lacks the input stages {missing}; write it with `minivl trace`")
+    dtype = args.dtype or source.dtype
+    model = load_hf(args.directory, dtype)
+    grid, pixel_values = source.stages["tile_grid"].tolist(), np.asarray(source.stages["pixel_values"])
+    if args.image_processor:
+        if not source.metadata.get("image") or not source.metadata.get("max_num"):
+            raise TraceError(f"{args.inputs!r} does not record its image and max_num; write it with `minivl trace`")
+        grid, pixel_values = hf_tiles(model, source.metadata["image"], int(source.metadata["max_num"]), dtype)
+        if len(pixel_values) != len(source.stages["pixel_values"]):
+            print(f"note: transformers' processor made {len(pixel_values)} tiles, the trace's prompt has room for "
+                  f"{len(source.stages['pixel_values'])}; the forward will refuse the mismatch", file=sys.stderr)
+    stages = hf_stages(model, pixel_values, np.asarray(source.stages["input_ids"]), grid)
+    metadata = {"producer": f"transformers {transformers.__version__} InternVLForConditionalGeneration",
+                "dtype": dtype, "config_sha256": trace.config_sha256(args.directory),
+                "versions": json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
+                                        "numpy": np.__version__}),
+                "checkpoint": os.path.abspath(args.directory), "inputs_from": os.path.abspath(args.inputs),
+                "pixels_from": "GotOcr2ImageProcessorPil" if args.image_processor else "the --inputs trace",
+                "prompt": source.metadata.get("prompt", ""), "image": source.metadata.get("image", "")}
+    trace.save_trace(args.out, trace.Trace(stages, metadata))
+    print(f"wrote {len(stages)} stages to {args.out} ({metadata['producer']}, {dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except TraceError as err:
+        print(f"trace_transformers: TraceError: {err}", file=sys.stderr)
+        sys.exit(1)
