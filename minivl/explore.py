@@ -41,6 +41,7 @@ from importlib import resources
 import numpy as np
 
 from minivl.errors import ConfigError, ShapeError
+from minivl.files import write_text_atomic
 
 PAGE_FORMAT = 1
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "su", "phi3_yarn")
@@ -263,7 +264,7 @@ def text_explorer_data(model, tokenizer, prompt: str, chat: bool = False, layers
 def internvl_explorer_data(model, tokenizer, image, prompt: str, max_tiles: int = 6, vision_layers=None,
                            text_layers=None, max_tokens: int = 1024, title: str | None = None) -> dict:
     """An InternVL checkpoint with one image and a prompt -> page data (ViT per tile, LLM over text and tiles)."""
-    from minivl.conversation import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_query, encode, token_id
+    from minivl.conversation import IMG_CONTEXT_TOKEN, build_query, encode, token_id, with_image_placeholder
     from minivl.preprocess import choose_grid, dynamic_preprocess, open_image, to_pixel_values
 
     config = model.config
@@ -290,7 +291,7 @@ def internvl_explorer_data(model, tokenizer, image, prompt: str, max_tiles: int 
                                         "grid": [patch_grid, patch_grid], "prefix": 1}, layers=vit_numbers)
 
     # the LLM: the chat prompt with <image> expanded, image features spliced in, as chat() does
-    question = prompt if IMAGE_PLACEHOLDER in prompt else IMAGE_PLACEHOLDER + "\n" + prompt
+    question = with_image_placeholder(prompt)
     query = build_query(model.template, model.system_message, question, [], [n_tiles], model.num_image_token)
     ids = encode(tokenizer, query)
     if len(ids) > max_tokens:
@@ -344,10 +345,4 @@ def write_page(page: str, path) -> str:
     path = os.fspath(path)
     if not path.endswith((".html", ".htm")):
         raise ConfigError(f"the explorer writes an HTML page: give --out a name ending in .html (got {path!r})")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    with open(tmp_path, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp_path, path)
-    return path
+    return write_text_atomic(path, page)

@@ -13,14 +13,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from minivl.errors import GenerationError
+from minivl.errors import GenerationError, NonFiniteError
 from minivl.models.common import position_ids_from_mask
 
 
-def check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
+# seeds both generators take: NumPy's default_rng any int >= 0, torch's manual_seed below 2**64
+MAX_SEED = 2**63 - 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, seed=None) -> None:
     """GenerationError naming the bad setting and the allowed range."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be an int >= 0 (got {max_new_tokens!r})")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+        raise GenerationError(f"seed must be None or an int in [0, 2**63 - 1] (got {seed!r}); e.g. seed=0")
     if do_sample:
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise GenerationError(f"temperature must be > 0 when sampling (got {temperature!r}); use "
@@ -46,7 +56,48 @@ def stop_ids(eos_token_id) -> np.ndarray:
     """eos_token_id as a 1-D array (None -> empty, int -> one id, list -> several stop tokens)."""
     if eos_token_id is None:
         return np.zeros(0, dtype=np.int64)
-    return np.atleast_1d(np.asarray(eos_token_id, dtype=np.int64))
+    ids = eos_token_id.tolist() if hasattr(eos_token_id, "tolist") else eos_token_id
+    ids = ids if isinstance(ids, (list, tuple)) else [ids]
+    bad = [i for i in ids if not _is_int(i) or i < 0]
+    if bad:
+        raise GenerationError(f"eos_token_id must be None, a token id (int >= 0) or a list of them (got "
+                              f"{eos_token_id!r}); look the stop token's id up, e.g. tokenizer.stop_token_ids")
+    return np.asarray(ids, dtype=np.int64).reshape(-1)
+
+
+def check_prompt_ids(input_ids, vocab_size=None) -> np.ndarray:
+    """input_ids as an int64 [batch, seq] array, or a GenerationError naming what is wrong with them."""
+    try:
+        ids = np.asarray(input_ids)
+    except ValueError:  # NumPy refuses ragged nested lists
+        ids = None
+    if ids is None or ids.dtype == object:
+        raise GenerationError("generate: input_ids rows have different lengths (ragged); pad them to one length "
+                              "on the LEFT and pass attention_mask with 0 at the pads")
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise GenerationError(f"generate: input_ids must be [batch, seq] with seq >= 1 (got shape {ids.shape}); "
+                              f"wrap one prompt as [ids]")
+    if ids.dtype.kind not in "iu":
+        raise GenerationError(f"generate: input_ids must be integer token ids (got dtype {ids.dtype}); token ids "
+                              f"index the embedding table, cast them with .astype(np.int64) if they are whole numbers")
+    outside = ids[(ids < 0) | (ids >= vocab_size)] if vocab_size is not None else ids[ids < 0]
+    if outside.size:
+        raise GenerationError(f"generate: input_ids hold {outside.size} ids outside the vocabulary [0, {vocab_size}) "
+                              f"(e.g. {sorted(set(outside.tolist()))[:5]}); encode the prompt with this model's "
+                              f"own tokenizer")
+    return ids.astype(np.int64, copy=False)
+
+
+def check_finite_logits(logits: np.ndarray, step: int) -> None:
+    """NonFiniteError when a row's next-token logits hold NaN or +inf, or no finite value at all.
+
+    Greedy argmax over NaN picks token 0 and would print an empty answer without a word.
+    """
+    broken = np.isnan(logits).any(axis=-1) | np.isposinf(logits).any(axis=-1) | ~np.isfinite(logits).any(axis=-1)
+    if broken.any():
+        raise NonFiniteError(f"generate: the model's logits at step {step} are NaN/inf (batch rows "
+                             f"{np.flatnonzero(broken).tolist()}); its weights or inputs are not finite: check the "
+                             f"checkpoint (minivl.checkpoint.check_weights) and the input embeddings or pixel values")
 
 
 def check_length(model, prompt_len: int, max_new_tokens: int) -> None:
@@ -110,14 +161,18 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, max
     stop token; finished rows are filled with pad_token_id, or the first stop token if None).
     streamer(token_ids [b]) is called once per step.
     """
-    check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p)
+    check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
     if (input_ids is None) == (inputs_embeds is None):
         raise GenerationError("generate: pass exactly one of input_ids [batch, seq] or inputs_embeds "
                               "[batch, seq, hidden]")
-    prompt = np.asarray(input_ids if input_ids is not None else inputs_embeds)
-    if prompt.ndim != (2 if input_ids is not None else 3):
-        raise GenerationError(f"generate: input_ids must be [batch, seq] / inputs_embeds [batch, seq, hidden] "
-                              f"(got shape {prompt.shape})")
+    if input_ids is not None:
+        vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+        prompt = input_ids = check_prompt_ids(input_ids, vocab_size)
+    else:
+        prompt = np.asarray(inputs_embeds)
+        if prompt.ndim != 3 or prompt.shape[1] == 0:
+            raise GenerationError(f"generate: inputs_embeds must be [batch, seq, hidden] with seq >= 1 "
+                                  f"(got shape {prompt.shape})")
     batch, prompt_len = prompt.shape[:2]
     mask = np.ones((batch, prompt_len), dtype=np.int64) if attention_mask is None else \
         np.asarray(attention_mask).astype(np.int64)
@@ -141,7 +196,9 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, max
     finished = np.zeros(batch, dtype=bool)
     generated = []
     for step in range(max_new_tokens):
-        tokens = next_tokens(np.asarray(out.logits[:, -1]), do_sample, temperature, top_k, top_p, rng)
+        logits = np.asarray(out.logits[:, -1])
+        check_finite_logits(logits, step)
+        tokens = next_tokens(logits, do_sample, temperature, top_k, top_p, rng)
         tokens = np.where(finished, fill, tokens).astype(np.int64)
         generated.append(tokens)
         if streamer is not None:

@@ -40,6 +40,11 @@ def plan_load(path, component, registry: dict):
     """
     from minivl.config import load_config
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"load_model: the checkpoint path must be a directory path (str or os.PathLike), got "
+                              f"{path!r} of type {type(path).__name__}; pass the directory holding config.json and "
+                              f"model.safetensors")
+    path = os.fspath(path)
     if component not in COMPONENTS:
         raise ConfigError(f"load_model: component must be None (the whole checkpoint) or 'language_model' "
                           f"(the LLM of an InternVL checkpoint), got {component!r}")
@@ -67,23 +72,25 @@ def strip_prefix(state_dict: dict, prefix: str) -> dict:
     """{prefix + key: t} -> {key: t}; keys outside the prefix (vision_model., mlp1.) are dropped."""
     if not prefix:
         return state_dict
-    inner = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    # keys first, so the tensors outside the prefix are never read from a lazily loaded file
+    inner = {k[len(prefix):]: state_dict[k] for k in state_dict if k.startswith(prefix)}
     if not inner:
         raise CheckpointError(f"load_model: no tensor starts with {prefix!r}; this checkpoint holds no nested "
                               f"LLM (first keys: {sorted(state_dict)[:3]})")
     return inner
 
 
-def load_model(path, dtype="float32", component=None):
+def load_model(path, dtype="float32", component=None, allow_nonfinite=False):
     """Read `path` (config.json + model.safetensors or shards) into the matching NumPy model.
 
     dtype: 'float32' (the reference's float32 run) or 'float64' (gold). component: None or
     'language_model' (the LLM of an InternVL chat checkpoint, its prefix stripped).
+    Int/bool weights, and NaN/inf ones unless allow_nonfinite=True, are a CheckpointError naming them.
     """
-    from minivl.checkpoint import load_state_dict
+    from minivl.checkpoint import check_weights, load_state_dict
     from minivl.models import MODEL_REGISTRY
 
-    path = os.fspath(path)
     config, cls, prefix = plan_load(path, component, MODEL_REGISTRY)
     state_dict = strip_prefix(load_state_dict(path), prefix)
+    check_weights(state_dict, where=os.fspath(path), allow_nonfinite=allow_nonfinite)
     return cls.from_state_dict(config, state_dict, dtype)

@@ -133,19 +133,37 @@ def open_image(path_or_image) -> Image.Image:
 
 # ----------------------------------------------------------------------------- tiling
 
+# The most tiles one image may be cut into. Enumerating grids is cheap at any size now, but every
+# tile costs a ViT forward and num_image_token (256) positions: 128 tiles are 32,768 image tokens,
+# a whole 32k context, ten times the released models' max_num = 12.
+MAX_TILES = 128
+
+
 def candidate_grids(min_num: int = 1, max_num: int = 12) -> list[tuple[int, int]]:
     """All (columns, rows) with min_num <= columns·rows <= max_num, in the reference's exact order.
 
-    The reference collects the grids in a Python *set* and sorts by tile count only, so grids with
-    the same count keep CPython's set iteration order. Evaluating the same expression reproduces it.
+    The reference builds `set((i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1)
+    for j in range(1, n + 1) if min_num <= i*j <= max_num)` and sorts it by tile count only, so
+    grids with the same count keep CPython's set iteration order. That loop is O(max_num³). A set's
+    order depends only on which items were inserted new, in what order; (i, j) is first inserted at
+    n = max(i, j, min_num), row i before row i + 1, j ascending. So the grids are enumerated directly
+    (for each i, j up to max_num // i: O(max_num log max_num)), put in that first-insertion order,
+    and inserted into a set: the same set, the same iteration order, the same result.
     """
-    if not (isinstance(min_num, int) and isinstance(max_num, int)) or min_num < 1 or max_num < min_num:
+    for name, value in (("min_num", min_num), ("max_num", max_num)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ConfigError(f"{name} (a tile count) must be an int, got {value!r} of type {type(value).__name__}")
+    if min_num < 1 or max_num < min_num:
         raise ConfigError(f"tile counts need 1 <= min_num <= max_num (got min_num={min_num!r}, "
                           f"max_num={max_num!r}); the released models use min_num=1, max_num=12")
-    grids = set((i, j) for n in range(min_num, max_num + 1)
-                for i in range(1, n + 1) for j in range(1, n + 1)
-                if i * j <= max_num and i * j >= min_num)
-    return sorted(grids, key=lambda grid: grid[0] * grid[1])
+    if max_num > MAX_TILES:
+        raise ConfigError(f"max_num (the most tiles per image) is {max_num}, above minivl's limit of {MAX_TILES} "
+                          f"tiles ({MAX_TILES} × 256 = {MAX_TILES * 256} image tokens); use at most {MAX_TILES}, "
+                          f"the released models use 12")
+    min_num, max_num = int(min_num), int(max_num)
+    grids = [(i, j) for i in range(1, max_num + 1) for j in range(1, max_num // i + 1) if i * j >= min_num]
+    first_inserted = sorted(grids, key=lambda grid: (max(grid[0], grid[1], min_num), grid[0], grid[1]))
+    return sorted(set(first_inserted), key=lambda grid: grid[0] * grid[1])
 
 
 def find_closest_aspect_ratio(aspect_ratio: float, target_ratios, width: int, height: int,

@@ -31,6 +31,22 @@ SMOLLM2_SYSTEM_MESSAGE = "You are a helpful AI assistant named SmolLM, trained b
 _REPLACEMENT = "\ufffd"  # what decoding prints for bytes that do not (yet) form a whole character
 
 
+def read_tokenizer_config(directory: str | os.PathLike) -> dict:
+    """directory/tokenizer_config.json as a dict ({} when the file is absent); CheckpointError if it is not JSON."""
+    config_file = Path(directory) / "tokenizer_config.json"
+    if not config_file.is_file():
+        return {}
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON ({e}); re-download it") from None
+
+
+def token_content(token):
+    """A token as tokenizer_config.json writes it: a string, or an AddedToken dict whose text is "content"."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
 class Tokenizer:
     """A tokenizer.json plus the roles of its special tokens and a ChatML template.
 
@@ -69,14 +85,10 @@ class Tokenizer:
             backend = Backend.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise CheckpointError(f"cannot read {file} as a tokenizers JSON file ({e}); re-create it") from None
-        settings = {}
-        config_file = file.parent / "tokenizer_config.json"
-        if config_file.is_file():
-            settings = json.loads(config_file.read_text(encoding="utf-8"))
+        settings = read_tokenizer_config(file.parent)
 
         def role(name):
-            token = settings.get(name)
-            return token.get("content") if isinstance(token, dict) else token
+            return token_content(settings.get(name))
 
         system = settings.get("default_system_message")
         if system is None and SMOLLM2_SYSTEM_MESSAGE in (settings.get("chat_template") or ""):

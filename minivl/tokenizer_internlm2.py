@@ -25,13 +25,12 @@ model and decoder) would have to imitate. What the reference does, and minivl wi
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 from minivl.errors import CheckpointError, GenerationError
-from minivl.tokenizer import Tokenizer
+from minivl.tokenizer import Tokenizer, read_tokenizer_config, token_content
 
 # InternLM2Tokenizer.__init__'s defaults (used where tokenizer_config.json says nothing)
 DEFAULT_ROLES = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>"}
@@ -94,21 +93,12 @@ class InternLM2Tokenizer(Tokenizer):
             sp_model = sentencepiece.SentencePieceProcessor(model_file=str(file))
         except (RuntimeError, OSError) as e:  # sentencepiece: "Internal: could not parse ModelProto"
             raise CheckpointError(f"cannot read {file} as a SentencePiece model ({e}); re-download it") from None
-        settings = {}
+        settings = read_tokenizer_config(file.parent)
         config_file = file.parent / "tokenizer_config.json"
-        if config_file.is_file():
-            try:
-                settings = json.loads(config_file.read_text(encoding="utf-8"))
-            except ValueError as e:
-                raise CheckpointError(f"{config_file} is not valid JSON ({e}); re-download it") from None
-
-        def content(token):
-            return token.get("content") if isinstance(token, dict) else token
-
-        roles = {name: content(settings[name]) if name in settings else default
+        roles = {name: token_content(settings[name]) if name in settings else default
                  for name, default in DEFAULT_ROLES.items()}
-        added = {int(i): content(t) for i, t in settings.get("added_tokens_decoder", {}).items()}
-        special = [content(t) for t in settings.get("additional_special_tokens", [])]
+        added = {int(i): token_content(t) for i, t in settings.get("added_tokens_decoder", {}).items()}
+        special = [token_content(t) for t in settings.get("additional_special_tokens", [])]
         # every special token is an added token too (PreTrainedTokenizer.__init__ adds them): a piece of
         # the SentencePiece model keeps its id
         for token in [*roles.values(), *special]:

@@ -72,11 +72,12 @@ def as_array(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def vision_stages(vision_model, pixel_values, as_input=np.asarray, prefix: str = "") -> dict:
-    """{prefix+'embeddings', prefix+'encoder.layers.{i}'} from the ViT's output_hidden_states.
+def vision_stages(vision_model, pixel_values, as_input=np.asarray, prefix: str = "") -> tuple[dict, tuple]:
+    """({prefix+'embeddings', prefix+'encoder.layers.{i}'}, the ViT's hidden_states) from output_hidden_states.
 
-    pixel_values [n, 3, s, s] -> dict of [n, 1+P, C] arrays; `as_input` turns a NumPy array into
-    what the model takes (torch.from_numpy for torch_impl).
+    pixel_values [n, 3, s, s] -> (dict of [n, 1+P, C] NumPy arrays, the model's own hidden_states,
+    which internvl_stages continues from); `as_input` turns a NumPy array into what the model takes
+    (torch.from_numpy for torch_impl).
     """
     hidden_states = vision_model(as_input(pixel_values), output_hidden_states=True).hidden_states
     stages = {prefix + "embeddings": as_array(hidden_states[0])}
@@ -288,24 +289,24 @@ def internvl_inputs(directory, model, image, prompt: str, max_num: int | None = 
 
     Tiling follows the checkpoint's config (image_size, use_thumbnail, min/max_dynamic_patch; one tile
     when dynamic_image_size is false); the prompt is the config template's first turn with
-    `<image>\\n` + prompt, tokenized with the directory's tokenizer.json. Sets model.img_context_token_id.
+    `<image>\\n` + prompt, tokenized with the directory's tokenizer (tokenizer.json, or InternLM2's tokenizer.model). Sets model.img_context_token_id.
     Any model with minivl's chat attributes works (config, template, system_message, num_image_token).
     """
-    from minivl.conversation import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_query, encode, token_id
+    from minivl.conversation import IMG_CONTEXT_TOKEN, build_query, encode, token_id, with_image_placeholder
     from minivl.preprocess import load_image
-    from minivl.tokenizer import Tokenizer
+    from minivl.tokenizer import TOKENIZER_FILES, load_tokenizer
 
     config = model.config
-    if not os.path.isfile(os.path.join(os.fspath(directory), "tokenizer.json")):
-        raise TraceError(f"{os.fspath(directory)!r} has no tokenizer.json; a trace needs the checkpoint's tokenizer "
-                         "to build the prompt (copy tokenizer.json from the model repository)")
-    tokenizer = Tokenizer.from_file(directory)
+    if not any(os.path.isfile(os.path.join(os.fspath(directory), name)) for name in TOKENIZER_FILES):
+        raise TraceError(f"{os.fspath(directory)!r} has neither {' nor '.join(TOKENIZER_FILES)}; a trace needs the "
+                         "checkpoint's tokenizer to build the prompt (copy it from the model repository)")
+    tokenizer = load_tokenizer(directory)
     if max_num is None:
         max_num = config.max_dynamic_patch if config.dynamic_image_size else 1
     pixel_values, grid = load_image(image, max_num=max_num, image_size=config.image_size,
                                     use_thumbnail=config.use_thumbnail, min_num=min(config.min_dynamic_patch, max_num))
     model.img_context_token_id = token_id(tokenizer, IMG_CONTEXT_TOKEN)
-    question = prompt if IMAGE_PLACEHOLDER in prompt else IMAGE_PLACEHOLDER + "\n" + prompt
+    question = with_image_placeholder(prompt)
     query = build_query(model.template, model.system_message, question, [], [len(pixel_values)],
                         model.num_image_token)
     input_ids = np.asarray([encode(tokenizer, query)], dtype=np.int64)

@@ -29,3 +29,13 @@ from ci_policy import pytest_make_collect_report, pytest_runtest_makereport  # n
 def rng():
     """A fresh seeded generator per test, so every test is reproducible on its own."""
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llms(tmp_path_factory) -> dict:
+    """{family: directory} of `write_tiny_llm(dir, family)` (seed 0) for every family, written once per
+    session for the decoder tests that only read them (test_mirror, test_models_*, test_generate)."""
+    from minivl.tiny.llm import FAMILIES, write_tiny_llm
+
+    root = tmp_path_factory.mktemp("tiny_llms")
+    return {family: write_tiny_llm(root / family, family) for family in FAMILIES}

@@ -95,3 +95,18 @@ def sdpa_reference(q, k, v, *, causal=False, window_size=(-1, -1), alibi_slopes=
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, scale=softmax_scale, enable_gqa=k.shape[1] != n_heads)
     return out.numpy(), visible.any(axis=1)
+
+
+def random_inputs(rng, batch, n_heads, n_kv_heads, q_len, kv_len, head_dim, options, dtype, scale_name="softmax_scale"):
+    """Random q, k, v in dtype and the kernel keyword arguments for one case's `options` (causal,
+    window_size, the scale under `scale_name`, v_dim, alibi 'heads' [h] or 'batch' [b, h] slopes)."""
+    v_dim = options.get("v_dim", head_dim)
+    q = rng.standard_normal((batch, n_heads, q_len, head_dim)).astype(dtype)
+    k = rng.standard_normal((batch, n_kv_heads, kv_len, head_dim)).astype(dtype)
+    v = rng.standard_normal((batch, n_kv_heads, kv_len, v_dim)).astype(dtype)
+    kwargs = {key: options[key] for key in ("causal", "window_size", scale_name) if key in options}
+    if options.get("alibi") == "heads":
+        kwargs["alibi_slopes"] = rng.uniform(0.05, 1.0, n_heads).astype(np.float32)
+    elif options.get("alibi") == "batch":
+        kwargs["alibi_slopes"] = rng.uniform(0.05, 1.0, (batch, n_heads)).astype(np.float32)
+    return q, k, v, kwargs

@@ -147,24 +147,29 @@ def with_header(header: dict, data: bytes = b"") -> bytes:
     return len(raw).to_bytes(8, "little") + raw + data
 
 
+# the fragment is the safetensors package's own diagnosis, which minivl wraps with the file and the fix
 CORRUPT = {
-    "shorter than 8 bytes": (lambda good: good[:5], "less than the 8-byte header length"),
-    "header length past the end": (lambda good: (10**6).to_bytes(8, "little") + good[8:],
-                                   "header length 1000000 is larger than the file"),
-    "cut inside the header": (lambda good: good[:20], "is larger than the file"),
-    "bad JSON": (lambda good: (5).to_bytes(8, "little") + b"{oops", "the header is not valid JSON"),
-    "header not an object": (lambda good: with_header([1, 2]), "not an object"),
-    "cut inside the data": (lambda good: good[:-4], "data_offsets [0, 16] outside the 12-byte data block"),
+    "shorter than 8 bytes": (lambda good: good[:5], "header too small"),
+    "header length past the end": (lambda good: (10**6).to_bytes(8, "little") + good[8:], "invalid header length"),
+    "cut inside the header": (lambda good: good[:20], "invalid header length"),
+    "bad JSON": (lambda good: (5).to_bytes(8, "little") + b"{oops", "invalid JSON in header"),
+    "header not an object": (lambda good: with_header([1, 2]), "invalid JSON in header: invalid type: sequence"),
+    "cut inside the data": (lambda good: good[:-4], "file not fully covered"),
     "offsets past the data": (lambda good: with_header(
-        {"w": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, bytes(16)), "outside the 16-byte data block"),
+        {"w": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, bytes(16)), "invalid offset for tensor `w`"),
     "size disagrees with shape": (lambda good: with_header(
-        {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, bytes(16)), "needs 12 bytes"),
+        {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, bytes(16)),
+        "invalid shape, data type, or offset"),
     "unknown dtype": (lambda good: with_header(
         {"w": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}, bytes(4)), "dtype 'F8_E4M3'"),
     "entry without shape": (lambda good: with_header(
-        {"w": {"dtype": "F32", "data_offsets": [0, 4]}}, bytes(4)), "not {dtype, shape, data_offsets}"),
+        {"w": {"dtype": "F32", "data_offsets": [0, 4]}}, bytes(4)), "missing field `shape`"),
     "negative size": (lambda good: with_header(
-        {"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4)), "not a list of sizes"),
+        {"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4)), "invalid value: integer `-1`"),
+    "tensors overlap": (lambda good: with_header(
+        {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+         "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)),
+        "tensors 'a' [0, 8] and 'b' [4, 12] overlap in the data block"),
 }
 
 

@@ -1,6 +1,6 @@
 """The decoders' fast paths, held equal to the readable ones (NumPy and torch):
 
-* fused projections: Llama/Qwen2's q/k/v and gate/up weights become views of one matrix at load
+* fused projections: Llama/Qwen2's q/k/v and gate/up weights (InternLM2's w1/w3) become views of one matrix at load
   (`FusedProjection`), so one GEMM serves each group. The checkpoint's tensors, names and
   state_dict() are unchanged; the forward equals the separate-projection forward to the summation
   order of a GEMM (the fused product may be blocked differently by BLAS: 16 ulps of max|logits|,
@@ -21,17 +21,17 @@ import minivl
 import minivl.attention
 import torch_impl
 import torch_impl.attention
-import torch_impl.models.common
+import torch_impl.models.fused
 from _decoder_util import DTYPES, MODEL_ULPS, assert_parity
 from minivl.errors import ShapeError
-from minivl.models.common import FusedProjection
+from minivl.models.fused import FusedProjection
 from minivl.tiny.llm import write_tiny_llm
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("fast")
-    return {family: write_tiny_llm(root / family, family, seed=3) for family in ("llama", "qwen2")}
+    return {family: write_tiny_llm(root / family, family, seed=3) for family in ("llama", "qwen2", "internlm2")}
 
 
 def unfuse(model):
@@ -46,16 +46,28 @@ def unfuse(model):
     return model
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+FUSED_GROUPS = {  # family -> (path of layer 0, the groups of Linear modules fused into one GEMM)
+    "llama": ("model.layers.0", [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                 ("mlp.gate_proj", "mlp.up_proj")]),
+    "qwen2": ("model.layers.0", [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                 ("mlp.gate_proj", "mlp.up_proj")]),
+    "internlm2": ("model.layers.0", [("feed_forward.w1", "feed_forward.w3")]),  # wqkv is fused in the checkpoint
+}
+
+
+@pytest.mark.parametrize("family", sorted(FUSED_GROUPS))
 @pytest.mark.parametrize("package", ["numpy", "torch"])
 def test_fused_projections_keep_the_checkpoint_and_equal_the_separate_path(checkpoints, family, package):
     from minivl.checkpoint import load_state_dict
 
     load = minivl.load_model if package == "numpy" else torch_impl.load_model
     model = load(checkpoints[family], dtype="float32")
-    layer = model.model.layers[0]
-    assert isinstance(layer.self_attn.q_proj.fused, (FusedProjection, torch_impl.models.common.FusedProjection))
-    assert layer.mlp.gate_proj.fused is layer.mlp.up_proj.fused
+    layer_path, groups = FUSED_GROUPS[family]
+    layer = model.get_submodule(layer_path)
+    fused_class = FusedProjection if package == "numpy" else torch_impl.models.fused.FusedProjection
+    for group in groups:
+        linears = [layer.get_submodule(name) for name in group]
+        assert isinstance(linears[0].fused, fused_class) and linears[0].fused.serves(linears), group
     # the state dict is the checkpoint's: same keys, same values (the views hold them)
     stored = load_state_dict(checkpoints[family])
     state = model.state_dict()
@@ -67,8 +79,9 @@ def test_fused_projections_keep_the_checkpoint_and_equal_the_separate_path(check
     wrap = np.asarray if package == "numpy" else torch.from_numpy
     fused = model(input_ids=wrap(ids)).logits
     separate = unfuse(model)(input_ids=wrap(ids)).logits
-    assert not hasattr(layer.self_attn.q_proj, "fused") or not layer.self_attn.q_proj.fused.serves(
-        [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+    for group in groups:  # unfused: project() now runs one GEMM per module
+        linears = [layer.get_submodule(name) for name in group]
+        assert not linears[0].fused.serves(linears), group
     assert_parity(fused, separate, "float32", ulps=16, what=f"{package} {family} fused vs separate")
 
 

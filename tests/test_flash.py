@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from flash_reference import naive_attention, naive_varlen, sdpa_reference
+from flash_reference import naive_attention, naive_varlen, random_inputs, sdpa_reference
 from minivl.errors import ShapeError
 from minivl.flash import flash_attention, flash_attention_varlen
 from minivl.testing import assert_close, tolerance
@@ -46,20 +46,6 @@ CASES = {
 }
 
 
-def make_inputs(rng, batch, n_heads, n_kv_heads, q_len, kv_len, head_dim, options, dtype):
-    """Random q, k, v in dtype and the keyword options for both implementations."""
-    v_dim = options.get("v_dim", head_dim)
-    q = rng.standard_normal((batch, n_heads, q_len, head_dim)).astype(dtype)
-    k = rng.standard_normal((batch, n_kv_heads, kv_len, head_dim)).astype(dtype)
-    v = rng.standard_normal((batch, n_kv_heads, kv_len, v_dim)).astype(dtype)
-    kwargs = {key: options[key] for key in ("causal", "window_size", "softmax_scale") if key in options}
-    if options.get("alibi") == "heads":
-        kwargs["alibi_slopes"] = rng.uniform(0.05, 1.0, n_heads).astype(np.float32)
-    elif options.get("alibi") == "batch":
-        kwargs["alibi_slopes"] = rng.uniform(0.05, 1.0, (batch, n_heads)).astype(np.float32)
-    return q, k, v, kwargs
-
-
 def check_against_naive(out, lse, q, k, v, kwargs, dtype, what):
     ref_out, ref_lse = naive_attention(q, k, v, **kwargs)
     ulps = ULPS[np.dtype(dtype).name]
@@ -77,7 +63,7 @@ def check_against_naive(out, lse, q, k, v, kwargs, dtype, what):
 @pytest.mark.parametrize("name", list(CASES))
 def test_equals_naive_attention(name, dtype, rng):
     batch, n_heads, n_kv, q_len, kv_len, head_dim, block_q, block_k, options = CASES[name]
-    q, k, v, kwargs = make_inputs(rng, batch, n_heads, n_kv, q_len, kv_len, head_dim, options, dtype)
+    q, k, v, kwargs = random_inputs(rng, batch, n_heads, n_kv, q_len, kv_len, head_dim, options, dtype)
     out, lse = flash_attention(q, k, v, block_q=block_q, block_k=block_k, **kwargs)
     assert out.dtype == dtype and out.shape == (batch, n_heads, q_len, options.get("v_dim", head_dim))
     assert lse.shape == (batch, n_heads, q_len) and lse.dtype == dtype  # computed in promote(dtype, float32)
@@ -96,7 +82,7 @@ def test_random_shapes_equal_naive(seed):
     if rng.integers(2):
         options["alibi"] = "heads"
     dtype = (np.float32, np.float64)[seed % 2]
-    q, k, v, kwargs = make_inputs(rng, int(rng.integers(1, 3)), n_kv * group, n_kv, q_len, kv_len,
+    q, k, v, kwargs = random_inputs(rng, int(rng.integers(1, 3)), n_kv * group, n_kv, q_len, kv_len,
                                   int(rng.choice([4, 8, 16])), options, dtype)
     out, lse = flash_attention(q, k, v, block_q=int(rng.integers(1, 20)), block_k=int(rng.integers(1, 20)), **kwargs)
     check_against_naive(out, lse, q, k, v, kwargs, dtype, f"seed {seed} {options}")
@@ -111,7 +97,7 @@ def test_equals_torch_sdpa(name, rng):
     and are compared (as 0) in test_equals_naive_attention instead.
     """
     batch, n_heads, n_kv, q_len, kv_len, head_dim, block_q, block_k, options = CASES[name]
-    q, k, v, kwargs = make_inputs(rng, batch, n_heads, n_kv, q_len, kv_len, head_dim, options, np.float64)
+    q, k, v, kwargs = random_inputs(rng, batch, n_heads, n_kv, q_len, kv_len, head_dim, options, np.float64)
     out, _ = flash_attention(q, k, v, block_q=block_q, block_k=block_k, **kwargs)
     ref, rows = sdpa_reference(q, k, v, **kwargs)
     rtol, atol = tolerance(np.float64, ULPS["float64"], scale=float(np.abs(v).max()))
@@ -124,7 +110,7 @@ def test_equals_torch_sdpa(name, rng):
 def test_torch_twin_matches_numpy(name, dtype, rng):
     """torch_impl/flash.py is the same block loop: 16 ulps (only BLAS summation order may differ)."""
     batch, n_heads, n_kv, q_len, kv_len, head_dim, block_q, block_k, options = CASES[name]
-    q, k, v, kwargs = make_inputs(rng, batch, n_heads, n_kv, q_len, kv_len, head_dim, options, dtype)
+    q, k, v, kwargs = random_inputs(rng, batch, n_heads, n_kv, q_len, kv_len, head_dim, options, dtype)
     out, lse = flash_attention(q, k, v, block_q=block_q, block_k=block_k, **kwargs)
     torch_kwargs = dict(kwargs)
     if "alibi_slopes" in kwargs:

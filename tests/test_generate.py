@@ -10,25 +10,18 @@ import torch_impl
 from _decoder_util import FAMILIES, left_padded_batch
 from minivl.errors import GenerationError
 from minivl.generate import generate, warp_logits
-from minivl.tiny.llm import write_tiny_llm
 from torch_impl.generate import generate as torch_generate
 from torch_impl.generate import warp_logits as torch_warp_logits
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    return {family: write_tiny_llm(root / family, family) for family in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def qwen2(paths):
-    return minivl.load_model(paths["qwen2"]), torch_impl.load_model(paths["qwen2"])
+def qwen2(tiny_llms):
+    return minivl.load_model(tiny_llms["qwen2"]), torch_impl.load_model(tiny_llms["qwen2"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_numpy_equals_torch_on_a_left_padded_batch(paths, family):
-    ours, theirs = minivl.load_model(paths[family]), torch_impl.load_model(paths[family])
+def test_greedy_numpy_equals_torch_on_a_left_padded_batch(tiny_llms, family):
+    ours, theirs = minivl.load_model(tiny_llms[family]), torch_impl.load_model(tiny_llms[family])
     ids, mask, _ = left_padded_batch(np.random.default_rng(20), [8, 3, 5], 300)
     new = generate(ours, ids, attention_mask=mask, max_new_tokens=6)
     assert new.shape == (3, 6) and new.dtype == np.int64
@@ -156,22 +149,22 @@ def test_streamer_and_max_new_tokens(qwen2):
     assert generate(ours, ids, max_new_tokens=0).shape == (1, 0)
 
 
-def test_too_long_for_the_positions_is_a_generation_error(paths):
-    llama = minivl.load_model(paths["llama"])  # max_position_embeddings 128, no rope_scaling
+def test_too_long_for_the_positions_is_a_generation_error(tiny_llms):
+    llama = minivl.load_model(tiny_llms["llama"])  # max_position_embeddings 128, no rope_scaling
     ids = np.ones((1, 120), dtype=np.int64)
     with pytest.raises(GenerationError, match="120.*max_new_tokens.*128"):
         generate(llama, ids, max_new_tokens=9)
     with pytest.raises(GenerationError, match="128"):
-        torch_generate(torch_impl.load_model(paths["llama"]), torch.tensor(ids), max_new_tokens=9)
+        torch_generate(torch_impl.load_model(tiny_llms["llama"]), torch.tensor(ids), max_new_tokens=9)
     assert generate(llama, ids, max_new_tokens=8).shape == (1, 8)  # exactly 128 is fine
     for family in ("mpt_alibi", "mpt_learned"):  # max_seq_len 64
         with pytest.raises(GenerationError, match="64"):
-            generate(minivl.load_model(paths[family]), ids[:, :60], max_new_tokens=5)
-    phi3 = minivl.load_model(paths["phi3"])  # su: long factors serve up to max_position_embeddings 1024
+            generate(minivl.load_model(tiny_llms[family]), ids[:, :60], max_new_tokens=5)
+    phi3 = minivl.load_model(tiny_llms["phi3"])  # su: long factors serve up to max_position_embeddings 1024
     with pytest.raises(GenerationError, match="1024"):
         generate(phi3, np.ones((1, 1020), dtype=np.int64), max_new_tokens=5)
     # dynamic NTK covers any length: InternLM2 (max_position_embeddings 48) is allowed past it
-    internlm2 = minivl.load_model(paths["internlm2"])
+    internlm2 = minivl.load_model(tiny_llms["internlm2"])
     assert internlm2.position_limit() is None
     assert generate(internlm2, np.arange(3, 50)[None], max_new_tokens=3).shape == (1, 3)
 

@@ -19,7 +19,7 @@ from minivl.config import InternVisionConfig
 from minivl.errors import CheckpointError, ConfigError, ShapeError
 from minivl.models.intern_vit import InternVisionModel, patch_embed
 from minivl.testing import assert_close, compare, tolerance
-from minivl.tiny.vision import tiny_vit_config, tiny_vit_tensors, write_tiny_vit
+from minivl.tiny.vision import tiny_vit_config, write_tiny_vit
 from torch_impl.models.intern_vit import InternVisionModel as TorchInternVisionModel
 from tests.conftest import requires_cuda
 
@@ -273,22 +273,28 @@ def _to_hf(config, state):
     return {k: torch.from_numpy(np.array(v)) for k, v in hf.items()}
 
 
-# transformers' InternVLVisionRMSNorm (like InternVL's InternRMSNorm) hard-codes float32, so a float64
-# 6B run there is not a float64 run: compare the 6B flavour in float32 only.
-@pytest.mark.parametrize("flavour,dtype", [("300m", "float64"), ("300m", "float32"), ("6b", "float32")])
-@pytest.mark.parametrize("size", [(56, 56), (84, 42)], ids=["native", "resized-table"])
-def test_numpy_matches_transformers_internvl_vision(tmp_path, rng, flavour, dtype, size):
-    from transformers import InternVLVisionConfig, InternVLVisionModel
+def _to_hf_config(config):
+    """Our InternVisionConfig as transformers' InternVLVisionConfig (eager attention, mean pooling)."""
+    from transformers import InternVLVisionConfig
 
-    _, config, state = _tiny(tmp_path, flavour)
-    hf_config = InternVLVisionConfig(
+    return InternVLVisionConfig(
         hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
         attention_bias=config.qkv_bias, use_qk_norm=config.qk_normalization, norm_type=config.norm_type,
         layer_norm_eps=config.layer_norm_eps, image_size=config.image_size, patch_size=config.patch_size,
         use_mean_pooling=True, attn_implementation="eager")
+
+
+# transformers' InternVLVisionRMSNorm (like InternVL's InternRMSNorm) hard-codes float32, so a float64
+# 6B run there is not a float64 run: compare the 6B flavour in float32 only.
+@pytest.mark.parametrize("flavour,dtype", [("300m", "float64"), ("300m", "float32"), ("6b", "float32")])
+@pytest.mark.parametrize("size", [(56, 56), (84, 42)], ids=["native", "resized-table"])
+def test_numpy_matches_transformers_internvl_vision(tmp_path, rng, flavour, dtype, size):
+    from transformers import InternVLVisionModel
+
+    _, config, state = _tiny(tmp_path, flavour)
     np_dtype, torch_dtype = DTYPES[dtype]
-    hf_model = InternVLVisionModel(hf_config).to(torch_dtype).eval()
+    hf_model = InternVLVisionModel(_to_hf_config(config)).to(torch_dtype).eval()
     missing, unexpected = hf_model.load_state_dict(_to_hf(config, state), strict=False)
     assert not unexpected and not missing, (missing, unexpected)
     pixels = _pixels(rng, 2, *size, np_dtype)

@@ -429,36 +429,24 @@ def test_numpy_state_dict_is_the_checkpoint(models, checkpoints, key):
 # ----------------------------------------------------------------------------- independent reference
 
 def _to_transformers(config, state: dict) -> dict:
-    """InternVL checkpoint keys -> transformers' InternVLForConditionalGeneration keys (qkv split in three)."""
-    vision, C = config.vision_config, config.vision_config.hidden_size
-    hf = {}
-    renames = {"embeddings.class_embedding": "embeddings.cls_token",
-               "embeddings.patch_embedding.weight": "embeddings.patch_embeddings.projection.weight",
-               "embeddings.patch_embedding.bias": "embeddings.patch_embeddings.projection.bias",
-               "embeddings.position_embedding": "embeddings.position_embeddings"}
-    for ours, theirs in renames.items():
-        hf["model.vision_tower." + theirs] = state["vision_model." + ours]
-    for i in range(vision.num_hidden_layers):
-        ours, theirs = f"vision_model.encoder.layers.{i}.", f"model.vision_tower.encoder.layer.{i}."
-        for j, part in enumerate("qkv"):
-            hf[theirs + f"attention.{part}_proj.weight"] = state[ours + "attn.qkv.weight"][j * C:(j + 1) * C]
-            if vision.qkv_bias:
-                hf[theirs + f"attention.{part}_proj.bias"] = state[ours + "attn.qkv.bias"][j * C:(j + 1) * C]
-        for leaf in ("weight", "bias"):
-            hf[theirs + f"attention.projection_layer.{leaf}"] = state[ours + f"attn.proj.{leaf}"]
-            for part in ("fc1", "fc2"):
-                hf[theirs + f"mlp.{part}.{leaf}"] = state[ours + f"mlp.{part}.{leaf}"]
-            for norm, hf_norm in (("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
-                hf[theirs + f"{hf_norm}.{leaf}"] = state[ours + f"{norm}.{leaf}"]
-        hf[theirs + "lambda_1"], hf[theirs + "lambda_2"] = state[ours + "ls1"], state[ours + "ls2"]
+    """InternVL checkpoint keys -> transformers' InternVLForConditionalGeneration keys (tests/test_trace.py too).
+
+    vision_model.* -> model.vision_tower.* by test_intern_vit's InternViT map (qkv split into q/k/v_proj),
+    mlp1.{0,1,3} -> model.multi_modal_projector.{layer_norm, linear_1, linear_2},
+    language_model.model.* -> model.language_model.*, language_model.lm_head -> lm_head.
+    """
+    from test_intern_vit import _to_hf
+
+    vit = {key[len("vision_model."):]: value for key, value in state.items() if key.startswith("vision_model.")}
+    hf = {"model.vision_tower." + key: value for key, value in _to_hf(config.vision_config, vit).items()}
     for index, name in (("0", "layer_norm"), ("1", "linear_1"), ("3", "linear_2")):
         for leaf in ("weight", "bias"):
-            hf[f"model.multi_modal_projector.{name}.{leaf}"] = state[f"mlp1.{index}.{leaf}"]
+            hf[f"model.multi_modal_projector.{name}.{leaf}"] = torch.from_numpy(np.array(state[f"mlp1.{index}.{leaf}"]))
     for key, value in state.items():
         if key.startswith("language_model.model."):
-            hf["model.language_model." + key[len("language_model.model."):]] = value
-    hf["lm_head.weight"] = state["language_model.lm_head.weight"]
-    return {k: torch.from_numpy(np.array(v)) for k, v in hf.items()}
+            hf["model.language_model." + key[len("language_model.model."):]] = torch.from_numpy(np.array(value))
+    hf["lm_head.weight"] = torch.from_numpy(np.array(state["language_model.lm_head.weight"]))
+    return hf
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -467,21 +455,17 @@ def test_matches_transformers_internvl_end_to_end(models, checkpoints, dtype):
 
     It shares no code with minivl: its own ViT, pixel_shuffle, projector, masked_scatter splice and Qwen2.
     """
-    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
+
+    from test_intern_vit import _to_hf_config
 
     combo = ("qwen2", "300m")
     model, _, tokenizer = models(combo, dtype)
     config, state = model.config, load_state_dict(checkpoints[combo])
-    vision = config.vision_config
     text = {k: v for k, v in config.llm_config.to_dict().items()
             if k not in ("architectures", "auto_map", "transformers_version", "model_type", "torch_dtype")}
     hf_config = InternVLConfig(
-        vision_config=InternVLVisionConfig(
-            hidden_size=vision.hidden_size, num_hidden_layers=vision.num_hidden_layers,
-            num_attention_heads=vision.num_attention_heads, intermediate_size=vision.intermediate_size,
-            attention_bias=vision.qkv_bias, use_qk_norm=vision.qk_normalization, norm_type=vision.norm_type,
-            layer_norm_eps=vision.layer_norm_eps, image_size=vision.image_size, patch_size=vision.patch_size,
-            use_mean_pooling=True),
+        vision_config=_to_hf_config(config.vision_config),
         text_config=Qwen2Config(**text), image_token_id=tokenizer.token_to_id("<IMG_CONTEXT>"),
         image_seq_length=model.num_image_token, downsample_ratio=config.downsample_ratio,
         tie_word_embeddings=False)

@@ -16,7 +16,7 @@ import minivl.nn
 import torch_impl
 import torch_impl.models
 from minivl.checkpoint import load_state_dict
-from minivl.tiny.llm import FAMILIES, write_tiny_llm
+from minivl.tiny.llm import FAMILIES
 
 # torch-only names, each a backend concern NumPy has no use for
 ALLOWED_TORCH_ONLY = {
@@ -81,15 +81,9 @@ def test_the_models_package_lists_the_same_classes():
     assert set(twin_modules()) >= {path.split(":")[0].rsplit(".", 1)[1] for path in torch_registry.values()}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mirror")
-    return {family: write_tiny_llm(root / family, family) for family in FAMILIES}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
-def test_both_packages_build_the_same_tree_with_the_checkpoint_keys(checkpoints, family):
-    path = checkpoints[family]
+def test_both_packages_build_the_same_tree_with_the_checkpoint_keys(tiny_llms, family):
+    path = tiny_llms[family]
     ours, theirs = minivl.load_model(path), torch_impl.load_model(path)
     # the same module under the same name, class for class
     assert [(n, type(m).__name__) for n, m in ours.named_modules()] == \

@@ -21,23 +21,16 @@ import minivl
 import torch_impl
 from _decoder_util import DTYPES, FAMILIES, MODEL_ULPS, assert_parity, left_padded_batch
 from conftest import requires_cuda
-from minivl.tiny.llm import write_tiny_llm
 from torch_impl.generate import generate as torch_generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    root = tmp_path_factory.mktemp("backends")
-    return {family: write_tiny_llm(root / family, family) for family in FAMILIES}
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_sdpa_matches_eager_on_cpu(paths, family, dtype):
-    eager = torch_impl.load_model(paths[family], dtype=dtype, attn_implementation="eager")
-    sdpa = torch_impl.load_model(paths[family], dtype=dtype, attn_implementation="sdpa")
+def test_sdpa_matches_eager_on_cpu(tiny_llms, family, dtype):
+    eager = torch_impl.load_model(tiny_llms[family], dtype=dtype, attn_implementation="eager")
+    sdpa = torch_impl.load_model(tiny_llms[family], dtype=dtype, attn_implementation="sdpa")
     ids, mask, _ = left_padded_batch(np.random.default_rng(30), [9, 5], 300)
     ids, mask = torch.tensor(ids), torch.tensor(mask)
     # padded prefill: real positions only (pad queries attend to nothing real)
@@ -55,8 +48,8 @@ def test_sdpa_matches_eager_on_cpu(paths, family, dtype):
     assert_parity(sdpa(ids[:1]).logits, eager(ids[:1]).logits, dtype, MODEL_ULPS, what=f"{family} sdpa causal")
 
 
-def test_flash_is_refused_on_cpu_with_a_clear_error(paths):
-    model = torch_impl.load_model(paths["qwen2"], dtype="float32", attn_implementation="flash")
+def test_flash_is_refused_on_cpu_with_a_clear_error(tiny_llms):
+    model = torch_impl.load_model(tiny_llms["qwen2"], dtype="float32", attn_implementation="flash")
     with pytest.raises(minivl.errors.MinivlError, match="CUDA"):
         model(torch.tensor([[3, 4, 5]]))
 
@@ -78,9 +71,9 @@ print("TRITON-OK")
 """
 
 
-def test_triton_backend_matches_eager_under_the_interpreter(paths):
+def test_triton_backend_matches_eager_under_the_interpreter(tiny_llms):
     pytest.importorskip("triton")
-    code = _TRITON_CHILD.format(root=os.path.dirname(HERE), tests=HERE, path=paths["qwen2"])
+    code = _TRITON_CHILD.format(root=os.path.dirname(HERE), tests=HERE, path=tiny_llms["qwen2"])
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "TRITON-OK" in result.stdout, result.stderr[-3000:]
@@ -90,17 +83,17 @@ def test_triton_backend_matches_eager_under_the_interpreter(paths):
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "flash", "triton"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cuda_bfloat16_backends_track_the_float64_gold_run(paths, family, backend):
+def test_cuda_bfloat16_backends_track_the_float64_gold_run(tiny_llms, family, backend):
     """bf16 on the GPU: every backend within bf16 rounding of NumPy float64 (8 eps of the logits' max,
     eps = 2^-7: two layers of bf16 matmuls), and flash/sdpa/triton agree with eager bf16 greedy tokens
     on an unpadded prompt for most steps (bf16 ties may flip a late token, so only the first is pinned)."""
-    gold = minivl.load_model(paths[family], dtype="float64")
-    model = torch_impl.load_model(paths[family], dtype="bfloat16", device="cuda", attn_implementation=backend)
+    gold = minivl.load_model(tiny_llms[family], dtype="float64")
+    model = torch_impl.load_model(tiny_llms[family], dtype="bfloat16", device="cuda", attn_implementation=backend)
     ids = np.random.default_rng(32).integers(3, 300, (2, 24))
     logits = model(torch.tensor(ids, device="cuda")).logits
     assert logits.dtype == torch.float32
     assert_parity(logits.cpu(), gold(ids).logits, "bfloat16", 8, what=f"{family} {backend} bf16 vs float64")
-    eager = torch_impl.load_model(paths[family], dtype="bfloat16", device="cuda", attn_implementation="eager")
+    eager = torch_impl.load_model(tiny_llms[family], dtype="bfloat16", device="cuda", attn_implementation="eager")
     new = torch_generate(model, torch.tensor(ids, device="cuda"), max_new_tokens=4)
     ref = torch_generate(eager, torch.tensor(ids, device="cuda"), max_new_tokens=4)
     assert (new[:, 0] == ref[:, 0]).all()
@@ -109,9 +102,9 @@ def test_cuda_bfloat16_backends_track_the_float64_gold_run(paths, family, backen
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cuda_float32_eager_matches_numpy(paths, family):
-    ours = minivl.load_model(paths[family], dtype="float32")
-    model = torch_impl.load_model(paths[family], dtype="float32", device="cuda")
+def test_cuda_float32_eager_matches_numpy(tiny_llms, family):
+    ours = minivl.load_model(tiny_llms[family], dtype="float32")
+    model = torch_impl.load_model(tiny_llms[family], dtype="float32", device="cuda")
     ids, mask, _ = left_padded_batch(np.random.default_rng(33), [9, 5], 300)
     out = model(torch.tensor(ids, device="cuda"), attention_mask=torch.tensor(mask, device="cuda")).logits.cpu()
     ref = ours(ids, attention_mask=mask).logits

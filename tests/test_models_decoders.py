@@ -22,19 +22,13 @@ CACHE_ULPS = 64
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_llms")
-    return {family: write_tiny_llm(root / family, family) for family in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def models(checkpoints):
+def models(tiny_llms):
     cache = {}
 
     def get(family, dtype):
         if (family, dtype) not in cache:
-            cache[family, dtype] = (minivl.load_model(checkpoints[family], dtype=dtype),
-                                    torch_impl.load_model(checkpoints[family], dtype=dtype))
+            cache[family, dtype] = (minivl.load_model(tiny_llms[family], dtype=dtype),
+                                    torch_impl.load_model(tiny_llms[family], dtype=dtype))
         return cache[family, dtype]
     return get
 
@@ -134,10 +128,10 @@ def test_output_attentions_match_torch(models, family, dtype):
         assert_parity(a[i], r[i], dtype, CACHE_ULPS, what=f"{family} {dtype} decode attentions[{i}]")
 
 
-def test_output_attentions_on_a_fused_backend_run_eager(checkpoints):
+def test_output_attentions_on_a_fused_backend_run_eager(tiny_llms):
     """sdpa never forms the probabilities: asking for them runs that call eagerly (transformers falls back too)."""
-    eager = torch_impl.load_model(checkpoints["qwen2"], attn_implementation="eager")
-    sdpa = torch_impl.load_model(checkpoints["qwen2"], attn_implementation="sdpa")
+    eager = torch_impl.load_model(tiny_llms["qwen2"], attn_implementation="eager")
+    sdpa = torch_impl.load_model(tiny_llms["qwen2"], attn_implementation="sdpa")
     ids = torch.tensor(np.random.default_rng(12).integers(3, 300, (1, 7)))
     a, b = eager(ids, output_attentions=True), sdpa(ids, output_attentions=True)
     for i in range(len(a.attentions)):

@@ -161,7 +161,10 @@ def test_internlm2_attention_probabilities_match_transformers_llama(internlm2_pa
     ours = minivl.load_model(path)
     ids = np.random.default_rng(8).integers(3, 300, (2, 12))
     ref = theirs(torch.tensor(ids), output_attentions=True).attentions
-    for i, a in enumerate(ours(ids, output_attentions=True).attentions):
+    attentions = ours(ids, output_attentions=True).attentions
+    # one tensor per layer on both sides: an empty or short tuple would make the loop below check nothing
+    assert len(attentions) == len(ref) == ours.config.num_hidden_layers > 0
+    for i, a in enumerate(attentions):
         assert_parity(a, ref[i], "float32", TF_ULPS, what=f"internlm2 attentions[{i}] vs llama")
 
 

@@ -240,3 +240,14 @@ def test_bad_inputs_raise_named_errors(tokenizer, tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="cannot read"):
         Tokenizer.from_file(tmp_path)
+
+
+def test_a_malformed_tokenizer_config_is_a_named_error(tmp_path):
+    """tokenizer_config.json that is not JSON: a CheckpointError naming the file, as for InternLM2's tokenizer."""
+    from minivl.tiny.internvl import write_tiny_tokenizer
+
+    write_tiny_tokenizer(tmp_path)
+    assert Tokenizer.from_file(tmp_path).bos_token is None  # the tiny qwen2 tokenizer reads as it should
+    (tmp_path / "tokenizer_config.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match=r"tokenizer_config.json is not valid JSON .*re-download it"):
+        Tokenizer.from_file(tmp_path)

@@ -72,6 +72,25 @@ def test_numpy_and_torch_traces_agree_both_ways(root, checkpoints, capsys, llm):
     assert main(["diff", b, a]) == 0
 
 
+def test_trace_reads_internlm2s_tokenizer_model(tmp_path, root, capsys):
+    """InternVL2-2B/-8B/-26B ship tokenizer.model and no tokenizer.json: the trace tokenizes the prompt with
+    InternLM2's SentencePiece tokenizer (minivl.tokenizer.load_tokenizer), and NumPy and torch agree on it."""
+    from minivl.tiny.sentencepiece import use_internlm2_tokenizer
+    from minivl.tokenizer import load_tokenizer
+    from minivl.tokenizer_internlm2 import InternLM2Tokenizer
+
+    directory = use_internlm2_tokenizer(write_tiny_internvl(tmp_path / "vl_spm", llm="internlm2", seed=4))
+    assert not os.path.exists(os.path.join(directory, "tokenizer.json"))
+    a = _trace(directory, root / "wide.png", tmp_path / "spm_np.safetensors")
+    b = _trace(directory, root / "wide.png", tmp_path / "spm_torch.safetensors", "--backend", "torch")
+    capsys.readouterr()
+    assert main(["diff", a, b]) == 0
+    ids = trace.load_trace(a).stages["input_ids"][0].tolist()
+    tokenizer = load_tokenizer(directory)
+    assert isinstance(tokenizer, InternLM2Tokenizer)
+    assert PROMPT in tokenizer.decode(ids) and ids.count(tokenizer.token_to_id("<IMG_CONTEXT>")) > 0
+
+
 def test_trace_file_has_every_stage_in_order_and_the_metadata(root, checkpoints):
     path = _trace(checkpoints["qwen2"], root / "wide.png", root / "meta.safetensors")
     t = trace.load_trace(path)
@@ -190,7 +209,8 @@ def to_hf_internvl(minivl_dir, out_dir) -> str:
     Keys: vision_model.* -> model.vision_tower.* (qkv split into q/k/v_proj, norm1/2 ->
     layernorm_before/after, ls1/2 -> lambda_1/2), mlp1.{0,1,3} -> model.multi_modal_projector.
     {layer_norm, linear_1, linear_2}, language_model.model.* -> model.language_model.*,
-    language_model.lm_head -> lm_head. Written here from transformers' module tree, not from minivl.
+    language_model.lm_head -> lm_head (test_internvl_chat._to_transformers, written from transformers'
+    module tree, not from minivl).
     """
     import transformers
 
@@ -198,27 +218,15 @@ def to_hf_internvl(minivl_dir, out_dir) -> str:
     from minivl.config import load_config
     from minivl.conversation import IMG_CONTEXT_TOKEN
     from minivl.tokenizer import Tokenizer
-    from test_intern_vit import _to_hf
+    from test_intern_vit import _to_hf_config
+    from test_internvl_chat import _to_transformers
 
     config = load_config(minivl_dir)
-    state = load_state_dict(minivl_dir)
-    vit = {k[len("vision_model."):]: v for k, v in state.items() if k.startswith("vision_model.")}
-    hf = {"model.vision_tower." + k: v for k, v in _to_hf(config.vision_config, vit).items()}
-    for ours, theirs in (("mlp1.0", "layer_norm"), ("mlp1.1", "linear_1"), ("mlp1.3", "linear_2")):
-        for leaf in ("weight", "bias"):
-            hf[f"model.multi_modal_projector.{theirs}.{leaf}"] = torch.from_numpy(np.array(state[f"{ours}.{leaf}"]))
-    for key, value in state.items():
-        if key.startswith("language_model.model."):
-            hf["model.language_model." + key[len("language_model.model."):]] = torch.from_numpy(np.array(value))
-    hf["lm_head.weight"] = torch.from_numpy(np.array(state["language_model.lm_head.weight"]))
-    vc, llm = config.vision_config, config.llm_config
-    text_config = {k: v for k, v in llm.to_dict().items() if k not in ("architectures", "transformers_version")}
+    hf = _to_transformers(config, load_state_dict(minivl_dir))
+    text_config = {k: v for k, v in config.llm_config.to_dict().items()
+                   if k not in ("architectures", "transformers_version")}
     hf_config = transformers.InternVLConfig(
-        vision_config=dict(hidden_size=vc.hidden_size, num_hidden_layers=vc.num_hidden_layers,
-                           num_attention_heads=vc.num_attention_heads, intermediate_size=vc.intermediate_size,
-                           attention_bias=vc.qkv_bias, use_qk_norm=vc.qk_normalization, norm_type=vc.norm_type,
-                           layer_norm_eps=vc.layer_norm_eps, image_size=vc.image_size, patch_size=vc.patch_size,
-                           use_mean_pooling=True),
+        vision_config=_to_hf_config(config.vision_config),
         text_config=text_config, downsample_ratio=config.downsample_ratio, projector_hidden_act="gelu",
         vision_feature_layer=config.select_layer, vision_feature_select_strategy="default",
         image_token_id=Tokenizer.from_file(minivl_dir).token_to_id(IMG_CONTEXT_TOKEN),
@@ -314,7 +322,7 @@ def test_named_errors(tmp_path, checkpoints, capsys):
     os.remove(bare / "tokenizer.json")
     trace.synthetic_image().save(tmp_path / "img.png")
     assert main(["trace", str(bare), "--image", str(tmp_path / "img.png"), "--out", str(tmp_path / "t.st")]) == 1
-    assert "has no tokenizer.json" in capsys.readouterr().err
+    assert "has neither tokenizer.json nor tokenizer.model" in capsys.readouterr().err
     with pytest.raises(TraceError, match="no stages"):
         trace.save_trace(tmp_path / "empty.safetensors", trace.Trace({}, {}))
 

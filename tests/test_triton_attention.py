@@ -69,17 +69,10 @@ def _rng(name: str) -> np.random.Generator:
 def dense_inputs(name):
     """q, k, v float32 and the kernel keyword arguments (NumPy) for DENSE[name]."""
     batch, n_heads, n_kv, q_len, kv_len, head_dim, _, _, options = DENSE[name]
-    rng = _rng(name)
-    v_dim = options.get("v_dim", head_dim)
-    q = rng.standard_normal((batch, n_heads, q_len, head_dim)).astype(np.float32)
-    k = rng.standard_normal((batch, n_kv, kv_len, head_dim)).astype(np.float32)
-    v = rng.standard_normal((batch, n_kv, kv_len, v_dim)).astype(np.float32)
-    kwargs = {key: options[key] for key in ("causal", "window_size", "scale") if key in options}
-    if options.get("alibi") == "heads":
-        kwargs["alibi_slopes"] = rng.uniform(0.05, 1.0, n_heads).astype(np.float32)
-    elif options.get("alibi") == "batch":
-        kwargs["alibi_slopes"] = rng.uniform(0.05, 1.0, (batch, n_heads)).astype(np.float32)
-    return q, k, v, kwargs
+    from flash_reference import random_inputs
+
+    return random_inputs(_rng(name), batch, n_heads, n_kv, q_len, kv_len, head_dim, options, np.float32,
+                         scale_name="scale")
 
 
 def varlen_inputs(name):

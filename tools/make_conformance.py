@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import sys
 import warnings
@@ -35,7 +34,7 @@ from minivl.config import load_config  # noqa: E402
 from minivl.pixel_shuffle import num_image_token, pixel_shuffle  # noqa: E402
 from minivl.preprocess import choose_grid  # noqa: E402
 from minivl.rope import rope_init, rope_parameters  # noqa: E402
-from tools._common import write_atomic  # noqa: E402
+from minivl.files import write_text_atomic  # noqa: E402
 
 OUT = os.path.join(ROOT, "docs", "conformance", "internvl_vectors.json")
 CONFIG_DIR = os.path.join(ROOT, "tests", "fixtures", "configs")
@@ -181,7 +180,7 @@ def main(argv=None) -> int:
         print("conformance vectors are up to date" if not found else
               f"{OUT} differs from the package in {len(found)} places, first {found[0]}; rerun the tool")
         return 1 if found else 0
-    write_atomic(OUT, render(vectors))
+    write_text_atomic(OUT, render(vectors))
     print(f"wrote {OUT}")
     return 0
 

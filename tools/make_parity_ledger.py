@@ -35,7 +35,7 @@ for path in (ROOT, os.path.join(ROOT, "tests")):
         sys.path.insert(0, path)
 
 from minivl.testing import compare, eps, to_numpy, tolerance  # noqa: E402
-from tools._common import write_atomic  # noqa: E402
+from minivl.files import write_text_atomic  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs")
 TWIN, TORCH_F, TRANSFORMERS, ORT, INTERNVL = ("torch_impl", "torch.nn.functional", "transformers",
@@ -383,14 +383,14 @@ def internvl_transformers_row(tmp, path, model, pixel_values, input_ids) -> Row:
 
 def vision_rows(tmp) -> list[Row]:
     import torch
-    from transformers import InternVLVisionConfig, InternVLVisionModel
+    from transformers import InternVLVisionModel
 
     import torch_impl
     from minivl.models.intern_vit import InternVisionModel
     from minivl.checkpoint import load_state_dict
     from minivl.config import InternVisionConfig
     from minivl.tiny.vision import write_tiny_vit
-    from test_intern_vit import LAYER_ULPS, _to_hf
+    from test_intern_vit import LAYER_ULPS, _to_hf, _to_hf_config
 
     rows = []
     pixels = np.random.default_rng(1).standard_normal((2, 3, 56, 56))
@@ -407,13 +407,7 @@ def vision_rows(tmp) -> list[Row]:
                                 LAYER_ULPS, LAYER_ULPS, "3 layers of matmuls, erf, softmax (tests/test_intern_vit.py)"))
             if flavour == "6b" and dtype == "float64":
                 continue  # transformers' InternVLVisionRMSNorm hard-codes float32: no float64 6B run there
-            hf_config = InternVLVisionConfig(
-                hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-                num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
-                attention_bias=config.qkv_bias, use_qk_norm=config.qk_normalization, norm_type=config.norm_type,
-                layer_norm_eps=config.layer_norm_eps, image_size=config.image_size, patch_size=config.patch_size,
-                use_mean_pooling=True, attn_implementation="eager")
-            hf = InternVLVisionModel(hf_config).to(getattr(torch, dtype)).eval()
+            hf = InternVLVisionModel(_to_hf_config(config)).to(getattr(torch, dtype)).eval()
             hf.load_state_dict(_to_hf(config, state), strict=True)
             with torch.no_grad():
                 ref = hf(_t(pd), output_hidden_states=True)
@@ -557,8 +551,8 @@ def main(argv=None) -> int:
         print("\n".join(problems) or f"all {len(rows)} rows within tolerance and in the committed ledger")
         return 1 if problems else 0
     bad = [r for r in rows if not r.ok]
-    write_atomic(os.path.join(DOCS, "parity.json"), render_json(rows))
-    write_atomic(os.path.join(DOCS, "parity.md"), render_md(rows))
+    write_text_atomic(os.path.join(DOCS, "parity.json"), render_json(rows))
+    write_text_atomic(os.path.join(DOCS, "parity.md"), render_md(rows))
     print(f"wrote docs/parity.md and docs/parity.json: {len(rows)} rows, {len(bad)} outside tolerance")
     for r in bad:
         print(f"DIFF {r.key}: {r.ulps:.1f} ulps")

@@ -1,7 +1,10 @@
-"""Checkpoint I/O for torch_impl: minivl's own safetensors reader, with the arrays handed to torch.
+"""Checkpoint I/O for torch_impl: the same files and checks as `minivl.checkpoint`, read as torch tensors.
 
-The bytes are read once by `minivl.checkpoint` (no pickle, no `safetensors` package needed);
-bf16 goes NumPy -> torch through an int16 bit view, so no value is ever rounded on the way.
+`minivl.checkpoint.open_checkpoint` does the pickle refusal and the shard-index checks and opens
+each file with the `safetensors` package, here with framework="pt": its torch tensors are backed by
+the memory-mapped file itself, so the bytes are copied at most once, by a cast to `dtype` or the
+move to `device`. Writing converts to NumPy (bf16 through an int16 bit view, no rounding) and
+goes through minivl's atomic writer.
 """
 from __future__ import annotations
 
@@ -12,11 +15,11 @@ import numpy as np
 import torch
 
 from minivl import checkpoint as np_checkpoint
-from minivl.checkpoint import check_state_dict, read_safetensors, write_safetensors  # noqa: F401  (shared)
+from minivl.checkpoint import check_state_dict, check_weights, read_safetensors, write_safetensors  # noqa: F401
 from minivl.errors import CheckpointError
 
-__all__ = ["load_state_dict", "save_checkpoint", "check_state_dict", "read_safetensors", "write_safetensors",
-           "to_torch", "to_numpy"]
+__all__ = ["load_state_dict", "save_checkpoint", "check_state_dict", "check_weights", "read_safetensors",
+           "write_safetensors", "to_torch", "to_numpy"]
 
 _DTYPE_NAMES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}
@@ -54,11 +57,11 @@ def load_state_dict(directory: str | os.PathLike, dtype=None, device="cpu") -> d
     """
     target = _torch_dtype(dtype)
     state_dict = {}
-    for name, array in np_checkpoint.load_state_dict(directory).items():
-        tensor = to_torch(array)
-        if target is not None and tensor.is_floating_point():
-            tensor = tensor.to(target)
-        state_dict[name] = tensor.to(device)
+    for shard in np_checkpoint.open_checkpoint(directory, framework="pt"):
+        for name, tensor in shard.items():
+            if target is not None and tensor.is_floating_point():
+                tensor = tensor.to(target)
+            state_dict[name] = tensor.to(device)
     return state_dict
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from minivl.errors import GenerationError
-from minivl.generate import check_generation_args, check_left_padded, check_length, stop_ids
+from minivl.generate import (check_finite_logits, check_generation_args, check_left_padded, check_length,
+                             check_prompt_ids, stop_ids)
 from torch_impl.models.common import position_ids_from_mask
 
 
@@ -42,15 +43,21 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, max
              eos_token_id=None, pad_token_id=None, streamer=None) -> torch.Tensor:
     """input_ids [b, s] or inputs_embeds [b, s, hidden], attention_mask [b, s] (left padding) ->
     new tokens only, [b, n] int64 (n <= max_new_tokens). See minivl.generate.generate."""
-    check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p)
+    check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
     if (input_ids is None) == (inputs_embeds is None):
         raise GenerationError("generate: pass exactly one of input_ids [batch, seq] or inputs_embeds "
                               "[batch, seq, hidden]")
     device = model.device
-    prompt = torch.as_tensor(input_ids if input_ids is not None else inputs_embeds, device=device)
-    if prompt.ndim != (2 if input_ids is not None else 3):
-        raise GenerationError(f"generate: input_ids must be [batch, seq] / inputs_embeds [batch, seq, hidden] "
-                              f"(got shape {tuple(prompt.shape)})")
+    if input_ids is not None:
+        # the same checks as NumPy's generate, on a CPU copy of the ids (a few ints)
+        ids = input_ids.cpu().numpy() if isinstance(input_ids, torch.Tensor) else input_ids
+        vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+        prompt = torch.as_tensor(check_prompt_ids(ids, vocab_size), device=device)
+    else:
+        prompt = torch.as_tensor(inputs_embeds, device=device)
+        if prompt.ndim != 3 or prompt.shape[1] == 0:
+            raise GenerationError(f"generate: inputs_embeds must be [batch, seq, hidden] with seq >= 1 "
+                                  f"(got shape {tuple(prompt.shape)})")
     batch, prompt_len = prompt.shape[:2]
     mask = torch.ones(batch, prompt_len, dtype=torch.int64, device=device) if attention_mask is None else \
         torch.as_tensor(attention_mask, device=device).to(torch.int64)
@@ -73,7 +80,10 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, max
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generated = []
     for step in range(max_new_tokens):
-        tokens = next_tokens(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+        logits = out.logits[:, -1]
+        if not bool(torch.isfinite(logits).all()):  # the rare case: let the NumPy check say which rows
+            check_finite_logits(logits.float().cpu().numpy(), step)
+        tokens = next_tokens(logits, do_sample, temperature, top_k, top_p, generator)
         tokens = torch.where(finished, torch.full_like(tokens, fill), tokens).to(torch.int64)
         generated.append(tokens)
         if streamer is not None:

@@ -12,21 +12,23 @@ from minivl.loading import plan_load, strip_prefix
 from torch_impl.models.common import as_model_dtype, check_attn_implementation
 
 
-def load_model(path, dtype="float32", device="cpu", attn_implementation="eager", component=None):
+def load_model(path, dtype="float32", device="cpu", attn_implementation="eager", component=None,
+               allow_nonfinite=False):
     """Read `path` into the matching torch model (eval mode, no grad).
 
     dtype: float32 | float64 | bfloat16 | float16; device: 'cpu', 'cuda', ...;
     attn_implementation: eager (the reference's op order) | sdpa | flash (CUDA fp16/bf16) | triton.
+    Int/bool weights, and NaN/inf ones unless allow_nonfinite=True, are a CheckpointError naming them.
     """
-    from torch_impl.checkpoint import load_state_dict
+    from torch_impl.checkpoint import check_weights, load_state_dict
     from torch_impl.models import MODEL_REGISTRY
 
-    path = os.fspath(path)
     check_attn_implementation(attn_implementation)
     torch_dtype = as_model_dtype(dtype)
     config, cls, prefix = plan_load(path, component, MODEL_REGISTRY)
     # read in the checkpoint's own dtype; from_state_dict casts once, after the prefix is stripped
     state_dict = strip_prefix(load_state_dict(path, device="cpu"), prefix)
+    check_weights(state_dict, where=os.fspath(path), allow_nonfinite=allow_nonfinite)
     accepted = inspect.signature(cls.from_state_dict).parameters
     kwargs = {name: value for name, value in (("device", device), ("attn_implementation", attn_implementation))
               if name in accepted}

@@ -2,8 +2,8 @@
 
 Rotate-half layout (pairs j, j + d/2), as Hugging Face, InternLM2 and Phi-3. The scalar half of
 every recipe (validation, defaults, YaRN's ramp ends, attention scaling, the dynamic-NTK base) is
-framework-free and imported from minivl.rope; only the tensor maths is written here, in the same
-order of operations as transformers 5.23 so a float32 run on CPU matches it bit for bit.
+framework-free and imported from minivl/rope_parameters.py; only the tensor maths is written here,
+in the same order of operations as transformers 5.23 so a float32 run on CPU matches it bit for bit.
 Works on any device; `dtype` is torch.float32 (the reference's rounding) or torch.float64 (gold).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import torch
 
 from minivl.errors import ConfigError, GenerationError, ShapeError
-from minivl.rope import (  # the framework-free half, re-exported under the same names
+from minivl.rope_parameters import (  # the framework-free half, re-exported under the same names
     ROPE_PARAMETER_NAMES,
     ROPE_TYPES,
     RopeParameters,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from minivl.errors import ConfigError
+from minivl.files import write_text_atomic
 
 CONFIG_NAME = "config.json"
 
@@ -44,13 +45,9 @@ def read_config_json(dir_or_file: str | os.PathLike) -> tuple[dict, str]:
 
 
 def _write_config_json(config_dict: dict, directory: str | os.PathLike) -> str:
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(os.fspath(directory), CONFIG_NAME)
-    with open(path, "w", encoding="utf-8") as f:
-        # sorted keys and a trailing newline, as transformers writes them
-        json.dump(config_dict, f, indent=2, sort_keys=True)
-        f.write("\n")
-    return path
+    """directory/config.json, atomically: sorted keys and a trailing newline, as transformers writes them."""
+    return write_text_atomic(os.path.join(os.fspath(directory), CONFIG_NAME),
+                             json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

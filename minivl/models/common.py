@@ -14,6 +14,7 @@ import numpy as np
 
 from minivl import nn
 from minivl.errors import ConfigError, ShapeError
+from minivl.models.fused import fuse_projections
 
 DTYPES = ("float32", "float64")
 
@@ -68,17 +69,39 @@ def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     return np.where(mask == 0, 1, position_ids)
 
 
+_INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
 def check_inputs(input_ids, inputs_embeds, hidden_size: int) -> None:
-    """Exactly one of input_ids [b, s] / inputs_embeds [b, s, hidden], with the right rank and width."""
+    """Exactly one of input_ids [b, s] (integer ids) / inputs_embeds [b, s, hidden], s >= 1.
+
+    Shared by torch_impl: NumPy arrays, torch tensors and nested lists are all checked here.
+    """
     if (input_ids is None) == (inputs_embeds is None):
         raise ShapeError("forward: pass exactly one of input_ids [batch, seq] or inputs_embeds "
                          f"[batch, seq, hidden] (got {'both' if input_ids is not None else 'neither'})")
+    if input_ids is not None and not hasattr(input_ids, "dtype"):  # a nested list
+        try:
+            ragged = np.asarray(input_ids).dtype == object
+        except ValueError:  # NumPy refuses rows of different lengths
+            ragged = True
+        if ragged:
+            raise ShapeError("forward: input_ids rows have different lengths (ragged); pad them to one length on "
+                             "the LEFT and pass attention_mask with 0 at the pads")
+        input_ids = np.asarray(input_ids)
     if input_ids is not None and np.ndim(input_ids) != 2:
-        raise ShapeError(f"forward: input_ids must be 2-D [batch, seq] (got shape {np.shape(input_ids)}); "
+        raise ShapeError(f"forward: input_ids must be 2-D [batch, seq] (got shape {tuple(np.shape(input_ids))}); "
                          f"add a batch axis with ids[None]")
+    if input_ids is not None and str(input_ids.dtype).removeprefix("torch.") not in _INTEGER_DTYPES:
+        raise ShapeError(f"forward: input_ids must be integer token ids (got dtype {input_ids.dtype}); they index "
+                         f"the embedding table: cast whole-number ids with .astype(np.int64) (torch: .long())")
     if inputs_embeds is not None and (np.ndim(inputs_embeds) != 3 or np.shape(inputs_embeds)[-1] != hidden_size):
         raise ShapeError(f"forward: inputs_embeds must be [batch, seq, {hidden_size}] "
                          f"(got shape {np.shape(inputs_embeds)})")
+    shape = tuple(np.shape(input_ids if input_ids is not None else inputs_embeds))
+    if 0 in shape[:2]:
+        raise ShapeError(f"forward: the input is empty (shape {shape}); pass at least one sequence of at least "
+                         f"one token")
 
 
 def check_token_ids(input_ids, vocab_size: int) -> None:
@@ -122,56 +145,6 @@ class Linear(nn.Module):
         from minivl.linear import linear
 
         return linear(x, self.weight, self.bias)
-
-
-class FusedProjection:
-    """Several Linear modules that read the same input, their weights (and biases) views of ONE matrix.
-
-    A speed device, not semantics: `project` then computes them with one GEMM instead of one per
-    module (Llama's q/k/v, gate/up; fewer, larger GEMMs run nearer the machine's rate, and a decode
-    step makes fewer calls). The modules keep their names, shapes and values, so state_dict() is
-    unchanged. tests/test_fused_projections.py holds the fused and separate paths equal.
-    """
-
-    def __init__(self, linears):
-        self.weight = np.concatenate([linear.weight for linear in linears])
-        self.bias = np.concatenate([linear.bias for linear in linears]) if linears[0].bias is not None else None
-        ends = np.cumsum([linear.weight.shape[0] for linear in linears])
-        self.bounds = list(zip([0, *ends[:-1]], ends))
-        for linear, (start, stop) in zip(linears, self.bounds):
-            linear.weight = self.weight[start:stop]
-            if self.bias is not None:
-                linear.bias = self.bias[start:stop]
-            linear.fused = self
-        self.views = [linear.weight for linear in linears]
-
-    def serves(self, linears) -> bool:
-        """True while these are still the fused modules, in order, holding the views (no reload since)."""
-        return len(linears) == len(self.views) and all(linear.weight is view for linear, view in zip(linears, self.views))
-
-
-def fuse_linears(*linears) -> None:
-    """Make these Linear modules (same input width, all biased or none) one FusedProjection."""
-    if len({linear.weight.shape[1] for linear in linears}) == 1 and len({linear.bias is None for linear in linears}) == 1:
-        FusedProjection(linears)
-
-
-def project(x, *linears) -> list:
-    """[linear(x) for linear in linears], as one GEMM split by columns when they are one FusedProjection."""
-    from minivl.linear import linear as affine
-
-    fused = getattr(linears[0], "fused", None)
-    if fused is None or not fused.serves(linears):
-        return [linear(x) for linear in linears]
-    y = affine(x, fused.weight, fused.bias)
-    return [y[..., start:stop] for start, stop in fused.bounds]
-
-
-def fuse_projections(model) -> None:
-    """Call `fuse_projections()` of every module that defines it (after loading: the weights are real)."""
-    for _, module in model.named_modules():
-        if hasattr(type(module), "fuse_projections"):
-            module.fuse_projections()
 
 
 class Norm(nn.Module):
@@ -243,61 +216,6 @@ def rope_attention(q, k, v, rope, attn: dict, cache, layer_idx: int):
     # the same attention over blocks of queries that skip the keys the causal mask hides
     out = causal_attention_blocks(q, k, v, mask=attn["mask"], scale_mode="divide", softmax_dtype="float32")
     return merge_heads(out), None
-
-
-class RotaryEmbedding:
-    """cos/sin for one model, whatever its RoPE type, from the config's `rope_kwargs()`.
-
-    * default, linear, yarn, llama3: static frequencies, computed once (`rope_init`);
-    * dynamic: the reference's stateful `DynamicNTKRope`, keyed on kv_seq_len = past + new keys
-      (InternLM2's remote code and transformers 4.37's Llama; newer transformers key it on
-      max(position_ids)+1 and reset it below max_position_embeddings — the same values for a
-      contiguous unpadded sequence, different after a longer one or with padding);
-    * su / phi3_yarn / longrope: short or long factors chosen PER CALL from max(position_ids)+1
-      over the whole batch (Phi-3's rule), so a prefill and a later decode step may differ.
-    """
-
-    PER_CALL = ("su", "phi3_yarn", "longrope")
-
-    def __init__(self, rope_kwargs: dict, dtype=np.float32):
-        from minivl.rope import DynamicNTKRope, rope_init
-
-        # tables in promote(model dtype, float32): the reference's float32, or float64 in a gold run
-        self.rope_kwargs = dict(rope_kwargs, dtype=compute_dtype(dtype))
-        self.rope_type = self.rope_kwargs["rope_type"]
-        self.dynamic = None
-        if self.rope_type == "dynamic":
-            kw = self.rope_kwargs
-            self.dynamic = DynamicNTKRope(kw["head_dim"], kw["rope_theta"], kw["max_position_embeddings"],
-                                          kw["factor"], dtype=kw["dtype"])
-        elif self.rope_type not in self.PER_CALL:
-            self.inv_freq, self.attention_scaling = rope_init(**self.rope_kwargs)
-
-    def cos_sin(self, position_ids: np.ndarray, kv_seq_len: int):
-        """[b, s] positions -> (cos, sin) each [b, s, head_dim], in promote(model dtype, float32)"""
-        from minivl.rope import rope_cos_sin, rope_init
-
-        if self.dynamic is not None:
-            return self.dynamic.cos_sin(position_ids, kv_seq_len)
-        if self.rope_type in self.PER_CALL:
-            # seq_len = max(position_ids) + 1 over the batch picks short (<= original) or long factors
-            seq_len = int(np.max(position_ids)) + 1
-            inv_freq, attention_scaling = rope_init(**self.rope_kwargs, seq_len=seq_len)
-            return rope_cos_sin(position_ids, inv_freq, attention_scaling)
-        return rope_cos_sin(position_ids, self.inv_freq, self.attention_scaling)
-
-    def position_limit(self) -> int | None:
-        """How many positions this RoPE is meant to serve (None: dynamic NTK rescales without limit)."""
-        kw = self.rope_kwargs
-        max_pos = kw["max_position_embeddings"]
-        if self.rope_type == "dynamic":
-            return None
-        if self.rope_type == "linear":
-            return int(max_pos * kw["factor"])
-        if self.rope_type in ("yarn", "llama3") and "factor" in kw:
-            original = kw.get("original_max_position_embeddings", max_pos)
-            return max(max_pos, int(original * kw["factor"]))
-        return max_pos
 
 
 def cast_tensor(value, dtype) -> np.ndarray:
@@ -390,6 +308,8 @@ class DecoderLM(nn.Module):
     def rotary(self):
         """The RotaryEmbedding of config.rope_kwargs(), in promote(model dtype, float32); built on first use
         after loading, and kept (dynamic NTK is stateful). None without RoPE (MPT)."""
+        from minivl.models.rotary import RotaryEmbedding
+
         if self._rotary is None or self._rotary.rope_kwargs["dtype"] != compute_dtype(self.dtype):
             rope_kwargs = self.config.rope_kwargs()
             self._rotary = RotaryEmbedding(rope_kwargs, self.dtype) if rope_kwargs is not None else None

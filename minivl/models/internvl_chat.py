@@ -60,6 +60,21 @@ def system_message(config: InternVLChatConfig):
     return get_conv_template(config.template).system_message if config.template else None
 
 
+def check_tiles(shape, config) -> None:
+    """pixel_values must be [n, 3, s, s] tiles of THIS model's size s: num_image_token per tile assumes it.
+
+    Without this, a 112-px tile for a 56-px model passes the ViT (its position table is resized) and
+    fails later as a wrong <IMG_CONTEXT> count, which names the prompt instead of the tiles.
+    """
+    size = config.image_size
+    if len(shape) != 4 or tuple(shape[-2:]) != (size, size):
+        got = f"{shape[-2]}×{shape[-1]}-px tiles (shape {tuple(shape)})" if len(shape) == 4 else f"shape {tuple(shape)}"
+        raise ShapeError(f"pixel_values must be [n_tiles, 3, {size}, {size}]: this model's tiles are {size} px "
+                         f"(force_image_size or vision_config.image_size), which its {config.num_image_token} image "
+                         f"tokens per tile assume; got {got}. Tile the image with "
+                         f"minivl.preprocess.load_image(path, image_size={size})")
+
+
 def check_context_count(n_context_tokens: int, n_feature_rows: int, num_image_token: int) -> None:
     """One feature row per <IMG_CONTEXT> token, or a ShapeError saying which side is off."""
     if n_context_tokens != n_feature_rows:
@@ -148,6 +163,7 @@ class InternVLChatModel(ChatMixin, nn.Module):
 
         [n, 3, s, s] -> [n, num_image_token, D]
         """
+        check_tiles(np.shape(pixel_values), self.config)
         if self.select_layer == -1:
             vit_embeds = self.vision_model(pixel_values).last_hidden_state
         else:

@@ -60,6 +60,13 @@ def mpt_positions(batch: int, seq_len: int, past_len: int, attention_mask) -> np
     return pos
 
 
+def positions_out_of_range(values: list[int], max_seq_len: int) -> str:
+    """The message for learned positions past MPT's table: the offending values, not just a shape."""
+    return (f"MPT: position_ids hold {len(values)} positions outside the learned position table [0, {max_seq_len}) "
+            f"(e.g. {sorted(set(values))[:5]}); the table has max_seq_len = {max_seq_len} rows: keep prompt + new "
+            f"tokens within {max_seq_len}, or pass position_ids counted from 0")
+
+
 def mpt_attention_bias(config, batch_mask, kv_len: int, dtype) -> np.ndarray | None:
     """The model-level additive bias (MPT-M `_attn_bias`): ALiBi's last kv_len columns, pads at finfo.min.
 
@@ -225,9 +232,12 @@ class MPTForCausalLM(DecoderLM):
             if position_ids is None:
                 position_ids = mpt_positions(batch, seq_len, past_len, attention_mask)
             position_ids = np.asarray(position_ids, dtype=np.int64)
-            if position_ids.shape != (batch, seq_len) or position_ids.min() < 0 or position_ids.max() >= config.max_seq_len:
-                raise ShapeError(f"MPT: position_ids must be [batch, seq] = [{batch}, {seq_len}] in "
-                                 f"[0, {config.max_seq_len}) (got shape {position_ids.shape})")
+            if position_ids.shape != (batch, seq_len):
+                raise ShapeError(f"MPT: position_ids must be [batch, seq] = [{batch}, {seq_len}] "
+                                 f"(got shape {position_ids.shape})")
+            outside = position_ids[(position_ids < 0) | (position_ids >= config.max_seq_len)]
+            if outside.size:
+                raise ShapeError(positions_out_of_range(outside.tolist(), config.max_seq_len))
             hidden = hidden + wpe(position_ids)
         fraction = config.embedding_fraction
         if fraction != 1:

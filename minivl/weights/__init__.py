@@ -7,9 +7,21 @@ Converted directories live under `cache_dir()`: $MINIVL_CACHE, else ~/.cache/min
 import os
 from pathlib import Path
 
+from minivl.errors import FileSystemError
+
 
 def cache_dir() -> Path:
     """Where converted checkpoints are written: $MINIVL_CACHE or ~/.cache/minivl (created on demand)."""
-    path = Path(os.environ.get("MINIVL_CACHE") or Path.home() / ".cache" / "minivl")
-    path.mkdir(parents=True, exist_ok=True)
+    from_env = os.environ.get("MINIVL_CACHE")
+    path = Path(from_env or Path.home() / ".cache" / "minivl")
+    where = f"MINIVL_CACHE={from_env}" if from_env else f"the cache directory {path}"
+    fix = "set MINIVL_CACHE to a directory you can write, or unset it to use ~/.cache/minivl"
+    if path.exists() and not path.is_dir():
+        raise FileSystemError(f"{where} is a file, not a directory; {fix}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FileSystemError(f"{where} cannot be created ({e.strerror or e}); {fix}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise FileSystemError(f"{where} is not writable; {fix}")
     return path

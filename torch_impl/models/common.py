@@ -16,6 +16,7 @@ from torch import nn
 from minivl.errors import ConfigError, ShapeError
 from minivl.models.common import (check_attention_mask, check_inputs, check_logits_to_keep,  # noqa: F401  (shared)
                                   check_position_ids, tie_weights, tied_head)
+from torch_impl.models.fused import fuse_projections
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash", "triton")
@@ -83,54 +84,6 @@ class Linear(nn.Module):
         from torch_impl.linear import linear
 
         return linear(x, self.weight, self.bias)
-
-
-class FusedProjection:
-    """Several Linear modules that read the same input, their weights (and biases) views of ONE matrix.
-
-    The mirror of minivl.models.common.FusedProjection: `project` computes them with one GEMM; the
-    modules keep their names, shapes and values (each Parameter a view into the fused storage).
-    """
-
-    def __init__(self, linears):
-        self.weight = torch.cat([linear.weight for linear in linears])
-        self.bias = torch.cat([linear.bias for linear in linears]) if linears[0].bias is not None else None
-        ends = torch.tensor([linear.weight.shape[0] for linear in linears]).cumsum(0).tolist()
-        self.bounds = list(zip([0, *ends[:-1]], ends))
-        for linear, (start, stop) in zip(linears, self.bounds):
-            linear.weight = nn.Parameter(self.weight[start:stop], requires_grad=False)
-            if self.bias is not None:
-                linear.bias = nn.Parameter(self.bias[start:stop], requires_grad=False)
-            linear.fused = self
-        self.views = [linear.weight for linear in linears]
-
-    def serves(self, linears) -> bool:
-        """True while these are still the fused modules, in order, holding the views (no reload since)."""
-        return len(linears) == len(self.views) and all(linear.weight is view for linear, view in zip(linears, self.views))
-
-
-def fuse_linears(*linears) -> None:
-    """Make these Linear modules (same input width, all biased or none) one FusedProjection."""
-    if len({linear.weight.shape[1] for linear in linears}) == 1 and len({linear.bias is None for linear in linears}) == 1:
-        FusedProjection(linears)
-
-
-def project(x, *linears) -> list:
-    """[linear(x) for linear in linears], as one GEMM split by columns when they are one FusedProjection."""
-    from torch_impl.linear import linear as affine
-
-    fused = getattr(linears[0], "fused", None)
-    if fused is None or not fused.serves(linears):
-        return [linear(x) for linear in linears]
-    y = affine(x, fused.weight, fused.bias)
-    return [y[..., start:stop] for start, stop in fused.bounds]
-
-
-def fuse_projections(model) -> None:
-    """Call `fuse_projections()` of every module that defines it (after loading: the weights are real)."""
-    for _, module in model.named_modules():
-        if hasattr(type(module), "fuse_projections"):
-            module.fuse_projections()
 
 
 class Norm(nn.Module):
@@ -204,50 +157,6 @@ def rope_attention(q, k, v, rope, attn: dict, cache, layer_idx: int):
         out = scaled_dot_product_attention(q, k, v, mask=attn["mask"], is_causal=attn["is_causal"],
                                            scale_mode="divide", softmax_dtype="float32", backend=attn["backend"])
     return merge_heads(out), None
-
-
-class RotaryEmbedding:
-    """cos/sin for one model whatever its RoPE type (mirror of minivl.models.common.RotaryEmbedding)."""
-
-    PER_CALL = ("su", "phi3_yarn", "longrope")
-
-    def __init__(self, rope_kwargs: dict, dtype=torch.float32):
-        from torch_impl.rope import DynamicNTKRope, rope_init
-
-        self.rope_kwargs = dict(rope_kwargs, dtype=compute_dtype(dtype))
-        self.rope_type = self.rope_kwargs["rope_type"]
-        self.dynamic = None
-        self.device = None
-        if self.rope_type == "dynamic":
-            kw = self.rope_kwargs
-            self.dynamic = DynamicNTKRope(kw["head_dim"], kw["rope_theta"], kw["max_position_embeddings"],
-                                          kw["factor"], dtype=kw["dtype"])
-        elif self.rope_type not in self.PER_CALL:
-            self.inv_freq, self.attention_scaling = rope_init(**self.rope_kwargs)
-
-    def cos_sin(self, position_ids: torch.Tensor, kv_seq_len: int):
-        """[b, s] positions -> (cos, sin) each [b, s, head_dim], in promote(model dtype, float32)"""
-        from torch_impl.rope import rope_cos_sin, rope_init
-
-        device = position_ids.device
-        if self.dynamic is not None:
-            if self.dynamic.inv_freq.device != device:
-                self.dynamic.device = device
-                self.dynamic.inv_freq = self.dynamic.inv_freq.to(device)
-            return self.dynamic.cos_sin(position_ids, kv_seq_len)
-        if self.rope_type in self.PER_CALL:
-            # seq_len = max(position_ids) + 1 over the batch picks short (<= original) or long factors
-            seq_len = int(position_ids.max()) + 1
-            inv_freq, attention_scaling = rope_init(**self.rope_kwargs, seq_len=seq_len, device=device)
-            return rope_cos_sin(position_ids, inv_freq, attention_scaling)
-        if self.inv_freq.device != device:
-            self.inv_freq = self.inv_freq.to(device)
-        return rope_cos_sin(position_ids, self.inv_freq, self.attention_scaling)
-
-    def position_limit(self) -> int | None:
-        from minivl.models.common import RotaryEmbedding as _NumpyRotary
-
-        return _NumpyRotary.position_limit(self)
 
 
 def cast_tensor(value, dtype, device) -> torch.Tensor:
@@ -345,6 +254,8 @@ class DecoderLM(nn.Module):
     def rotary(self):
         """The RotaryEmbedding of config.rope_kwargs(), in promote(model dtype, float32); built on first use
         after loading, and kept (dynamic NTK is stateful). None without RoPE (MPT)."""
+        from torch_impl.models.rotary import RotaryEmbedding
+
         if self._rotary is None or self._rotary.rope_kwargs["dtype"] != compute_dtype(self.dtype):
             rope_kwargs = self.config.rope_kwargs()
             self._rotary = RotaryEmbedding(rope_kwargs, self.dtype) if rope_kwargs is not None else None

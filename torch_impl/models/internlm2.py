@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from torch_impl.models.common import DecoderLM, Embedding, Linear, Norm, rope_attention
+from torch_impl.models.fused import fuse_linears, project
 
 
 def split_wqkv(qkv: torch.Tensor, n_kv_heads: int, group: int, head_dim: int):
@@ -53,10 +54,16 @@ class InternLM2MLP(nn.Module):
         self.w3 = Linear(config.hidden_size, config.intermediate_size, False)
         self.w2 = Linear(config.intermediate_size, config.hidden_size, False)
 
-    def forward(self, x):
-        from torch_impl.mlp import swiglu_mlp
+    def fuse_projections(self):
+        """w1/w3 weights as views of one matrix: one GEMM for the two (see FusedProjection)."""
+        fuse_linears(self.w1, self.w3)
 
-        return swiglu_mlp(x, self.w1.weight, self.w3.weight, self.w2.weight)
+    def forward(self, x):
+        from torch_impl.activations import silu_mul
+
+        gate, up = project(x, self.w1, self.w3)
+        # w2(silu(w1(x)) · w3(x))
+        return self.w2(silu_mul(gate, up))
 
 
 class InternLM2DecoderLayer(nn.Module):

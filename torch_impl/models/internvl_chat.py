@@ -15,8 +15,8 @@ from minivl.conversation import ChatMixin
 from minivl.errors import ShapeError
 from minivl.loading import LLM_PREFIX, strip_prefix
 from minivl.models.intern_vit import VISION_PREFIX
-from minivl.models.internvl_chat import (as_chat_config, check_context_count, context_token_id_error, llm_class,
-                                         no_context_tokens_error, system_message)
+from minivl.models.internvl_chat import (as_chat_config, check_context_count, check_tiles, context_token_id_error,
+                                         llm_class, no_context_tokens_error, system_message)
 from minivl.projector import PROJECTOR_PREFIX, projector_input_size
 from torch_impl.models import MODEL_REGISTRY
 from torch_impl.models.common import as_model_dtype, declared_shapes
@@ -99,6 +99,7 @@ class InternVLChatModel(ChatMixin, nn.Module):
 
         [n, 3, s, s] -> [n, num_image_token, D]
         """
+        check_tiles(tuple(pixel_values.shape), self.config)
         pixel_values = torch.as_tensor(pixel_values, device=self.device).to(self.dtype)
         if self.select_layer == -1:
             vit_embeds = self.vision_model(pixel_values).last_hidden_state

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from minivl.errors import ConfigError, GenerationError, ShapeError
-from minivl.models.mpt import NORM_EPS
+from minivl.models.mpt import NORM_EPS, positions_out_of_range
 from torch_impl.models.common import DecoderLM, Embedding, Linear, Norm, compute_dtype, merge_heads, split_heads
 
 
@@ -191,10 +191,12 @@ class MPTForCausalLM(DecoderLM):
             if position_ids is None:
                 position_ids = mpt_positions(batch, seq_len, past_len, attention_mask, self.device)
             position_ids = torch.as_tensor(position_ids, dtype=torch.int64, device=self.device)
-            if tuple(position_ids.shape) != (batch, seq_len) or int(position_ids.min()) < 0 \
-                    or int(position_ids.max()) >= config.max_seq_len:
-                raise ShapeError(f"MPT: position_ids must be [batch, seq] = [{batch}, {seq_len}] in "
-                                 f"[0, {config.max_seq_len}) (got shape {tuple(position_ids.shape)})")
+            if tuple(position_ids.shape) != (batch, seq_len):
+                raise ShapeError(f"MPT: position_ids must be [batch, seq] = [{batch}, {seq_len}] "
+                                 f"(got shape {tuple(position_ids.shape)})")
+            outside = position_ids[(position_ids < 0) | (position_ids >= config.max_seq_len)]
+            if outside.numel():
+                raise ShapeError(positions_out_of_range(outside.tolist(), config.max_seq_len))
             hidden = hidden + wpe(position_ids)
         fraction = config.embedding_fraction
         if fraction != 1:
