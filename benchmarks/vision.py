@@ -7,12 +7,14 @@ same matrix products run alone in the same run (benchmarks/machine.py):
 
     python3 benchmarks/vision.py               # markdown table for the README
     python3 benchmarks/vision.py --size 224 --repeats 5
+    python3 benchmarks/vision.py --clock cpu   # CPU time of this process: for a shared machine
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -36,7 +38,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=448, help="square input side in pixels (a multiple of 14)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or this process's CPU time (blind to other processes on a shared "
+                             "machine; sums threads, so run with one BLAS/torch thread)")
     args = parser.parse_args(argv)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     import torch
 
@@ -54,14 +60,15 @@ def main(argv=None) -> None:
                                            torch.from_numpy)
     shapes = vit_gemm_shapes(config, args.size, args.size)
     with torch.inference_mode():
-        gemms = {"numpy": time_gemms(shapes, "numpy", args.repeats), "torch": time_gemms(shapes, "torch", args.repeats)}
-        times = {name: time_best(lambda: model(to_input(pixels)), args.repeats) for name, (model, to_input) in models.items()}
-        gemms = {fw: min(t, time_gemms(shapes, fw, args.repeats)) for fw, t in gemms.items()}
+        gemms = {fw: time_gemms(shapes, fw, args.repeats, clock=clock) for fw in ("numpy", "torch")}
+        times = {name: time_best(lambda: model(to_input(pixels)), args.repeats, clock)
+                 for name, (model, to_input) in models.items()}
+        gemms = {fw: min(t, time_gemms(shapes, fw, args.repeats, clock=clock)) for fw, t in gemms.items()}
 
     tokens = (args.size // config.patch_size) ** 2 + 1
     print(f"DINOv2-S/14 as InternViT, float32, batch 1, {args.size}×{args.size} px = {tokens} tokens, "
           f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads; "
-          f"best of {args.repeats}; {describe_machine()}; load average {os.getloadavg()[0]:.1f} at the end.")
+          f"best of {args.repeats}, {args.clock} time; {describe_machine()}; load average {os.getloadavg()[0]:.1f} at the end.")
     print()
     print("| | forward (ms) | the same GEMMs alone (ms) | ÷ its GEMMs |")
     print("|---|---|---|---|")

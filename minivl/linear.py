@@ -15,7 +15,7 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     # y = x·Wᵀ: one matmul over all leading axes (batch, tokens) at once
     y = x @ weight.T
     if bias is not None:
-        y = y + bias
+        y += bias  # y is the product's fresh array: add in place (the same sum, no second [..., out] array)
     return y
 
 

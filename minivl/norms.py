@@ -56,12 +56,13 @@ def layer_norm(x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None
     centred = x32 - mean
     # biased variance: mean((x − μ)²), divided by d not d − 1
     variance = np.mean(centred * centred, axis=-1, keepdims=True)
-    # y = (x − μ) / sqrt(var + eps) · w + b
-    y = centred * (1.0 / np.sqrt(variance + eps))
+    # y = (x − μ) / sqrt(var + eps) · w + b, each step written into `centred` (our own buffer)
+    y = centred
+    y *= 1.0 / np.sqrt(variance + eps)
     if weight is not None:
-        y = y * weight.astype(compute, copy=False)
+        y *= weight.astype(compute, copy=False)
     if bias is not None:
-        y = y + bias.astype(compute, copy=False)
+        y += bias.astype(compute, copy=False)
     return y.astype(x.dtype, copy=False)
 
 

@@ -39,3 +39,11 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """
     # gelu(x) ≈ ½ · x · (1 + tanh(√(2/π) · (x + 0.044715·x³)))
     return F.gelu(x, approximate="tanh")
+
+
+def gelu_fast(x: torch.Tensor) -> torch.Tensor:
+    """The twin of minivl's `gelu_fast`: F.gelu itself, whose CPU float32 erf is the A&S 7.1.26 that one spells out.
+
+    [...] -> [...]
+    """
+    return F.gelu(x, approximate="none")

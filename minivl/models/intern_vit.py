@@ -19,6 +19,10 @@ to the residual dtype; the position table is resized with torch's bicubic keyed 
 `config.image_size` (minivl/interpolate.py, pitfalls 19-20) and the cls position is never resized.
 `hidden_states[0]` is the embedding output, so `hidden_states[i]` is the output of layer i (pitfall 6).
 
+Speed without new math (tests/test_vision_fast.py): the resized position table is cached per grid,
+the residual adds reuse the branch's buffer, and InternMLP's erf GELU is `gelu_fast` (torch CPU's
+own float32 erf, vectorised; scipy's scalar erf was the largest non-GEMM cost of a layer).
+
 DINOv2 checkpoints converted by minivl/weights/dinov2.py carry one labelled extra, a final
 LayerNorm (`final_norm.weight/bias`, config key `final_norm`); it is applied only when
 `forward(..., apply_final_norm=True)` asks for it, because InternViT itself has none.
@@ -40,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minivl import nn
+from minivl.activations import gelu_fast
 from minivl.attention import scaled_dot_product_attention
 from minivl.config import InternVisionConfig
 from minivl.errors import CheckpointError, ConfigError, ShapeError
@@ -138,6 +143,25 @@ class InternVisionEmbeddings(nn.Module):
         self.patch_embedding = PatchEmbedding(config.num_channels, C, p)
         grid = config.image_size // p
         self.position_embedding = nn.Parameter((1, grid * grid + 1, C))
+        self._table_cache = None  # (position_embedding, h, w, dtype, table): the last resized table
+
+    def position_table(self, h: int, w: int, dtype) -> np.ndarray:
+        """[cls position ; patch positions resized to h×w] in dtype, [1, 1 + h·w, C].
+
+        The resize depends only on the weights and the grid, so the last one is kept and reused
+        while `position_embedding` is the same array (a reload assigns a new one).
+        """
+        position = self.position_embedding
+        cached = self._table_cache
+        if cached is not None and cached[0] is position and cached[1:4] == (h, w, np.dtype(dtype)):
+            return cached[4]
+        grid = self.config.image_size // self.config.patch_size
+        # the cls position (row 0) is never interpolated; rows 1… are resized to the input grid
+        table = np.concatenate([position[:, :1], resize_position_table(position[:, 1:], grid, h, w)], axis=1)
+        table = table.astype(dtype, copy=False)
+        table.flags.writeable = False  # shared by every later forward: nobody may write into it
+        self._table_cache = (position, h, w, np.dtype(dtype), table)
+        return table
 
     def forward(self, pixel_values: np.ndarray) -> np.ndarray:
         target_dtype = self.patch_embedding.weight.dtype
@@ -146,11 +170,8 @@ class InternVisionEmbeddings(nn.Module):
         h, w = pixel_values.shape[2] // p, pixel_values.shape[3] // p
         cls = np.broadcast_to(self.class_embedding, (b, 1, patches.shape[-1])).astype(target_dtype)
         tokens = np.concatenate([cls, patches], axis=1)
-        position = self.position_embedding
-        grid = self.config.image_size // p
-        # the cls position (row 0) is never interpolated; rows 1… are resized to the input grid
-        table = np.concatenate([position[:, :1], resize_position_table(position[:, 1:], grid, h, w)], axis=1)
-        return tokens + table.astype(target_dtype)
+        tokens += self.position_table(h, w, target_dtype)  # tokens is a fresh buffer: add in place
+        return tokens
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,8 +233,12 @@ class InternMLP(nn.Module):
         self.fc2 = Linear(config.intermediate_size, config.hidden_size, bias=True)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                        approximate=self.approximate)
+        if self.approximate:
+            return gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                            approximate=self.approximate)
+        # fc2(gelu(fc1(x))), the erf GELU as `gelu_fast`: torch CPU's own float32 erf, vectorised
+        # (scipy's scalar erf was the largest non-GEMM cost of a ViT layer); float64 keeps scipy's
+        return self.fc2(gelu_fast(self.fc1(x)))
 
 
 class InternVisionEncoderLayer(nn.Module):
@@ -233,11 +258,23 @@ class InternVisionEncoderLayer(nn.Module):
         self.ls2 = nn.Parameter((C,))
 
     def forward(self, x: np.ndarray, output_attentions: bool = False):
-        attn_out, probs = self.attn(self.norm1(x).astype(x.dtype), output_attentions)
-        # h = x + attn(norm1(x)) · ls1
-        h = x + attn_out * self.ls1
+        attn_out, probs = self.attn(self.norm1(x).astype(x.dtype, copy=False), output_attentions)
+        # h = x + attn(norm1(x)) · ls1, in attn_out's fresh buffer (a·ls1 + x is x + a·ls1 bit for bit)
+        h = residual_add(x, attn_out, self.ls1)
         # out = h + mlp(norm2(h)) · ls2
-        return h + self.mlp(self.norm2(h).astype(h.dtype)) * self.ls2, probs
+        return residual_add(h, self.mlp(self.norm2(h).astype(h.dtype, copy=False)), self.ls2), probs
+
+
+def residual_add(x: np.ndarray, branch: np.ndarray, layer_scale: np.ndarray) -> np.ndarray:
+    """x + branch · layer_scale, written into `branch` (a fresh buffer of the layer) when the dtypes allow.
+
+    [b, n, C], [b, n, C], [C] -> [b, n, C]
+    """
+    if not branch.dtype == x.dtype == np.result_type(branch, layer_scale):
+        return x + branch * layer_scale
+    branch *= layer_scale
+    branch += x
+    return branch
 
 
 class InternVisionEncoder(nn.Module):

@@ -107,11 +107,15 @@ class InternVisionEmbeddings(nn.Module):
         h, w = pixel_values.shape[2] // p, pixel_values.shape[3] // p
         cls = self.class_embedding.expand(b, 1, patches.shape[-1]).to(target_dtype)
         tokens = torch.cat([cls, patches], dim=1)
+        return tokens + self.position_table(h, w, target_dtype)
+
+    def position_table(self, h: int, w: int, dtype) -> torch.Tensor:
+        """[cls position ; patch positions resized to h×w] in dtype, [1, 1 + h·w, C] (NumPy caches it)."""
         position = self.position_embedding
-        grid = self.config.image_size // p
+        grid = self.config.image_size // self.config.patch_size
         # the cls position (row 0) is never interpolated; rows 1… are resized to the input grid
         table = torch.cat([position[:, :1], resize_position_table(position[:, 1:], grid, h, w)], dim=1)
-        return tokens + table.to(target_dtype)
+        return table.to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,9 +203,14 @@ class InternVisionEncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, output_attentions: bool = False):
         attn_out, probs = self.attn(self.norm1(x).to(x.dtype), output_attentions)
         # h = x + attn(norm1(x)) · ls1
-        h = x + attn_out * self.ls1
+        h = residual_add(x, attn_out, self.ls1)
         # out = h + mlp(norm2(h)) · ls2
-        return h + self.mlp(self.norm2(h).to(h.dtype)) * self.ls2, probs
+        return residual_add(h, self.mlp(self.norm2(h).to(h.dtype)), self.ls2), probs
+
+
+def residual_add(x: torch.Tensor, branch: torch.Tensor, layer_scale: torch.Tensor) -> torch.Tensor:
+    """x + branch · layer_scale (NumPy writes it into branch's buffer). [b, n, C], [b, n, C], [C] -> [b, n, C]"""
+    return x + branch * layer_scale
 
 
 class InternVisionEncoder(nn.Module):
