@@ -4,10 +4,9 @@ InternVL's releases carry `"auto_map": {"AutoConfig": "configuration_internvl_ch
 "AutoModel": "modeling_internvl_chat.InternVLChatModel", ...}` next to those .py files; with
 `trust_remote_code=True` transformers imports them from the directory. minivl writes the same
 auto_map into the checkpoints it makes, so it writes the files too: each is one import of the
-class of the same name from minivl's transformers adapter, torch_impl/auto.py:
-
-    # configuration_internvl_chat.py
-    from torch_impl.auto import InternVLChatConfig
+class of the same name from minivl's transformers adapter, torch_impl/auto.py (this module itself
+imports no torch; it only writes the text). configuration_internvl_chat.py, for example, is the line
+`from torch_impl.auto import InternVLChatConfig`.
 
 A file that exists already and was not written here (the real InternVL code of a release) is
 left alone: the auto_map then points at it, as it did before.
