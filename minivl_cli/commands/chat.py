@@ -231,20 +231,7 @@ def interactive(model, tokenizer, generate, settings, args, stdin=None) -> int:
     print("minivl chat: SmolLM2-135M-Instruct. One message per line; /reset forgets, /exit quits.",
           file=sys.stderr)
     history: list[dict] = []
-    while True:
-        print("> ", end="", file=sys.stderr, flush=True)
-        line = stdin.readline()
-        if not line:  # end of input
-            print(file=sys.stderr)
-            return 0
-        text = line.strip()
-        if text in ("/exit", "/quit"):
-            return 0
-        if text == "/reset":
-            history.clear()
-            continue
-        if not text:
-            continue
+    for text in user_messages(stdin, on_reset=history.clear):
         history.append({"role": "user", "content": text})
         start = time.perf_counter()
         try:
@@ -255,6 +242,25 @@ def interactive(model, tokenizer, generate, settings, args, stdin=None) -> int:
             continue
         history.append({"role": "assistant", "content": reply})
         _report(args, n_new, time.perf_counter() - start)
+    return 0
+
+
+def user_messages(stdin, on_reset):
+    """The conversation's input, one message per line: prompts "> " on stderr, yields each non-empty
+    line, calls on_reset() on /reset, and stops at end of input, /exit or /quit."""
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line:  # end of input
+            print(file=sys.stderr)
+            return
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            on_reset()
+        elif text:
+            yield text
 
 
 def _report(args, n_new: int, seconds: float) -> None:
@@ -403,20 +409,7 @@ def run_internvl(args, settings) -> int:
     print(f"minivl chat: InternVL checkpoint {args.model_dir}{images}. One message per line; "
           "/reset forgets, /exit quits.", file=sys.stderr)
     history: list = []
-    while True:
-        print("> ", end="", file=sys.stderr, flush=True)
-        line = stdin.readline()
-        if not line:  # end of input
-            print(file=sys.stderr)
-            return 0
-        text = line.strip()
-        if text in ("/exit", "/quit"):
-            return 0
-        if text == "/reset":
-            history = []
-            continue
-        if not text:
-            continue
+    for text in user_messages(stdin, on_reset=lambda: history.clear()):
         # the image placeholder goes into the first question only; later turns re-use it via history
         question = prefix + text if not history else text
         start = time.perf_counter()
@@ -427,3 +420,4 @@ def run_internvl(args, settings) -> int:
             print(f"minivl: {e}", file=sys.stderr)
             continue
         _report(args, n_new, time.perf_counter() - start)
+    return 0
