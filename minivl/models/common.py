@@ -15,6 +15,7 @@ import numpy as np
 from minivl import nn
 from minivl.errors import ConfigError, ShapeError
 from minivl.models.fused import fuse_projections
+from minivl.models.packing import pack_parameters
 
 DTYPES = ("float32", "float64")
 
@@ -251,7 +252,9 @@ def build_model(cls, config, state_dict: dict, dtype, tied: dict | None = None, 
     model = cls(config, **kwargs)
     tensors = {key: cast_tensor(value, dtype) for key, value in state_dict.items()}
     model.load_state_dict(tie_weights(tensors, tied or {}), strict=True)
+    del tensors  # the model holds them now: each is freed as pack_parameters moves it
     fuse_projections(model)
+    pack_parameters(model)
     return model
 
 

@@ -52,6 +52,16 @@ def project(x, *linears) -> list:
     return [y[..., start:stop] for start, stop in fused.bounds]
 
 
+def fused_projections(model) -> list:
+    """Each FusedProjection that the modules of `model` hold, once (a framework-free walk: torch_impl imports it)."""
+    found = {}
+    for _, module in model.named_modules():
+        fused = module.__dict__.get("fused")
+        if fused is not None:
+            found.setdefault(id(fused), fused)
+    return list(found.values())
+
+
 def fuse_projections(model) -> None:
     """Call `fuse_projections()` of every module that defines it (after loading: the weights are real)."""
     for _, module in model.named_modules():

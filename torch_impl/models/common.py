@@ -17,6 +17,7 @@ from minivl.errors import ConfigError, ShapeError
 from minivl.models.common import (check_attention_mask, check_inputs, check_logits_to_keep,  # noqa: F401  (shared)
                                   check_position_ids, tie_weights, tied_head)
 from torch_impl.models.fused import fuse_projections
+from torch_impl.models.packing import pack_parameters
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash", "triton")
@@ -188,7 +189,9 @@ def build_model(cls, config, state_dict: dict, dtype, device, tied: dict | None 
             setattr(model.get_submodule(owner), name, model.get_parameter(source))
     for p in model.parameters():
         p.requires_grad_(False)
+    del tensors  # the model holds them now: each is freed as pack_parameters moves it
     fuse_projections(model)
+    pack_parameters(model)
     return model.eval()
 
 

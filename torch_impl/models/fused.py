@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minivl.models.fused import fused_projections  # noqa: F401  (framework-free: written once)
+
 
 class FusedProjection:
     """Several Linear modules that read the same input, their weights (and biases) views of ONE matrix.
