@@ -1,6 +1,17 @@
 """minivl: InternVL written out in plain NumPy. Importing it never imports torch."""
 
+import os as _os
+import sys as _sys
+
 __version__ = "0.1.0"
+
+# NumPy's OpenBLAS keeps each of its worker threads spinning for 2^28 cycles (~0.1 s) after a GEMM,
+# holding a core that minivl's own threads (minivl/threads.py) need for the softmax and activation
+# passes between GEMMs; 2^20 cycles (~0.4 ms) still bridges the gaps between a decode step's GEMVs.
+# OpenBLAS reads this once, when NumPy loads it: set here only if NumPy is not loaded yet and the
+# user has not chosen (benchmarks/smollm2.py and vision.py measure the effect).
+if "numpy" not in _sys.modules:
+    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 
 
 def load_model(path, dtype="float32", component=None):

@@ -6,9 +6,15 @@ kernels do for bf16/fp16 inputs (and a no-op for float32/float64).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 from scipy.special import erf
+
+from minivl.threads import num_threads, parallel, split
+
+# below this many elements an activation stays on the caller's thread (a hand-off costs ~10 µs)
+PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -31,16 +37,27 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     allocated anew (a prefill's [s, intermediate] temporaries are the largest after the scores).
     [...], [...] -> [...]
     """
-    if np.promote_types(gate.dtype, np.float32) != gate.dtype or up.dtype != gate.dtype:
-        return silu(gate) * up  # a half-precision gate upcasts: the buffers differ in dtype
-    # e^(−x), then 1 + e^(−x), then x / (1 + e^(−x)), then · up, all in `out`
-    out = np.negative(gate)
+    if np.promote_types(gate.dtype, np.float32) != gate.dtype or up.dtype != gate.dtype or up.shape != gate.shape:
+        return silu(gate) * up  # a half-precision gate upcasts (the buffers differ in dtype), or up broadcasts
+    out = np.empty(gate.shape, gate.dtype)
+    if gate.ndim == 0 or gate.size == 0:
+        _silu_mul_into(gate, up, out)
+        return out
+    # rows of a prefill's [s, intermediate] on every core at once (minivl/threads.py); a decode's one row in place
+    rows = [a.reshape(-1, gate.shape[-1]) for a in (gate, up, out)]
+    pieces = split(len(rows[2]), num_threads(), minimum=-(-PARALLEL_MIN_ELEMENTS // max(gate.shape[-1], 1)))
+    parallel(partial(_silu_mul_into, *(a[piece] for a in rows)) for piece in pieces)
+    return out
+
+
+def _silu_mul_into(gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> None:
+    """out = silu(gate) · up: e^(−x), then 1 + e^(−x), then x / (1 + e^(−x)), then · up, all in `out`."""
+    np.negative(gate, out=out)
     with np.errstate(over="ignore"):
         np.exp(out, out=out)
     out += 1.0
     np.divide(gate, out, out=out)
     out *= up
-    return out
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
@@ -76,10 +93,15 @@ def gelu_fast(x: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
         return gelu(x)
     flat = np.ascontiguousarray(x).reshape(-1)
     out = np.empty_like(flat)
-    t, r = np.empty(min(chunk, flat.size), np.float32), np.empty(min(chunk, flat.size), np.float32)
-    for start in range(0, flat.size, chunk):  # chunks of one flat array: no per-token or per-head loop
-        stop = min(start + chunk, flat.size)
-        _gelu_fast_chunk(flat[start:stop], out[start:stop], t[:stop - start], r[:stop - start])
+
+    def gelu_span(span: slice) -> None:  # one thread's share, chunk by chunk, with scratch buffers of its own
+        t, r = np.empty(min(chunk, flat[span].size), np.float32), np.empty(min(chunk, flat[span].size), np.float32)
+        for start in range(span.start, span.stop, chunk):  # chunks of one flat array: no per-token loop
+            stop = min(start + chunk, span.stop)
+            _gelu_fast_chunk(flat[start:stop], out[start:stop], t[:stop - start], r[:stop - start])
+
+    # contiguous shares of the flat array on every core at once (minivl/threads.py)
+    parallel(partial(gelu_span, span) for span in split(flat.size, num_threads(), minimum=max(chunk, PARALLEL_MIN_ELEMENTS)))
     return out.reshape(x.shape)
 
 

@@ -144,9 +144,10 @@ def test_causal_blocks_fall_back_on_a_mask_that_is_not_causal():
     np.testing.assert_array_equal(A.causal_attention_blocks(q, k, v, mask=mask, block_q=3), full)
 
 
-def test_causal_blocks_never_hold_the_full_score_tensor():
-    """A 1024-token prefill with 4 heads: the full score tensor is 16 MiB in float32; blocks of 128
-    queries hold at most 2 MiB of scores (and the softmax works in place)."""
+def test_causal_blocks_never_hold_the_full_score_tensor(monkeypatch):
+    """A 1024-token prefill with 4 heads: the full score tensor is 16 MiB in float32; a block of 128
+    queries holds at most 2 MiB of scores (the softmax works in place), two threads two blocks at once."""
+    monkeypatch.setenv("MINIVL_NUM_THREADS", "2")
     rng = np.random.default_rng(5)
     s, h = 1024, 4
     q = rng.standard_normal((1, h, s, 16), dtype=np.float32)
@@ -163,7 +164,7 @@ def test_causal_blocks_never_hold_the_full_score_tensor():
     finally:
         tracemalloc.stop()
     assert peak_full >= full_scores  # the measurement sees the full tensor when there is one
-    assert peak_blocks < full_scores / 4, f"blocked attention peaked at {peak_blocks / 2**20:.1f} MiB"
+    assert peak_blocks < full_scores / 3, f"blocked attention peaked at {peak_blocks / 2**20:.1f} MiB"
 
 
 @pytest.mark.parametrize("module,wrap,address", [

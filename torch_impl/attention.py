@@ -131,6 +131,25 @@ def causal_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     return out
 
 
+def attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: int = 128,
+                     **attention_options) -> torch.Tensor:
+    """Fast path of `scaled_dot_product_attention` without a mask (a ViT's): one block of queries at a time.
+
+    The twin of minivl.attention.attention_blocks (see its docstring); torch's kernels thread each
+    block themselves, so the blocks run one after another, each holding [b, heads, block_q, t] scores.
+    q [b, H, s, d], k/v [b, K, t, d] -> [b, H, s, d]
+    """
+    q_len = q.shape[2]
+    masked = any(attention_options.get(name) is not None for name in ("mask", "bias"))
+    if q_len <= block_q or masked or attention_options.get("is_causal") or attention_options.get("return_probs"):
+        return scaled_dot_product_attention(q, k, v, **attention_options)  # one block, or rows that are not alike
+    out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
+    for start in range(0, q_len, block_q):
+        rows = slice(start, start + block_q)
+        out[:, :, rows] = scaled_dot_product_attention(q[:, :, rows], k, v, **attention_options)
+    return out
+
+
 def _block(additive: torch.Tensor, start: int, stop: int, keys: int) -> torch.Tensor:
     """Rows start:stop (unless broadcast over queries) and the first `keys` columns of an additive [.., s, t] term."""
     rows = additive[..., start:stop, :] if additive.shape[-2] > 1 else additive

@@ -45,7 +45,7 @@ import numpy as np
 
 from minivl import nn
 from minivl.activations import gelu_fast
-from minivl.attention import scaled_dot_product_attention
+from minivl.attention import attention_blocks, scaled_dot_product_attention
 from minivl.config import InternVisionConfig
 from minivl.errors import CheckpointError, ConfigError, ShapeError
 from minivl.interpolate import interpolate_bicubic
@@ -183,9 +183,11 @@ def attend(q, k, v, scale: float, output_attentions: bool):
 
     [b, h, n, d] ×3 -> [b, h, n, d] (and probabilities [b, h, n, n] if asked, else None)
     """
-    result = scaled_dot_product_attention(q, k, v, scale=scale, scale_mode="scale_q", softmax_dtype=None,
-                                          return_probs=output_attentions)
-    return result if output_attentions else (result, None)
+    if output_attentions:
+        return scaled_dot_product_attention(q, k, v, scale=scale, scale_mode="scale_q", softmax_dtype=None,
+                                            return_probs=True)
+    # the same attention in blocks of queries, all at once on every core (attention_blocks)
+    return attention_blocks(q, k, v, scale=scale, scale_mode="scale_q", softmax_dtype=None), None
 
 
 class InternAttention(nn.Module):

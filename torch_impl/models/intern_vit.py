@@ -27,7 +27,7 @@ from minivl.config import InternVisionConfig
 from minivl.errors import ShapeError
 from minivl.models.intern_vit import (FINAL_NORM_KEY, NORM_KINDS, VISION_PREFIX, as_vision_config,  # noqa: F401
                                       check_final_norm, check_pixel_values, final_norm_spec, strip_vision_prefix)
-from torch_impl.attention import scaled_dot_product_attention
+from torch_impl.attention import attention_blocks, scaled_dot_product_attention
 from torch_impl.interpolate import interpolate_bicubic
 from torch_impl.mlp import gelu_mlp
 from torch_impl.models.common import (Linear, Norm, as_model_dtype, build_model, check_attn_implementation,
@@ -128,10 +128,13 @@ def attend(q, k, v, scale: float, output_attentions: bool, attn_implementation: 
     [b, h, n, d] ×3 -> [b, h, n, d] (and probabilities [b, h, n, n] if asked, else None).
     The probabilities exist only on the eager path, so output_attentions runs eager whatever the backend.
     """
-    backend = "eager" if output_attentions else attn_implementation
-    result = scaled_dot_product_attention(q, k, v, scale=scale, scale_mode="scale_q", softmax_dtype=None,
-                                          return_probs=output_attentions, backend=backend)
-    return result if output_attentions else (result, None)
+    if output_attentions:
+        return scaled_dot_product_attention(q, k, v, scale=scale, scale_mode="scale_q", softmax_dtype=None,
+                                            return_probs=True, backend="eager")
+    if attn_implementation == "eager":  # the same attention in blocks of queries (attention_blocks)
+        return attention_blocks(q, k, v, scale=scale, scale_mode="scale_q", softmax_dtype=None), None
+    return scaled_dot_product_attention(q, k, v, scale=scale, scale_mode="scale_q", softmax_dtype=None,
+                                        backend=attn_implementation), None
 
 
 class InternAttention(nn.Module):
