@@ -79,7 +79,7 @@ ERF_P = 0.3275911
 ERF_COEFFICIENTS = (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)  # p5 … p1, Horner order
 
 
-def gelu_fast(x: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+def gelu_fast(x: np.ndarray, chunk: int = 1 << 17) -> np.ndarray:
     """`gelu` for float32 with torch CPU's own erf (A&S 7.1.26, vectorisable), cache-sized chunk by chunk.
 
     scipy's erf is a scalar loop (~20 ns an element, most of a ViT layer's non-GEMM time); this is

@@ -131,7 +131,7 @@ def causal_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     return out
 
 
-def attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: int = 128,
+def attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: int = 256,
                      **attention_options) -> torch.Tensor:
     """Fast path of `scaled_dot_product_attention` without a mask (a ViT's): one block of queries at a time.
 
