@@ -40,10 +40,10 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     if np.promote_types(gate.dtype, np.float32) != gate.dtype or up.dtype != gate.dtype or up.shape != gate.shape:
         return silu(gate) * up  # a half-precision gate upcasts (the buffers differ in dtype), or up broadcasts
     out = np.empty(gate.shape, gate.dtype)
-    if gate.ndim == 0 or gate.size == 0:
+    if gate.size < PARALLEL_MIN_ELEMENTS:  # a decode step's one row: no hand-off
         _silu_mul_into(gate, up, out)
         return out
-    # rows of a prefill's [s, intermediate] on every core at once (minivl/threads.py); a decode's one row in place
+    # rows of a prefill's [s, intermediate] on every core at once (minivl/threads.py)
     rows = [a.reshape(-1, gate.shape[-1]) for a in (gate, up, out)]
     pieces = split(len(rows[2]), num_threads(), minimum=-(-PARALLEL_MIN_ELEMENTS // max(gate.shape[-1], 1)))
     parallel(partial(_silu_mul_into, *(a[piece] for a in rows)) for piece in pieces)
