@@ -7,7 +7,7 @@ Layout: "rotate-half" (GPT-NeoX, Hugging Face, InternLM2, Phi-3): dimension j is
 j + d/2, NOT with j + 1 as in GPT-J / Meta's original / llama.cpp ("interleaved"). The two layouts
 differ by a fixed permutation of the q/k projection rows: `interleaved_to_half` / `half_to_interleaved`.
 
-The frequency recipes (`rope_init`) follow transformers 5.23's ROPE_INIT_FUNCTIONS, plus the two
+The frequency recipes (`rope_init`) follow transformers 5.24's ROPE_INIT_FUNCTIONS, plus the two
 Phi-3 remote-code recipes ('su', 'phi3_yarn') and InternLM2's stateful dynamic NTK
 (`DynamicNTKRope`). The scalar half (validation, defaults, YaRN's ramp, the attention scaling) is
 framework-free: minivl/rope_parameters.py, re-exported here and shared with torch_impl/rope.py; only
@@ -142,7 +142,7 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 class DynamicNTKRope:
-    """InternLM2's stateful dynamic NTK RoPE (remote code, = transformers 4.37 Llama), not transformers 5.23's.
+    """InternLM2's stateful dynamic NTK RoPE (remote code, = transformers 4.37 Llama), not transformers 5.24's.
 
     The reference keeps a cos/sin table for t = 0 … max_seq_len_cached−1. When an attention call's
     kv_seq_len (cached past + current keys) exceeds the table and max_position_embeddings, it

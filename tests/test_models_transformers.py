@@ -1,4 +1,4 @@
-"""The decoders against transformers 5.23 on the same weights (an implementation we did not write).
+"""The decoders against transformers 5.24 on the same weights (an implementation we did not write).
 
 Llama, Qwen2, Phi-3 and MPT load the tiny checkpoint directory directly with
 `XForCausalLM.from_pretrained(dir, local_files_only=True)`; InternLM2 is not in transformers, so its

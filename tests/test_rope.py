@@ -1,4 +1,4 @@
-"""RoPE: minivl/rope.py (NumPy) against torch_impl/rope.py, against transformers 5.23, and properties.
+"""RoPE: minivl/rope.py (NumPy) against torch_impl/rope.py, against transformers 5.24, and properties.
 
 Tolerances are |actual − ref| <= atol + rtol·|ref| from minivl.testing.tolerance, each justified
 where it is used. Three facts drive them:
@@ -147,7 +147,7 @@ def test_apply_rope_numpy_matches_torch(np_dtype, torch_dtype, partial, rng):
     assert np.array_equal(out_np[..., rotary_dim:], x[..., rotary_dim:])  # pass-through dims untouched
 
 
-# ---------------------------------------------------------------- transformers 5.23 as the reference --------
+# ---------------------------------------------------------------- transformers 5.24 as the reference --------
 @pytest.mark.parametrize("rope_type", HF_TYPES)
 def test_inv_freq_matches_transformers_init_functions(rope_type):
     rng = np.random.default_rng(7 + len(rope_type))
@@ -555,7 +555,7 @@ def test_dynamic_ntk_single_long_call_matches_transformers_init(module, dtype):
 
 
 def test_dynamic_ntk_differs_from_transformers_5_after_a_long_call():
-    """transformers 5.23 resets to the original ω once a call is shorter than M; InternLM2 does not."""
+    """transformers 5.24 resets to the original ω once a call is shorter than M; InternLM2 does not."""
     head_dim, M = 64, 2048
     module = LlamaRotaryEmbedding(hf_config(head_dim, 1e4, M, "dynamic", {"factor": 2.0}))
     module(torch.zeros(1), torch.arange(8192)[None, -2:])

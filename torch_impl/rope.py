@@ -3,7 +3,7 @@
 Rotate-half layout (pairs j, j + d/2), as Hugging Face, InternLM2 and Phi-3. The scalar half of
 every recipe (validation, defaults, YaRN's ramp ends, attention scaling, the dynamic-NTK base) is
 framework-free and imported from minivl/rope_parameters.py; only the tensor maths is written here,
-in the same order of operations as transformers 5.23 so a float32 run on CPU matches it bit for bit.
+in the same order of operations as transformers 5.24 so a float32 run on CPU matches it bit for bit.
 Works on any device; `dtype` is torch.float32 (the reference's rounding) or torch.float64 (gold).
 """
 from __future__ import annotations
@@ -143,7 +143,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class DynamicNTKRope:
-    """InternLM2's stateful dynamic NTK RoPE (remote code, = transformers 4.37 Llama), not transformers 5.23's.
+    """InternLM2's stateful dynamic NTK RoPE (remote code, = transformers 4.37 Llama), not transformers 5.24's.
 
     The reference keeps a cos/sin table for t = 0 … max_seq_len_cached−1. When an attention call's
     kv_seq_len (cached past + current keys) exceeds the table and max_position_embeddings, it
