@@ -27,10 +27,11 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
+
+import minivl  # noqa: E402,F401  (before NumPy loads OpenBLAS: it sets OpenBLAS's spin time, minivl/__init__.py)
+import numpy as np  # noqa: E402
 
 from machine import describe_machine, machine_rates, matmul_params, time_best  # noqa: E402
 

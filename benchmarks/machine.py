@@ -125,17 +125,21 @@ def time_gemms(gemms: list, framework: str = "numpy", repeats: int = 3, dtype: s
     """Best wall time of running these GEMMs back to back, operands preallocated: (m, k, n) is
     [m, k]·[n, k]ᵀ, a projection as `linear` computes it (x·Wᵀ, W stored [out, in]); (batch, m, k, n)
     a batched [m, k]·[k, n]. Every GEMM has operands of its own, so weights stream from memory as
-    in a forward (a model's 30 layers never reuse one layer's weights from cache). The floor a
-    forward built of them can reach."""
+    in a forward (a model's 30 layers never reuse one layer's weights from cache). The weights lie
+    back to back in one allocation, as a loaded model's do (minivl/models/packing.py: one buffer,
+    huge pages). The floor a forward built of them can reach."""
     rng = np.random.default_rng(0)
-    operands = []
-    for shape in gemms:
-        *batch, m, k, n = shape
+    weight_shapes = [(*batch, k, n) if batch else (n, k) for *batch, m, k, n in gemms]
+    weights = np.empty(sum(int(np.prod(shape)) for shape in weight_shapes), dtype=dtype)
+    operands, offset = [], 0
+    for (*batch, m, k, n), weight_shape in zip(gemms, weight_shapes):
         a = rng.standard_normal((*batch, m, k), dtype=np.float32).astype(dtype)
-        if batch:
-            b = rng.standard_normal((*batch, k, n), dtype=np.float32).astype(dtype)
-        else:  # W [out, in], used transposed
-            b = rng.standard_normal((n, k), dtype=np.float32).astype(dtype).T
+        size = int(np.prod(weight_shape))
+        b = weights[offset:offset + size].reshape(weight_shape)
+        b[...] = rng.standard_normal(weight_shape, dtype=np.float32)
+        offset += size
+        if not batch:  # W [out, in], used transposed
+            b = b.T
         operands.append((a, b, np.empty((*batch, m, n), dtype=dtype)))
     if framework == "torch":
         import torch

@@ -16,10 +16,11 @@ import os
 import sys
 import time
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
+
+import minivl  # noqa: E402,F401  (before NumPy loads OpenBLAS: it sets OpenBLAS's spin time, minivl/__init__.py)
+import numpy as np  # noqa: E402
 
 from machine import describe_machine, time_best, time_gemms  # noqa: E402
 
