@@ -12,6 +12,7 @@ thread per piece).
 """
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -185,3 +186,25 @@ def test_whole_forwards_on_one_thread_and_two(monkeypatch, tmp_path):
     forward = lambda: vit(pixels).last_hidden_state  # noqa: E731
     assert_parity(at_threads(monkeypatch, 2, forward), at_threads(monkeypatch, 1, forward), "float32",
                   what="ViT of 257 tokens, two threads vs one")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_a_forked_child_starts_a_pool_of_its_own(monkeypatch):
+    """A child forked after the pool started has none of its threads: it must not wait on them forever."""
+    monkeypatch.setenv("MINIVL_NUM_THREADS", "2")
+    both = threading.Barrier(2)  # two pieces that wait for each other: the parent's pool has two live workers
+    threads.parallel([lambda: both.wait(timeout=10)] * 2)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: run pieces on threads again, report, and leave without pytest's teardown
+        signal.alarm(30)  # a child waiting on its parent's threads would hang: SIGALRM ends it, status != 0
+        try:
+            ok = threads.parallel([lambda: threading.current_thread().name] * 2)
+            os.write(write, ("ok " + " ".join(ok)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    message = os.read(read, 200).decode()
+    os.close(read)
+    assert status == 0 and message.startswith("ok minivl"), message
