@@ -133,6 +133,32 @@ def test_numpy_and_torch_agree_stage_by_stage(models, combo, dtype, torch_dtype)
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_forward_returns_the_language_models_attention_probabilities(models, combo):
+    """output_attentions (the reference forward's argument): one [b, heads, t, t] per layer, the very
+    probabilities the language model computes on the spliced embeddings; NumPy and torch agree."""
+    model, twin, tokenizer = models(combo, "float32")
+    pixel_values = image_tiles()
+    input_ids = prompt_ids(tokenizer, model, len(pixel_values))
+    twin.img_context_token_id = model.img_context_token_id
+    out = model.forward(pixel_values, input_ids, output_attentions=True)
+    llm = model.config.llm_config
+    assert len(out.attentions) == llm.num_hidden_layers
+    t = input_ids.shape[1]
+    assert all(a.shape == (1, llm.num_attention_heads, t, t) for a in out.attentions)
+    embeds = model.embed_with_images(input_ids, model.extract_feature(pixel_values), keep_graph_form=True)
+    direct = model.language_model(inputs_embeds=embeds, output_attentions=True).attentions
+    for got, want in zip(out.attentions, direct):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(np.sum(out.attentions[0], axis=-1), 1.0, rtol=0, atol=1e-5)  # rows are softmaxes
+    with torch.no_grad():
+        twin_out = twin.forward(torch.from_numpy(pixel_values), torch.from_numpy(input_ids), output_attentions=True)
+    rtol, atol = tol("float32")
+    for layer, (got, want) in enumerate(zip(out.attentions, twin_out.attentions)):
+        assert_close(got, want, rtol=rtol, atol=atol, what=f"{combo} attention probabilities, layer {layer}")
+    assert model.forward(pixel_values, input_ids).attentions is None
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: f"{c[0]}-{c[1]}")
 def test_float32_run_tracks_the_float64_gold(models, combo):
     """The float32 model against the float64 one: the whole pipeline's float32 rounding, bounded."""
     pixel_values = image_tiles()
@@ -497,6 +523,17 @@ def test_matches_transformers_internvl_end_to_end(models, checkpoints, dtype):
         rtol, atol = tolerance("float32", 256, 256, scale=4.0)
     c = assert_close(logits, ref_logits, rtol=rtol, atol=atol, what="logits vs transformers InternVL")
     print(f"logits vs transformers ({dtype}): {c}")
+    # the attention probabilities: values in [0, 1], so the logits' tolerance at scale 1
+    prob_rtol, prob_atol = tolerance("float32", 256, 256, scale=1.0) if dtype == "float64" else tol(dtype, scale=1.0)
+    with torch.no_grad():
+        ref_probs = reference(input_ids=torch.from_numpy(input_ids), pixel_values=torch.from_numpy(pixel_values),
+                              output_attentions=True).attentions
+    probs = model.forward(pixel_values, input_ids, output_attentions=True).attentions
+    assert len(probs) == len(ref_probs)
+    for layer, (got, want) in enumerate(zip(probs, ref_probs)):
+        c = assert_close(got, want, rtol=prob_rtol, atol=prob_atol,
+                         what=f"attention probabilities vs transformers, layer {layer}")
+        print(f"attention probabilities vs transformers ({dtype}), layer {layer}: {c}")
 
 
 @pytest.mark.parametrize("combo", [("internlm2", "6b"), ("phi3", "300m")], ids=lambda c: f"{c[0]}-{c[1]}")

@@ -205,12 +205,15 @@ class InternVLChatModel(ChatMixin, nn.Module):
     # ------------------------------------------------------------------ forward / generate
 
     def forward(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask=None, position_ids=None,
-                image_flags=None, past_key_values=None, use_cache: bool = False, output_hidden_states: bool = False):
+                image_flags=None, past_key_values=None, use_cache: bool = False, output_hidden_states: bool = False,
+                output_attentions: bool = False):
         """Full-sequence scoring with the images spliced in (the reference's training forward, no loss).
 
         pixel_values [n, 3, s, s], input_ids [b, t] -> CausalLMOutput(logits [b, t, vocab], ...)
         image_flags [n] (or [n, 1]): tiles with flag 0 are dropped after the ViT (the reference's
-        dummy tiles of text-only samples); default all 1.
+        dummy tiles of text-only samples); default all 1. output_attentions: the language model's
+        softmax probabilities, one [b, heads, t, t] per layer (which text and image tokens each
+        position reads), as the reference's forward returns them.
         Unlike the reference, a count mismatch between <IMG_CONTEXT> tokens and feature rows raises
         ShapeError: the reference's training forward silently uses the first n_token features and
         zeroes the loss of the batch (modeling_internvl_chat.py, the `except` around the splice).
@@ -226,7 +229,8 @@ class InternVLChatModel(ChatMixin, nn.Module):
         input_embeds = self.embed_with_images(input_ids, vit_embeds, keep_graph_form=True)
         return self.language_model(inputs_embeds=input_embeds, attention_mask=attention_mask,
                                    position_ids=position_ids, past_key_values=past_key_values,
-                                   use_cache=use_cache, output_hidden_states=output_hidden_states)
+                                   use_cache=use_cache, output_hidden_states=output_hidden_states,
+                                   output_attentions=output_attentions)
 
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, visual_features=None,
                  **generate_kwargs) -> np.ndarray:
