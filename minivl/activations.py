@@ -14,7 +14,7 @@ from scipy.special import erf
 from minivl.threads import num_threads, parallel, split
 
 # below this many elements an activation stays on the caller's thread (a hand-off costs ~10 µs)
-PARALLEL_MIN_ELEMENTS = 1 << 16
+_PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -40,12 +40,12 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     if np.promote_types(gate.dtype, np.float32) != gate.dtype or up.dtype != gate.dtype or up.shape != gate.shape:
         return silu(gate) * up  # a half-precision gate upcasts (the buffers differ in dtype), or up broadcasts
     out = np.empty(gate.shape, gate.dtype)
-    if gate.size < PARALLEL_MIN_ELEMENTS:  # a decode step's one row: no hand-off
+    if gate.size < _PARALLEL_MIN_ELEMENTS:  # a decode step's one row: no hand-off
         _silu_mul_into(gate, up, out)
         return out
     # rows of a prefill's [s, intermediate] on every core at once (minivl/threads.py)
     rows = [a.reshape(-1, gate.shape[-1]) for a in (gate, up, out)]
-    pieces = split(len(rows[2]), num_threads(), minimum=-(-PARALLEL_MIN_ELEMENTS // max(gate.shape[-1], 1)))
+    pieces = split(len(rows[2]), num_threads(), minimum=-(-_PARALLEL_MIN_ELEMENTS // max(gate.shape[-1], 1)))
     parallel(partial(_silu_mul_into, *(a[piece] for a in rows)) for piece in pieces)
     return out
 
@@ -101,7 +101,7 @@ def gelu_fast(x: np.ndarray, chunk: int = 1 << 17) -> np.ndarray:
             _gelu_fast_chunk(flat[start:stop], out[start:stop], t[:stop - start], r[:stop - start])
 
     # contiguous shares of the flat array on every core at once (minivl/threads.py)
-    parallel(partial(gelu_span, span) for span in split(flat.size, num_threads(), minimum=max(chunk, PARALLEL_MIN_ELEMENTS)))
+    parallel(partial(gelu_span, span) for span in split(flat.size, num_threads(), minimum=max(chunk, _PARALLEL_MIN_ELEMENTS)))
     return out.reshape(x.shape)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from minivl.errors import GenerationError, NonFiniteError
-from minivl.models.common import position_ids_from_mask
+from minivl.models.decoder import position_ids_from_mask
 
 
 # seeds both generators take: NumPy's default_rng any int >= 0, torch's manual_seed below 2**64

@@ -11,7 +11,7 @@ import torch
 from minivl.errors import GenerationError
 from minivl.generate import (check_finite_logits, check_generation_args, check_left_padded, check_length,
                              check_prompt_ids, stop_ids)
-from torch_impl.models.common import position_ids_from_mask
+from torch_impl.models.decoder import position_ids_from_mask
 
 
 def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k=None, top_p=None) -> torch.Tensor:

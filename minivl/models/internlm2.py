@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from minivl import nn
-from minivl.models.common import DecoderLM, Embedding, Linear, Norm, rope_attention
+from minivl.models.common import Embedding, Linear, Norm, rope_attention
+from minivl.models.decoder import DecoderLM
 from minivl.models.fused import fuse_linears, project
 
 

@@ -12,7 +12,8 @@ Qwen2 (qwen2.py) is this model with biases on q/k/v and an optional sliding wind
 from __future__ import annotations
 
 from minivl import nn
-from minivl.models.common import DecoderLM, Embedding, Linear, Norm, rope_attention, split_heads
+from minivl.models.common import Embedding, Linear, Norm, rope_attention, split_heads
+from minivl.models.decoder import DecoderLM
 from minivl.models.fused import fuse_linears, project
 
 

@@ -35,7 +35,8 @@ import numpy as np
 
 from minivl import nn
 from minivl.errors import ConfigError, GenerationError, ShapeError
-from minivl.models.common import DecoderLM, Embedding, Linear, Norm, compute_dtype, merge_heads, split_heads
+from minivl.models.common import Embedding, Linear, Norm, compute_dtype, merge_heads, split_heads
+from minivl.models.decoder import DecoderLM
 
 NORM_EPS = 1e-5  # every MPT norm is built with the default eps
 

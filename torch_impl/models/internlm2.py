@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torch_impl.models.common import DecoderLM, Embedding, Linear, Norm, rope_attention
+from torch_impl.models.common import Embedding, Linear, Norm, rope_attention
+from torch_impl.models.decoder import DecoderLM
 from torch_impl.models.fused import fuse_linears, project
 
 

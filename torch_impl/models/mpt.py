@@ -12,7 +12,8 @@ from torch import nn
 
 from minivl.errors import ConfigError, GenerationError, ShapeError
 from minivl.models.mpt import NORM_EPS, positions_out_of_range
-from torch_impl.models.common import DecoderLM, Embedding, Linear, Norm, compute_dtype, merge_heads, split_heads
+from torch_impl.models.common import Embedding, Linear, Norm, compute_dtype, merge_heads, split_heads
+from torch_impl.models.decoder import DecoderLM
 
 
 def mpt_norm(config) -> Norm:
