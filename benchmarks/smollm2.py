@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, nargs="+", default=[64, 512], help="prefill lengths")
     parser.add_argument("--new-tokens", type=int, default=16, help="cached decode steps timed (after a 64-token prompt)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds (each model and yardstick once a round; best kept)")
     parser.add_argument("--long", type=int, default=0, help="also one NumPy prefill of this many tokens "
                                                              "(e.g. 8192): time and tracemalloc peak")
     parser.add_argument("--no-transformers", action="store_true", help="leave transformers out")
@@ -126,28 +126,30 @@ def main(argv=None) -> None:
     prompts = {P: np.asarray([text_ids[:P]], dtype=np.int64) for P in args.prompts}
     decode_prompt = prompts[min(args.prompts)]
 
-    results = {}
     # the floor's GEMV reads as many bytes as a decode step does (not a matrix that fits this
     # machine's last-level cache: a VM may report hundreds of MiB of L3)
     floor_megabytes = -(-params * 4 // 2 ** 20)
     decode_gemvs = decoder_gemm_shapes(config, 1, 1)
+    # the GEMMs a prefill cannot avoid, alone: projections over P tokens, the causal half of the
+    # attention products, the LM head over the one position generation needs
+    prefill_gemms = {P: decoder_gemm_shapes(config, P, 1) + causal_attention_gemm_shapes(config, P) for P in args.prompts}
+    inf = float("inf")
+    gemms, gemvs = {P: inf for P in args.prompts}, inf
+    results = {name: ({P: inf for P in args.prompts}, inf) for name in models}
     with torch.inference_mode():
         rates = machine_rates(min_seconds=0.3, megabytes=floor_megabytes)
-        gemvs = time_gemms(decode_gemvs, "numpy", args.repeats)
-        # the GEMMs a prefill cannot avoid, alone: projections over P tokens, the causal half of the
-        # attention products, the LM head over the one position generation needs
-        gemms = {P: time_gemms(decoder_gemm_shapes(config, P, 1) + causal_attention_gemm_shapes(config, P),
-                               "numpy", args.repeats) for P in args.prompts}
-        for name, (model, to_input, _) in models.items():
-            prefill = {P: bench_prefill(model, to_input, ids, args.repeats) for P, ids in prompts.items()}
-            decode = bench_decode(model, to_input, decode_prompt, args.new_tokens, args.repeats)
-            results[name] = (prefill, decode)
+        # rounds: every model and every yardstick once per round, the best of each kept, so that a
+        # slow minute of this shared machine slows all of them alike instead of one
+        for _ in range(args.repeats):
+            gemvs = min(gemvs, time_gemms(decode_gemvs, "numpy", 1))
+            gemms = {P: min(gemms[P], time_gemms(shapes, "numpy", 1)) for P, shapes in prefill_gemms.items()}
+            for name, (model, to_input, _) in models.items():
+                prefill, decode = results[name]
+                prefill = {P: min(prefill[P], bench_prefill(model, to_input, ids, 1)) for P, ids in prompts.items()}
+                results[name] = (prefill, min(decode, bench_decode(model, to_input, decode_prompt, args.new_tokens, 1)))
         # measured again after the models: on a shared machine any single measurement is an underestimate
         after = machine_rates(min_seconds=0.3, megabytes=floor_megabytes)
         rates = {fw: {key: max(rates[fw][key], after[fw][key]) for key in rates[fw]} for fw in rates}
-        gemvs = min(gemvs, time_gemms(decode_gemvs, "numpy", args.repeats))
-        gemms = {P: min(t, time_gemms(decoder_gemm_shapes(config, P, 1) + causal_attention_gemm_shapes(config, P),
-                                      "numpy", args.repeats)) for P, t in gemms.items()}
 
     P0 = decode_prompt.shape[1]
     kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * (P0 + args.new_tokens / 2) * 4
@@ -157,7 +159,7 @@ def main(argv=None) -> None:
     print(f"SmolLM2-135M-Instruct, float32, batch 1: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_attention_heads}/{config.num_key_value_heads} heads; {params / 1e6:.1f} M matmul parameters "
           f"({params * 4 / 1e6:.0f} MB); decode = {args.new_tokens} cached steps after a {P0}-token prompt; "
-          f"best of {args.repeats}; {describe_machine()}; load average {os.getloadavg()[0]:.1f} at the end.")
+          f"best of {args.repeats} interleaved rounds; {describe_machine()}; load average {os.getloadavg()[0]:.1f} at the end.")
     print()
     head = "| |" + "".join(f" prefill {P} (ms) | ÷ its GEMMs |" for P in args.prompts)
     head += " decode (ms/token) | ÷ bandwidth floor |" + (f" ÷ {reference} (prefill {'/'.join(map(str, args.prompts))}, decode) |" if reference else "")
