@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from functools import lru_cache
 
@@ -64,6 +64,7 @@ def parallel(tasks, calls_blas: bool = False) -> list:
         return [task() for task in tasks]
     with _one_blas_thread_each() if calls_blas else nullcontext():
         futures = [_get_pool(workers).submit(_run_as_worker, task) for task in tasks]
+        wait(futures)  # every piece done (none still writing) before a result or an error comes back
         return [future.result() for future in futures]
 
 

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -74,12 +75,19 @@ def test_nested_parallel_runs_in_place_instead_of_waiting_on_its_own_workers(mon
         assert len(set(names)) == 1 and names[0].startswith("minivl")
 
 
-def test_an_exception_in_a_piece_reaches_the_caller(monkeypatch):
+def test_an_exception_in_a_piece_reaches_the_caller_after_every_piece_finished(monkeypatch):
+    finished = []
+
     def fail():
         raise ValueError("piece 2 failed")
 
+    def slow():
+        time.sleep(0.2)
+        finished.append("slow")
+
     with pytest.raises(ValueError, match="piece 2 failed"):
-        at_threads(monkeypatch, 2, lambda: threads.parallel([lambda: 1, fail, lambda: 3]))
+        at_threads(monkeypatch, 2, lambda: threads.parallel([fail, slow]))
+    assert finished == ["slow"]  # the other piece was not left running
 
 
 def test_thread_count_from_the_environment(monkeypatch):
