@@ -168,8 +168,8 @@ def attention_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block_q: in
     Each query's row of attention reads every key and no other query, so block [i0, i1) is the
     full call on q[:, :, i0:i1]; the blocks run at once (minivl/threads.py) and none holds more than
     [b, heads, block_q, t] scores, where the full call holds [b, heads, s, t] (a 448-px ViT: 25 MB
-    of float32 per layer, through every softmax pass; blocks of 256 queries, 6 MB, measured 5%
-    faster than 128 and 30% faster than 32 on DINOv2's 1025 tokens). Equal to the full call up to the GEMM's
+    of float32 per layer, through every softmax pass; blocks of 256 queries, 6 MB, ran faster than
+    blocks of 128 or 32 on DINOv2's 1025 tokens here). Equal to the full call up to the GEMM's
     accumulation order for a shorter q (tests/test_threads.py).
     q [b, H, s, d], k/v [b, K, t, d] -> [b, H, s, d]
     """
