@@ -13,8 +13,10 @@ from scipy.special import erf
 
 from minivl.threads import num_threads, parallel, split
 
-# below this many elements an activation stays on the caller's thread (a hand-off costs ~10 µs)
-_PARALLEL_MIN_ELEMENTS = 1 << 16
+# below this many elements an activation stays on the caller's thread: a hand-off costs ~10 µs, and a
+# short pass right after a GEMM runs while OpenBLAS's idle worker still spins on the other core
+# (a 64-token prefill's [64, 1536] SiLU gained nothing from a second thread)
+_PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
 def silu(x: np.ndarray) -> np.ndarray:
