@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from functools import partial
 
 import numpy as np
 
 from minivl.errors import ConfigError, ShapeError
-from minivl.threads import parallel
 
 SCALE_MODES = ("divide", "scale_q", "multiply")
 
@@ -118,79 +116,6 @@ def _add(scores: np.ndarray, additive: np.ndarray) -> np.ndarray:
         scores += additive
         return scores
     return scores + additive
-
-
-def causal_attention_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, mask: np.ndarray, bias=None,
-                            block_q: int = 128, **attention_options) -> np.ndarray:
-    """Fast path of `scaled_dot_product_attention` for a causal mask: query blocks skip the keys they cannot see.
-
-    Under a causal mask (bottom-right aligned, as `build_attention_mask` builds it, padding and
-    sliding window included) query i sees no key past p_i = t − s + i, so the block of queries
-    [i0, i1) needs only the keys [0, t − s + i1): the masked upper triangle is never computed and
-    no [b, heads, s, t] score tensor is ever held (a block holds [b, heads, block_q, t] at most).
-    Each block is `scaled_dot_product_attention` itself on its slice, so the result equals the
-    full call up to the summation order of the softmax denominators (a skipped key adds
-    e^(min − max) = 0 exactly). A block whose skipped keys are not all hidden (a mask that is not
-    causal) or that has a row with no visible key left (a left-pad query, which the reference
-    spreads evenly over every masked key) uses every key, so any mask gives the full call's result.
-    The blocks are independent and run at once on every core (minivl/threads.py).
-    tests/test_attention_fast.py holds the two equal, tests/test_threads.py one thread and two.
-    q [b, H, s, d], k/v [b, K, t, d], mask/bias broadcastable to [b, H, s, t] -> [b, H, s, d]
-    """
-    q_len, kv_len = q.shape[2], k.shape[2]
-    check_additive("mask", mask, (q.shape[0], q.shape[1], q_len, kv_len))
-    if q_len <= block_q or mask.shape[-2] != q_len:  # one block, or a mask without per-query rows
-        return scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, **attention_options)
-    hidden = np.finfo(mask.dtype).min  # the masks' fill value (doubly masked entries are −inf)
-    out = np.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype)
-
-    def attend_block(start: int, stop: int) -> None:
-        block_mask = mask[..., start:stop, :]
-        # the block's last query sits at position t − s + stop − 1: keys from t − s + stop on are hidden
-        keys = kv_len - q_len + stop
-        if np.any(block_mask[..., keys:] > hidden) or not np.all(block_mask[..., :keys].max(axis=-1) > hidden):
-            keys = kv_len
-        block_bias = None if bias is None else _block(bias, start, stop, keys)
-        out[:, :, start:stop] = scaled_dot_product_attention(
-            q[:, :, start:stop], k[:, :, :keys], v[:, :, :keys], mask=block_mask[..., :keys], bias=block_bias,
-            **attention_options)
-
-    # those with most keys first, so the last block to start is a short one
-    starts = range(0, q_len, block_q)
-    parallel((partial(attend_block, start, min(start + block_q, q_len)) for start in reversed(starts)), calls_blas=True)
-    return out
-
-
-def attention_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block_q: int = 256,
-                     **attention_options) -> np.ndarray:
-    """Fast path of `scaled_dot_product_attention` without a mask (a ViT's): blocks of queries on every core at once.
-
-    Each query's row of attention reads every key and no other query, so block [i0, i1) is the
-    full call on q[:, :, i0:i1]; the blocks run at once (minivl/threads.py) and none holds more than
-    [b, heads, block_q, t] scores, where the full call holds [b, heads, s, t] (a 448-px ViT: 25 MB
-    of float32 per layer, through every softmax pass; blocks of 256 queries, 6 MB, ran faster than
-    blocks of 128 or 32 on DINOv2's 1025 tokens here). Equal to the full call up to the GEMM's
-    accumulation order for a shorter q (tests/test_threads.py).
-    q [b, H, s, d], k/v [b, K, t, d] -> [b, H, s, d]
-    """
-    q_len = q.shape[2]
-    masked = any(attention_options.get(name) is not None for name in ("mask", "bias"))
-    if q_len <= block_q or masked or attention_options.get("is_causal") or attention_options.get("return_probs"):
-        return scaled_dot_product_attention(q, k, v, **attention_options)  # one block, or rows that are not alike
-    out = np.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype)
-
-    def attend_block(rows: slice) -> None:
-        out[:, :, rows] = scaled_dot_product_attention(q[:, :, rows], k, v, **attention_options)
-
-    parallel((partial(attend_block, slice(start, start + block_q)) for start in range(0, q_len, block_q)),
-             calls_blas=True)
-    return out
-
-
-def _block(additive: np.ndarray, start: int, stop: int, keys: int) -> np.ndarray:
-    """Rows start:stop (unless broadcast over queries) and the first `keys` columns of an additive [.., s, t] term."""
-    rows = additive[..., start:stop, :] if additive.shape[-2] > 1 else additive
-    return rows[..., :keys] if additive.shape[-1] > 1 else rows
 
 
 def causal_mask(q_len: int, kv_len: int, dtype, sliding_window: int | None = None) -> np.ndarray:

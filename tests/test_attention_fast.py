@@ -8,6 +8,11 @@
   p·v (the skipped keys add exact zeros, but a shorter sum is blocked differently by BLAS), so
   the tolerance is that of two orderings of a length-t sum: rtol 8 ulps, atol (sqrt(t) + 16) ulps
   of (p·|v|) per output element, the p·v term of tests/test_attention.py's error bound;
+* `_late_normalized_attention`, the float32 kernel each block runs: e = exp(score) (unshifted when
+  no score can pass ±80) or exp(score − max), then (e·[v | 1])[:d] / (e·[v | 1])[d]. It forms no
+  probabilities, so it is held to the naive float64 truth of tests/test_attention.py within that
+  file's forward error bound plus one more length-t sum (the denominator now comes out of the
+  GEMM): (2·max δ + 2·sqrt(t) + 4)·(p·|v|) ulps;
 * the preallocated `KVCache`: no copy of the cache per decode step.
 """
 import math
@@ -18,9 +23,12 @@ import pytest
 import torch
 
 from minivl import attention as A
+from minivl import attention_blocks as AB
 from minivl.alibi import alibi_bias
 from minivl.testing import assert_close, tolerance
 from torch_impl import attention as T
+from torch_impl import attention_blocks as TB
+from test_attention import attention_error_scale, naive_attention, visible_pattern
 
 DTYPES = ["float32", "float64"]
 
@@ -111,10 +119,10 @@ def test_causal_blocks_equal_full_attention(dtype, b, h, kv, s, past, pad, windo
     q, k, v, mask = _case(rng, dtype, b, h, kv, s, past, 64, pad, window)
     full, probs = A.scaled_dot_product_attention(q, k, v, mask=mask, return_probs=True)
     rtol, atol = _blocked_tolerance(dtype, probs, v, h // kv)
-    blocked = A.causal_attention_blocks(q, k, v, mask=mask, block_q=block_q)
+    blocked = AB.causal_attention_blocks(q, k, v, mask=mask, block_q=block_q)
     assert_close(blocked, full, rtol=rtol, atol=atol, what="NumPy blocks vs full")
     tq, tk, tv, tmask = (torch.from_numpy(x) for x in (q, k, v, mask))
-    t_blocked = T.causal_attention_blocks(tq, tk, tv, mask=tmask, block_q=block_q)
+    t_blocked = TB.causal_attention_blocks(tq, tk, tv, mask=tmask, block_q=block_q)
     t_full = T.scaled_dot_product_attention(tq, tk, tv, mask=tmask)
     assert_close(t_blocked, t_full.numpy(), rtol=rtol, atol=atol, what="torch blocks vs torch full")
     assert_close(t_blocked, blocked, rtol=rtol, atol=2 * atol, what="torch blocks vs NumPy blocks")
@@ -129,7 +137,7 @@ def test_causal_blocks_with_alibi_bias_and_multiply_scale(dtype):
     options = dict(bias=bias, scale_mode="multiply")
     full, probs = A.scaled_dot_product_attention(q, k, v, mask=mask, return_probs=True, **options)
     rtol, atol = _blocked_tolerance(dtype, probs, v, 1)
-    assert_close(A.causal_attention_blocks(q, k, v, mask=mask, block_q=4, **options), full, rtol=rtol, atol=atol)
+    assert_close(AB.causal_attention_blocks(q, k, v, mask=mask, block_q=4, **options), full, rtol=rtol, atol=atol)
 
 
 def test_causal_blocks_fall_back_on_a_mask_that_is_not_causal():
@@ -141,7 +149,7 @@ def test_causal_blocks_fall_back_on_a_mask_that_is_not_causal():
     mask = np.broadcast_to(A.padding_mask(np.ones((1, s), dtype=np.int64), np.float64), (1, 1, s, s)).copy()
     mask[..., 0, -1] = np.finfo(np.float64).min  # not causal: row 0 sees later keys
     full = A.scaled_dot_product_attention(q, k, v, mask=mask)
-    np.testing.assert_array_equal(A.causal_attention_blocks(q, k, v, mask=mask, block_q=3), full)
+    np.testing.assert_array_equal(AB.causal_attention_blocks(q, k, v, mask=mask, block_q=3), full)
 
 
 def test_causal_blocks_never_hold_the_full_score_tensor(monkeypatch):
@@ -156,7 +164,7 @@ def test_causal_blocks_never_hold_the_full_score_tensor(monkeypatch):
     full_scores = h * s * s * 4
     tracemalloc.start()
     try:
-        A.causal_attention_blocks(q, k, v, mask=mask, block_q=128)
+        AB.causal_attention_blocks(q, k, v, mask=mask, block_q=128)
         _, peak_blocks = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
         A.scaled_dot_product_attention(q, k, v, mask=mask)
@@ -166,6 +174,104 @@ def test_causal_blocks_never_hold_the_full_score_tensor(monkeypatch):
     assert peak_full >= full_scores  # the measurement sees the full tensor when there is one
     assert peak_blocks < full_scores / 3, f"blocked attention peaked at {peak_blocks / 2**20:.1f} MiB"
 
+
+
+def _kernel(q, k, v, **options):
+    return AB._late_normalized_attention(q, k, AB._with_ones(v), key_norm=AB._key_norm(k), **options)
+
+
+def _kernel_tolerance(q, k, v, probs, scale):
+    """The reference's forward error bound plus one more length-t sum, in float32 ulps (module docstring)."""
+    group, t = q.shape[1] // k.shape[1], k.shape[2]
+    pv = probs @ np.repeat(np.abs(v.astype(np.float64)), group, axis=1)
+    return tolerance("float32", 4, atol_ulps=2, scale=attention_error_scale(q, k, v, probs, scale) + math.sqrt(t) * pv)
+
+
+def _bound(q, k, scale):
+    """The kernel's Cauchy–Schwarz bound on |score|, recomputed here to say which regime a case is in."""
+    norms = [np.sqrt((x.astype(np.float64) ** 2).sum(-1)).max() for x in (q, k)]
+    return norms[0] * norms[1] * scale
+
+
+@pytest.mark.parametrize("scale_mode", A.SCALE_MODES)
+@pytest.mark.parametrize("spread,regime", [
+    (1.5, "unshifted"),   # |score| <= 80 for sure: exp(score) directly, no max pass
+    (8.0, "shifted"),     # scores may pass 80: exp(score − max)
+    (24.0, "floored"),    # rows span more than 87.4 (and reach past e^88.7, float32 overflow, unshifted): e^(score − max) would be subnormal, floored at e^−80
+])
+def test_late_normalized_kernel_is_within_the_truths_bound(scale_mode, spread, regime):
+    rng = np.random.default_rng(8)
+    b, h, kv, s, t, d = 1, 6, 2, 40, 300, 64
+    q = (rng.standard_normal((b, h, s, d)) * spread).astype(np.float32)
+    k, v = (rng.standard_normal((b, kv, t, d)).astype(np.float32) for _ in range(2))
+    scale = d ** -0.5
+    limit = min(80, 88 - math.log(t))
+    truth, probs = naive_attention(q, k, v, scale=scale)
+    spans = (np.log(probs.max(-1)) - np.log(probs.min(-1))).max()  # the widest row, e^(max − min)
+    assert {"unshifted": 1.01 * _bound(q, k, scale) <= limit, "shifted": 1.01 * _bound(q, k, scale) > limit,
+            "floored": spans > 88}[regime], "the case is not in the regime it is meant to test"
+    got = _kernel(q, k, v, scale_mode=scale_mode)
+    rtol, atol = _kernel_tolerance(q, k, v, probs, scale)
+    assert_close(got, truth, rtol=rtol, atol=atol, what=f"kernel ({regime}, {scale_mode}) vs float64 truth")
+    reference = A.scaled_dot_product_attention(q, k, v, scale_mode=scale_mode)
+    assert_close(got, reference, rtol=2 * rtol, atol=2 * atol, what="kernel vs the reference")
+
+
+@pytest.mark.parametrize("case", ["causal", "left padding", "alibi", "mask above 0", "large scores"])
+def test_late_normalized_kernel_with_masks_and_biases(case):
+    """Masks and biases that must keep the max pass (a row that sees no key, a bias, a mask entry above
+    0, scores that may pass 80) and one that need not (causal): an unshifted exp would overflow or
+    divide 0 by 0 there, so these fail if the kernel picked its regime wrongly."""
+    rng = np.random.default_rng(9)
+    b, h, kv, s, past, d = 2, 4, 2, 24, 8, 64
+    t = past + s
+    q = rng.standard_normal((b, h, s, d)).astype(np.float32) * (30 if case == "large scores" else 1)
+    k, v = (rng.standard_normal((b, kv, t, d)).astype(np.float32) for _ in range(2))
+    attention_mask = np.ones((b, t), dtype=np.int64)
+    if case == "left padding":
+        attention_mask[0, :past + 3] = 0  # the first 3 queries of row 0 see no key at all
+    mask = A.build_attention_mask(attention_mask, s, past, np.float32)
+    visible = visible_pattern(b, s, t, attention_mask)
+    bias = alibi_bias(h, t).astype(np.float32) if case == "alibi" else None
+    if case == "mask above 0":
+        mask = mask.copy()
+        mask[..., 5] = np.where(mask[..., 5] == 0, 100.0, mask[..., 5])  # an additive boost of key 5
+        bias_truth = np.where(np.broadcast_to(mask, (b, 1, s, t)) > 0, 100.0, 0.0)
+    else:
+        bias_truth = bias
+    with np.errstate(invalid="ignore"):  # the truth of a row that sees no key is NaN; replaced below
+        truth, probs = naive_attention(q, k, v, visible, bias=bias_truth)
+    got = _kernel(q, k, v, mask=mask, bias=bias)
+    reference = A.scaled_dot_product_attention(q, k, v, mask=mask, bias=bias)
+    # a row with no visible key: the reference spreads it evenly over the keys masked once (finite
+    # mask; a key both padded and in the future is masked twice, −inf)
+    rows = visible.any(-1)[:, None, :, None]
+    once = np.broadcast_to(np.isfinite(mask), (b, h, s, t)).astype(np.float64)
+    spread = once / once.sum(-1, keepdims=True)
+    even = spread @ np.repeat(v.astype(np.float64), h // kv, axis=1)
+    truth, probs = np.where(rows, truth, even), np.where(rows, probs, spread)
+    rtol, atol = _kernel_tolerance(q, k, v, probs, d ** -0.5)
+    assert_close(got, truth, rtol=rtol, atol=atol, what=f"kernel vs float64 truth [{case}]")
+    assert_close(got, reference, rtol=2 * rtol, atol=2 * atol, what=f"kernel vs the reference [{case}]")
+
+
+def test_blocks_run_the_kernel_in_float32_prefill_only(monkeypatch):
+    """float32 blocks go through the kernel, float64 and a decode step (one query, whose [v | 1] would copy
+    the cache every step) through the reference."""
+    calls = []
+    kernel = AB._late_normalized_attention
+    monkeypatch.setattr(AB, "_late_normalized_attention", lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
+    rng = np.random.default_rng(10)
+    for dtype, s, t in (("float32", 300, 300), ("float64", 300, 300), ("float32", 1, 300)):
+        q = rng.standard_normal((1, 9, s, 64)).astype(dtype)
+        k, v = (rng.standard_normal((1, 3, t, 64)).astype(dtype) for _ in range(2))
+        mask = A.build_attention_mask(None, s, t - s, dtype)
+        calls.clear()
+        AB.causal_attention_blocks(q, k, v, mask=mask)
+        assert len(calls) == (3 if (dtype, s) == ("float32", 300) else 0), (dtype, s, calls)
+        calls.clear()
+        AB.attention_blocks(q, k, v, scale_mode="scale_q", softmax_dtype=None)
+        assert len(calls) == (2 if (dtype, s) == ("float32", 300) else 0), (dtype, s, calls)
 
 @pytest.mark.parametrize("module,wrap,address", [
     (A, np.asarray, lambda x: x.__array_interface__["data"][0]),

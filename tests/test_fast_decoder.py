@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import minivl
-import minivl.attention
+import minivl.attention_blocks
 import torch_impl
-import torch_impl.attention
+import torch_impl.attention_blocks
 import torch_impl.models.fused
 from _decoder_util import DTYPES, MODEL_ULPS, assert_parity
 from minivl.errors import ShapeError
@@ -90,7 +90,7 @@ def test_fused_projections_keep_the_checkpoint_and_equal_the_separate_path(check
 def test_blocked_causal_prefill_equals_full_attention(checkpoints, dtype, package, monkeypatch):
     """A 300-token prefill (3 query blocks of 128) with left padding in one row, against the same model
     with causal_attention_blocks replaced by the plain full-score call."""
-    module = minivl.attention if package == "numpy" else torch_impl.attention
+    module = minivl.attention_blocks if package == "numpy" else torch_impl.attention_blocks
     load = minivl.load_model if package == "numpy" else torch_impl.load_model
     wrap = np.asarray if package == "numpy" else torch.from_numpy
     model = load(checkpoints["qwen2"], dtype=dtype)
@@ -103,7 +103,7 @@ def test_blocked_causal_prefill_equals_full_attention(checkpoints, dtype, packag
 
     def full(q, k, v, *, mask, bias=None, block_q=128, **options):
         calls.append(q.shape[2])
-        return module.scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, **options)
+        return module.scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, **options)  # the reference it imports
 
     monkeypatch.setattr(module, "causal_attention_blocks", full)
     reference = model(**kwargs)

@@ -24,13 +24,14 @@ import torch
 
 import minivl
 from minivl import attention as A
+from minivl import attention_blocks as AB
 from minivl import threads
 from minivl.activations import gelu_fast, silu, silu_mul
 from minivl.errors import ConfigError
 from minivl.testing import assert_close, tolerance
 from minivl.tiny.llm import write_tiny_llm
 from minivl.tiny.vision import write_tiny_vit
-from torch_impl import attention as T
+from torch_impl import attention_blocks as TB
 from _decoder_util import assert_parity
 
 
@@ -146,7 +147,7 @@ def test_causal_blocks_on_one_thread_and_two(monkeypatch, scale_mode, softmax_dt
     k, v = (rng.standard_normal((1, 3, q_len, 64), dtype=np.float32) for _ in range(2))
     mask = A.build_attention_mask(None, q_len, 0, np.float32)
     options = dict(scale_mode=scale_mode, softmax_dtype=softmax_dtype)
-    run = lambda: A.causal_attention_blocks(q, k, v, mask=mask, **options)  # noqa: E731
+    run = lambda: AB.causal_attention_blocks(q, k, v, mask=mask, **options)  # noqa: E731
     rtol, atol = attention_tolerance(q, k, v, "float32", mask=mask, **options)
     assert_close(at_threads(monkeypatch, 2, run), at_threads(monkeypatch, 1, run), rtol=rtol, atol=atol,
                  what="causal blocks on two threads vs one")
@@ -158,16 +159,16 @@ def test_attention_blocks_equal_the_full_call_and_the_torch_twin(monkeypatch, dt
     n = 333  # a ViT-like unmasked attention in three blocks
     q, k, v = (rng.standard_normal((2, 6, n, 32)).astype(dtype) for _ in range(3))
     options = dict(scale=32 ** -0.5, scale_mode="scale_q", softmax_dtype=None)
-    two = at_threads(monkeypatch, 2, lambda: A.attention_blocks(q, k, v, **options))
-    one = at_threads(monkeypatch, 1, lambda: A.attention_blocks(q, k, v, **options))
+    two = at_threads(monkeypatch, 2, lambda: AB.attention_blocks(q, k, v, **options))
+    one = at_threads(monkeypatch, 1, lambda: AB.attention_blocks(q, k, v, **options))
     rtol, atol = attention_tolerance(q, k, v, dtype, **options)
     assert_close(two, one, rtol=rtol, atol=atol, what="blocks on two threads vs one")
     full = A.scaled_dot_product_attention(q, k, v, **options)
     assert_close(two, full, rtol=rtol, atol=atol, what="blocks vs one full call")
-    twin = T.attention_blocks(*(torch.from_numpy(x) for x in (q, k, v)), **options)
+    twin = TB.attention_blocks(*(torch.from_numpy(x) for x in (q, k, v)), **options)
     assert_close(twin, full, rtol=rtol, atol=atol, what="torch twin blocks vs NumPy full call")
     # a mask, a bias or asked-for probabilities: the plain call itself
-    probs = A.attention_blocks(q, k, v, return_probs=True, **options)
+    probs = AB.attention_blocks(q, k, v, return_probs=True, **options)
     np.testing.assert_array_equal(probs[1], A.scaled_dot_product_attention(q, k, v, return_probs=True, **options)[1])
 
 

@@ -99,7 +99,8 @@ def rope_attention(q, k, v, rope, attn: dict, cache, layer_idx: int):
     Order as the reference: rotate q and k, append k/v to the cache (post-RoPE, pre-GQA),
     scores = (q·kᵀ)/sqrt(d) + mask, softmax in float32 cast back, times v.
     """
-    from minivl.attention import causal_attention_blocks, scaled_dot_product_attention
+    from minivl.attention import scaled_dot_product_attention
+    from minivl.attention_blocks import causal_attention_blocks
     from minivl.rope import apply_rope
 
     # cos/sin are computed in float32 and cast to the activation dtype before use, as the reference

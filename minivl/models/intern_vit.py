@@ -45,7 +45,8 @@ import numpy as np
 
 from minivl import nn
 from minivl.activations import gelu_fast
-from minivl.attention import attention_blocks, scaled_dot_product_attention
+from minivl.attention import scaled_dot_product_attention
+from minivl.attention_blocks import attention_blocks
 from minivl.config import InternVisionConfig
 from minivl.errors import CheckpointError, ConfigError, ShapeError
 from minivl.interpolate import interpolate_bicubic

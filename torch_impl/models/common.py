@@ -107,7 +107,8 @@ def rope_attention(q, k, v, rope, attn: dict, cache, layer_idx: int):
     attn: {mask: [b|1, 1, s, t] or None, is_causal, backend, output_attentions}, from
     `DecoderLM.attention_args`.
     """
-    from torch_impl.attention import causal_attention_blocks, scaled_dot_product_attention
+    from torch_impl.attention import scaled_dot_product_attention
+    from torch_impl.attention_blocks import causal_attention_blocks
     from torch_impl.rope import apply_rope
 
     cos, sin = rope

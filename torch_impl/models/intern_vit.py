@@ -27,7 +27,8 @@ from minivl.config import InternVisionConfig
 from minivl.errors import ShapeError
 from minivl.models.intern_vit import (FINAL_NORM_KEY, NORM_KINDS, VISION_PREFIX, as_vision_config,  # noqa: F401
                                       check_final_norm, check_pixel_values, final_norm_spec, strip_vision_prefix)
-from torch_impl.attention import attention_blocks, scaled_dot_product_attention
+from torch_impl.attention import scaled_dot_product_attention
+from torch_impl.attention_blocks import attention_blocks
 from torch_impl.interpolate import interpolate_bicubic
 from torch_impl.mlp import gelu_mlp
 from torch_impl.models.common import (Linear, Norm, as_model_dtype, build_model, check_attn_implementation,

@@ -1,0 +1,208 @@
+"""Attention in blocks of queries: the fast paths beside `scaled_dot_product_attention` (minivl/attention.py).
+
+A prefill or a ViT attends with s queries at once; the reference holds all [b, heads, s, t]
+scores and passes over them five times (max, −max, exp, Σ, ÷). Here the queries go in blocks,
+on every core at once (minivl/threads.py):
+
+* `causal_attention_blocks`: a block never computes the keys a causal mask hides from it;
+* `attention_blocks`: an unmasked (ViT) attention, block by block;
+* in float32 each block runs `_late_normalized_attention`, which moves Σ and ÷ after p·v and
+  drops the max pass when the scores are small enough not to need it.
+
+Each is held to the reference by tests/test_attention_fast.py (and one thread against two by
+tests/test_threads.py).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import numpy as np
+
+from minivl.attention import check_additive, check_attention_options, check_qkv, scaled_dot_product_attention
+from minivl.threads import parallel
+
+
+def causal_attention_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, mask: np.ndarray, bias=None,
+                            block_q: int = 128, **attention_options) -> np.ndarray:
+    """Fast path of `scaled_dot_product_attention` for a causal mask: query blocks skip the keys they cannot see.
+
+    Under a causal mask (bottom-right aligned, as `build_attention_mask` builds it, padding and
+    sliding window included) query i sees no key past p_i = t − s + i, so the block of queries
+    [i0, i1) needs only the keys [0, t − s + i1): the masked upper triangle is never computed and
+    no [b, heads, s, t] score tensor is ever held (a block holds [b, heads, block_q, t] at most).
+    Each block is `scaled_dot_product_attention` itself on its slice, so the result equals the
+    full call up to the summation order of the softmax denominators (a skipped key adds
+    e^(min − max) = 0 exactly); in float32 each block runs `_late_normalized_attention` instead,
+    within the float64 truth's error bound (measured here on SmolLM2's heads: 6 % faster than the
+    reference at 256 tokens; at 128 and fewer, one block, it was 5–20 % slower, so one block stays
+    the plain call). A block whose skipped keys are not all hidden (a mask that is not causal) or
+    that has a row with no visible key left (a left-pad query, which the reference spreads evenly
+    over every masked key) uses every key, so any mask gives the full call's result.
+    The blocks are independent and run at once on every core (minivl/threads.py).
+    tests/test_attention_fast.py holds the two equal, tests/test_threads.py one thread and two.
+    q [b, H, s, d], k/v [b, K, t, d], mask/bias broadcastable to [b, H, s, t] -> [b, H, s, d]
+    """
+    q_len, kv_len = q.shape[2], k.shape[2]
+    check_additive("mask", mask, (q.shape[0], q.shape[1], q_len, kv_len))
+    if q_len <= block_q or mask.shape[-2] != q_len:  # one block, or a mask without per-query rows
+        return scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, **attention_options)
+    fast = _fast_kernel_applies(q, v, attention_options)
+    if fast:  # one copy of v as [v | 1] for all blocks (a prefill's; a decode step is one block)
+        kernel, v_ones = _fast_kernel(q, k, v, attention_options)
+    hidden = np.finfo(mask.dtype).min  # the masks' fill value (doubly masked entries are −inf)
+    out = np.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype)
+
+    def attend_block(start: int, stop: int) -> None:
+        block_mask = mask[..., start:stop, :]
+        # the block's last query sits at position t − s + stop − 1: keys from t − s + stop on are hidden
+        keys = kv_len - q_len + stop
+        if np.any(block_mask[..., keys:] > hidden) or not np.all(block_mask[..., :keys].max(axis=-1) > hidden):
+            keys = kv_len
+        block_bias = None if bias is None else _block(bias, start, stop, keys)
+        if fast:
+            kernel(q[:, :, start:stop], k[:, :, :keys], v_ones[:, :, :keys], mask=block_mask[..., :keys],
+                   bias=block_bias, out=out[:, :, start:stop])
+        else:
+            out[:, :, start:stop] = scaled_dot_product_attention(
+                q[:, :, start:stop], k[:, :, :keys], v[:, :, :keys], mask=block_mask[..., :keys], bias=block_bias,
+                **attention_options)
+
+    # those with most keys first, so the last block to start is a short one
+    starts = range(0, q_len, block_q)
+    parallel((partial(attend_block, start, min(start + block_q, q_len)) for start in reversed(starts)), calls_blas=True)
+    return out
+
+
+def attention_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block_q: int = 256,
+                     **attention_options) -> np.ndarray:
+    """Fast path of `scaled_dot_product_attention` without a mask (a ViT's): blocks of queries on every core at once.
+
+    Each query's row of attention reads every key and no other query, so block [i0, i1) is the
+    full call on q[:, :, i0:i1]; the blocks run at once (minivl/threads.py) and none holds more than
+    [b, heads, block_q, t] scores, where the full call holds [b, heads, s, t] (a 448-px ViT: 25 MB
+    of float32 per layer, through every softmax pass; blocks of 256 queries, 6 MB, ran faster than
+    blocks of 128 or 32 on DINOv2's 1025 tokens here). float32 blocks run
+    `_late_normalized_attention` (no Σ or ÷ pass over the scores, nor a max pass when they are
+    small; within the float64 truth's error bound, tests/test_attention_fast.py; DINOv2's forward
+    at 448 px 9 % faster here); other dtypes run the full call on their slice, equal to it up to
+    the GEMM's accumulation order (tests/test_threads.py).
+    q [b, H, s, d], k/v [b, K, t, d] -> [b, H, s, d]
+    """
+    q_len = q.shape[2]
+    masked = any(attention_options.get(name) is not None for name in ("mask", "bias"))
+    if q_len <= block_q or masked or attention_options.get("is_causal") or attention_options.get("return_probs"):
+        return scaled_dot_product_attention(q, k, v, **attention_options)  # one block, or rows that are not alike
+    out = np.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype)
+    if _fast_kernel_applies(q, v, attention_options):
+        kernel, v_ones = _fast_kernel(q, k, v, attention_options)
+
+        def attend_block(rows: slice) -> None:
+            kernel(q[:, :, rows], k, v_ones, out=out[:, :, rows])
+    else:
+        def attend_block(rows: slice) -> None:
+            out[:, :, rows] = scaled_dot_product_attention(q[:, :, rows], k, v, **attention_options)
+
+    parallel((partial(attend_block, slice(start, start + block_q)) for start in range(0, q_len, block_q)),
+             calls_blas=True)
+    return out
+
+
+# `_late_normalized_attention`'s float32 limits: e^±80 (5.5e34, 1.8e−35) are normal float32 numbers,
+# e^−87.4 and below are subnormals or 0, and a sum of t terms up to e^B stays below float32's
+# largest 3.4e38 = e^88.7 while B <= 88 − ln t
+_NORMAL_EXP_LIMIT = 80.0
+
+
+def _late_normalized_attention(q: np.ndarray, k: np.ndarray, v_ones: np.ndarray, *, key_norm: float,
+                              scale=None, scale_mode: str = "divide", mask=None, bias=None,
+                              out=None) -> np.ndarray:
+    """Fast float32 kernel of a block: `scaled_dot_product_attention` with softmax's Σ and ÷ moved after p·v.
+
+    * out = (e·[v | 1])[:d] / (e·[v | 1])[d]: the row sums come out of the p·v GEMM as an extra
+      column of ones (v_ones = [v | 1]), so neither Σ nor ÷ makes a pass over the [.., s, t] scores
+      (flash attention's order, minivl/flash.py);
+    * when no score can pass ±B, B = min(80, 88 − ln t) (|score| <= |q_i|·max_j |k_j|·scale by
+      Cauchy–Schwarz, key_norm = max_j |k_j|), there is no bias, and a mask's best entry in each
+      row lies in [bound − B, 0] (a causal mask: 0 on every row's visible keys), e = exp(score)
+      unshifted: softmax does not depend on the shift, e^±B is a normal float32 and a row's sum
+      stays finite, so the max pass and the subtraction go too;
+    * otherwise e = exp(score − max) as the reference, and unmasked shifted scores below −80 are
+      raised to −80: e^(−87.4 … −103) are float32 subnormals, on which x86's exp and GEMM run ~4–9×
+      slower (a ViT's first layer), and the raise moves an output by t·e^−80·max|v| at most.
+    Rounds differently from the reference (no probabilities are formed); tests/test_attention_fast.py
+    holds both within the forward error bound of the float64 truth. For float32 q, k, v only: a
+    half-precision model rounds its probabilities to its dtype before p·v, which this never forms.
+    q [b, H, s, d], k [b, K, t, d], v_ones [b, K, t, d + 1] -> [b, H, s, d] (into `out` if given)
+    """
+    batch, n_heads, q_len, head_dim = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    q_grouped = q.reshape(batch, n_kv_heads, n_heads // n_kv_heads * q_len, head_dim)
+    # the reference's scores, op for op (scale_mode: see scaled_dot_product_attention)
+    if scale_mode == "scale_q":
+        scale = head_dim ** -0.5 if scale is None else scale
+        scores = (q_grouped * scale) @ np.swapaxes(k, -1, -2)
+    else:
+        scores = q_grouped @ np.swapaxes(k, -1, -2)
+        if scale_mode == "divide":
+            divisor = math.sqrt(head_dim) if scale is None else 1.0 / scale
+            scale = 1.0 / divisor
+            scores /= divisor
+        else:
+            scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+            scores *= scale
+    scores = scores.reshape(batch, n_heads, q_len, kv_len)
+    with np.errstate(over="ignore"):
+        if bias is not None:
+            scores += bias
+        if mask is not None:
+            scores += mask
+    # |score| <= |q_i|·|k_j|·scale (Cauchy–Schwarz), in float64 with 1 % to spare for rounding
+    bound = 1.01 * _key_norm(q) * key_norm * abs(scale)
+    limit = min(_NORMAL_EXP_LIMIT, 88.0 - math.log(max(kv_len, 1)))
+    unshifted = bound <= limit and bias is None
+    if unshifted and mask is not None:  # each row's best masked score within [−limit, bound]: its e^score is normal
+        row_best = np.max(mask, axis=-1)
+        unshifted = np.max(row_best) <= 0 and bound - np.min(row_best) <= limit
+    if not unshifted:
+        scores -= np.max(scores, axis=-1, keepdims=True)
+        if mask is None and 2 * bound > _NORMAL_EXP_LIMIT:  # a row may span more than 80: keep e normal
+            np.maximum(scores, -_NORMAL_EXP_LIMIT, out=scores)
+    np.exp(scores, out=scores)
+    # [e·v | e·1] in one GEMM per KV head, then the division on [.., s, d] only
+    sums = (scores.reshape(batch, n_kv_heads, -1, kv_len) @ v_ones).reshape(batch, n_heads, q_len, head_dim + 1)
+    return np.divide(sums[..., :head_dim], sums[..., head_dim:], out=out)
+
+
+def _fast_kernel(q, k, v, attention_options) -> tuple:
+    """(`_late_normalized_attention` bound to max_j |k_j| and the call's scale options, [v | 1]), inputs checked."""
+    check_qkv(q, k, v)
+    check_attention_options(attention_options.get("scale_mode", "divide"), attention_options.get("softmax_dtype"))
+    options = {name: attention_options[name] for name in ("scale", "scale_mode") if name in attention_options}
+    return partial(_late_normalized_attention, key_norm=_key_norm(k), **options), _with_ones(v)
+
+
+def _key_norm(k: np.ndarray) -> float:
+    """max_j |k_j| over every head and key, in float64 (the Cauchy–Schwarz factor of `_late_normalized_attention`)."""
+    return float(np.sqrt(np.max(np.einsum("...d,...d->...", k, k, dtype=np.float64), initial=0.0)))
+
+
+def _with_ones(v: np.ndarray) -> np.ndarray:
+    """[v | 1]: v with a column of ones after its last feature, for `_late_normalized_attention`. [.., d] -> [.., d + 1]"""
+    v_ones = np.empty(v.shape[:-1] + (v.shape[-1] + 1,), dtype=v.dtype)
+    v_ones[..., :-1], v_ones[..., -1] = v, 1
+    return v_ones
+
+
+def _fast_kernel_applies(q, v, attention_options) -> bool:
+    """True when `_late_normalized_attention` may stand in for the reference: float32 throughout, no probabilities."""
+    softmax_dtype = attention_options.get("softmax_dtype", "float32")
+    compute = q.dtype if softmax_dtype is None else np.promote_types(q.dtype, np.dtype(softmax_dtype))
+    return (q.dtype == v.dtype == compute == np.float32 and not attention_options.get("return_probs")
+            and not attention_options.get("is_causal"))
+
+
+def _block(additive: np.ndarray, start: int, stop: int, keys: int) -> np.ndarray:
+    """Rows start:stop (unless broadcast over queries) and the first `keys` columns of an additive [.., s, t] term."""
+    rows = additive[..., start:stop, :] if additive.shape[-2] > 1 else additive
+    return rows[..., :keys] if additive.shape[-1] > 1 else rows
