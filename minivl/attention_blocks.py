@@ -34,9 +34,8 @@ def causal_attention_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, mask
     Each block is `scaled_dot_product_attention` itself on its slice, so the result equals the
     full call up to the summation order of the softmax denominators (a skipped key adds
     e^(min − max) = 0 exactly); in float32 each block runs `_late_normalized_attention` instead,
-    within the float64 truth's error bound (measured here on SmolLM2's heads: 6 % faster than the
-    reference at 256 tokens; at 128 and fewer, one block, it was 5–20 % slower, so one block stays
-    the plain call). A block whose skipped keys are not all hidden (a mask that is not causal) or
+    within the float64 truth's error bound (a single block stays the plain call: there the
+    kernel's fixed costs, a copy of v and two norms, outweigh the passes it saves). A block whose skipped keys are not all hidden (a mask that is not causal) or
     that has a row with no visible key left (a left-pad query, which the reference spreads evenly
     over every masked key) uses every key, so any mask gives the full call's result.
     The blocks are independent and run at once on every core (minivl/threads.py).
@@ -84,9 +83,9 @@ def attention_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block_q: in
     of float32 per layer, through every softmax pass; blocks of 256 queries, 6 MB, ran faster than
     blocks of 128 or 32 on DINOv2's 1025 tokens here). float32 blocks run
     `_late_normalized_attention` (no Σ or ÷ pass over the scores, nor a max pass when they are
-    small; within the float64 truth's error bound, tests/test_attention_fast.py; DINOv2's forward
-    at 448 px 9 % faster here); other dtypes run the full call on their slice, equal to it up to
-    the GEMM's accumulation order (tests/test_threads.py).
+    small; within the float64 truth's error bound, tests/test_attention_fast.py); other dtypes
+    run the full call on their slice, equal to it up to the GEMM's accumulation order
+    (tests/test_threads.py).
     q [b, H, s, d], k/v [b, K, t, d] -> [b, H, s, d]
     """
     q_len = q.shape[2]
@@ -128,8 +127,9 @@ def _late_normalized_attention(q: np.ndarray, k: np.ndarray, v_ones: np.ndarray,
       unshifted: softmax does not depend on the shift, e^±B is a normal float32 and a row's sum
       stays finite, so the max pass and the subtraction go too;
     * otherwise e = exp(score − max) as the reference, and unmasked shifted scores below −80 are
-      raised to −80: e^(−87.4 … −103) are float32 subnormals, on which x86's exp and GEMM run ~4–9×
-      slower (a ViT's first layer), and the raise moves an output by t·e^−80·max|v| at most.
+      raised to −80: e^(−87.4 … −103) are float32 subnormals, on which x86's exp and GEMM run
+      several times slower (a ViT's first layer has some), and the raise moves an output by
+      t·e^−80·max|v| at most.
     Rounds differently from the reference (no probabilities are formed); tests/test_attention_fast.py
     holds both within the forward error bound of the float64 truth. For float32 q, k, v only: a
     half-precision model rounds its probabilities to its dtype before p·v, which this never forms.

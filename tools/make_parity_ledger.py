@@ -105,6 +105,7 @@ def component_rows() -> list[Row]:
     import minivl.activations as A
     import minivl.alibi as AL
     import minivl.attention as AT
+    import minivl.attention_blocks as AB
     import minivl.flash as FL
     import minivl.interpolate as IP
     import minivl.linear as L
@@ -192,6 +193,16 @@ def component_rows() -> list[Row]:
                                 "online softmax over 3 key tiles, same tile order"))
             rows.append(measure("flash", "causal GQA, 8×8 tiles", dtype, "minivl attention (dense)", [(flash, out)],
                                 64, 64, "online softmax rescaling vs one dense softmax"))
+            mask = AT.build_attention_mask(None, 24, 0, dtype)
+            blocked = AB.causal_attention_blocks(qd, kd, vd, mask=mask, block_q=8)
+            rows.append(measure("attention blocks", "causal GQA, 3 blocks of 8 queries", dtype, "minivl attention (dense)",
+                                [(blocked, out)], 32, 32, "float32: Σ and ÷ after p·v (the late-normalized kernel); "
+                                "float64: the reference on each block"))
+            vit = dict(scale_mode="scale_q", softmax_dtype=None)
+            rows.append(measure("attention blocks", "unmasked (ViT), 3 blocks of 8 queries", dtype,
+                                "minivl attention (dense)", [(AB.attention_blocks(qd, kd, vd, block_q=8, **vit),
+                                                              AT.scaled_dot_product_attention(qd, kd, vd, **vit))],
+                                32, 32, "float32: the late-normalized kernel, unshifted (every score within ±80)"))
         for dtype in ("float64", "float32"):
             inv, scaling = R.rope_init("default", 64, 1e6, 4096, dtype=dtype)
             inv_t, _ = tR.rope_init("default", 64, 1e6, 4096, dtype=getattr(torch, dtype))

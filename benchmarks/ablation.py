@@ -1,0 +1,142 @@
+"""What each NumPy fast path buys: SmolLM2-135M (prefill 512, cached decode) and DINOv2-S/14 at 448 px
+with one fast path turned off at a time, measured in interleaved rounds (every row once a round, the
+best of each kept), so that a slow minute of a shared machine slows every row alike.
+
+Rows, each against "all on":
+
+* no float32 attention kernel: each query block runs the reference softmax (max, −max, exp, Σ, ÷)
+  instead of `_late_normalized_attention` (minivl/attention_blocks.py);
+* no query blocks: attention is the reference's one full-score call, masked half included;
+* one thread: MINIVL_NUM_THREADS=1, every softmax and activation pass on one core
+  (minivl/threads.py; BLAS keeps its own threads);
+* weights not packed: `pack_parameters` skipped at load, each weight its own allocation
+  (minivl/models/packing.py).
+
+The fused projections, `logits_to_keep=1` and the in-place updates stay on in every row: they are
+how the models are written, not switches. The switches are made here by replacing the named
+function for the duration of a row; the library has no such options.
+
+    python3 benchmarks/ablation.py              # markdown table
+    python3 benchmarks/ablation.py --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+
+import minivl  # noqa: E402,F401  (before NumPy loads OpenBLAS: it sets OpenBLAS's spin time, minivl/__init__.py)
+import numpy as np  # noqa: E402
+
+from machine import describe_machine, time_best  # noqa: E402
+from smollm2 import bench_decode, bench_prefill  # noqa: E402
+
+
+@contextlib.contextmanager
+def replaced(module, name: str, value):
+    """module.name = value inside the block, restored after it."""
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str):
+    original = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if original is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = original
+
+
+def switches() -> dict:
+    """Row name -> a context that turns one fast path off (None: all on)."""
+    from minivl import attention_blocks
+    from minivl.models import intern_vit
+
+    reference = attention_blocks.scaled_dot_product_attention
+
+    def full_call(q, k, v, *, block_q=None, **options):
+        return reference(q, k, v, **options)
+
+    return {
+        "all fast paths on": contextlib.nullcontext,
+        "no float32 attention kernel": lambda: replaced(attention_blocks, "_fast_kernel_applies", lambda *a: False),
+        "no query blocks (full-score attention)": lambda: _both(
+            replaced(attention_blocks, "causal_attention_blocks", full_call),  # looked up at each call
+            replaced(intern_vit, "attention_blocks", full_call)),  # imported by name there
+        "one thread (MINIVL_NUM_THREADS=1)": lambda: environment("MINIVL_NUM_THREADS", "1"),
+    }
+
+
+@contextlib.contextmanager
+def _both(*contexts):
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield
+
+
+def load(path, packed: bool):
+    """minivl.load_model, with `pack_parameters` skipped when not packed."""
+    from minivl.models import common
+
+    with contextlib.nullcontext() if packed else replaced(common, "pack_parameters", lambda model: None):
+        return minivl.load_model(path, dtype="float32")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="rounds (every row once a round; best kept)")
+    parser.add_argument("--prompt", type=int, default=512, help="prefill length")
+    parser.add_argument("--new-tokens", type=int, default=16, help="decode steps timed after a 64-token prompt")
+    args = parser.parse_args(argv)
+
+    from minivl.weights.dinov2 import dinov2_checkpoint
+    from minivl.weights.smollm2 import ensure_smollm2
+
+    llm_path, vit_path = ensure_smollm2(), dinov2_checkpoint()
+    models = {packed: (load(llm_path, packed), load(vit_path, packed)) for packed in (True, False)}
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, models[True][0].config.vocab_size, (1, args.prompt))
+    short = prompt[:, :64]
+    pixels = rng.standard_normal((1, 3, 448, 448), dtype=np.float32)
+
+    def measure(llm, vit) -> tuple:
+        return (bench_prefill(llm, np.asarray, prompt, 1), bench_decode(llm, np.asarray, short, args.new_tokens, 1),
+                time_best(lambda: vit(pixels), 1))
+
+    rows = {name: (switch, True) for name, switch in switches().items()}
+    rows["weights not packed"] = (contextlib.nullcontext, False)
+    best = {name: (float("inf"),) * 3 for name in rows}
+    for _ in range(args.repeats):
+        for name, (switch, packed) in rows.items():
+            with switch():
+                times = measure(*models[packed])
+            best[name] = tuple(min(a, b) for a, b in zip(best[name], times))
+
+    print(f"NumPy, float32, batch 1: SmolLM2-135M prefill {args.prompt} (logits_to_keep=1) and cached decode "
+          f"({args.new_tokens} steps after 64 tokens), DINOv2-S/14 at 448 px (1025 tokens); best of {args.repeats} "
+          f"interleaved rounds; {describe_machine()}; load average {os.getloadavg()[0]:.1f} at the end.")
+    print()
+    print(f"| | prefill {args.prompt} (ms) | decode (ms/token) | ViT 448 px (ms) | ÷ all on (prefill, decode, ViT) |")
+    print("|---|---|---|---|---|")
+    base = best["all fast paths on"]
+    for name, times in best.items():
+        ratios = ", ".join(f"{t / b:.2f}×" for t, b in zip(times, base))
+        print(f"| {name} | {times[0] * 1e3:.0f} | {times[1] * 1e3:.1f} | {times[2] * 1e3:.0f} | {ratios} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""benchmarks/ablation.py turns fast paths off by replacing library functions for the length of a row.
+Timings stay out of the tests; what is checked is that each switch does turn its path off (the
+function it names is still there and is what the models call) and leaves everything as it was."""
+import importlib.util
+import os
+
+import numpy as np
+
+from minivl import attention_blocks
+from minivl.models import common, intern_vit
+from minivl.tiny.llm import write_tiny_llm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_ablation():
+    spec = importlib.util.spec_from_file_location("ablation", os.path.join(ROOT, "benchmarks", "ablation.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_switch_turns_its_path_off_and_restores_it(monkeypatch):
+    ablation = load_ablation()
+    before = {name: getattr(module, name) for module, name in (
+        (attention_blocks, "_fast_kernel_applies"), (attention_blocks, "causal_attention_blocks"),
+        (intern_vit, "attention_blocks"), (common, "pack_parameters"))}
+    monkeypatch.delenv("MINIVL_NUM_THREADS", raising=False)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, 300, 16), dtype=np.float32) for _ in range(3))
+    calls = []
+    kernel = attention_blocks._late_normalized_attention
+    monkeypatch.setattr(attention_blocks, "_late_normalized_attention",
+                        lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    for name, switch in ablation.switches().items():
+        calls.clear()
+        with switch():
+            attention_blocks.attention_blocks(q, k, v, scale_mode="scale_q", softmax_dtype=None)
+            threads_env = os.environ.get("MINIVL_NUM_THREADS")
+            vit_attention = intern_vit.attention_blocks
+        assert bool(calls) == (name not in ("no float32 attention kernel",)), name
+        if name.startswith("no query blocks"):
+            assert vit_attention is not before["attention_blocks"]
+        assert threads_env == ("1" if name.startswith("one thread") else None), name
+    after = {name: getattr(module, name) for module, name in (
+        (attention_blocks, "_fast_kernel_applies"), (attention_blocks, "causal_attention_blocks"),
+        (intern_vit, "attention_blocks"), (common, "pack_parameters"))}
+    assert after == before and "MINIVL_NUM_THREADS" not in os.environ
+
+
+def test_unpacked_load_gives_the_same_model_without_the_buffer(tmp_path):
+    ablation = load_ablation()
+    path = write_tiny_llm(tmp_path / "llama", "llama", seed=1)
+    packed, unpacked = ablation.load(path, True), ablation.load(path, False)
+    ids = np.random.default_rng(1).integers(0, packed.config.vocab_size, (1, 9))
+    np.testing.assert_array_equal(packed(input_ids=ids).logits, unpacked(input_ids=ids).logits)
+    def allocations(model) -> set:
+        return {id(p.base) if p.base is not None else id(p) for _, p in model.named_parameters()}
+
+    assert len(allocations(packed)) == 1  # every weight a view of the one packed buffer
+    assert len(allocations(unpacked)) > 1  # each its own allocation (fused matrices shared)
