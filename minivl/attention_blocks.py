@@ -35,9 +35,11 @@ def causal_attention_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, mask
     full call up to the summation order of the softmax denominators (a skipped key adds
     e^(min − max) = 0 exactly); in float32 each block runs `_late_normalized_attention` instead,
     within the float64 truth's error bound (a single block stays the plain call: there the
-    kernel's fixed costs, a copy of v and two norms, outweigh the passes it saves). A block whose skipped keys are not all hidden (a mask that is not causal) or
-    that has a row with no visible key left (a left-pad query, which the reference spreads evenly
-    over every masked key) uses every key, so any mask gives the full call's result.
+    kernel's fixed costs, a copy of v and two norms, outweigh the passes it saves). A block whose
+    skipped keys are not all hidden (a mask that is not causal) or that has a row with no visible
+    key left (a left-pad query, which the reference spreads evenly over the keys masked once:
+    a padded future key is masked twice, −inf) uses every key, so any mask gives the full call's
+    result.
     The blocks are independent and run at once on every core (minivl/threads.py).
     tests/test_attention_fast.py holds the two equal, tests/test_threads.py one thread and two.
     q [b, H, s, d], k/v [b, K, t, d], mask/bias broadcastable to [b, H, s, t] -> [b, H, s, d]
