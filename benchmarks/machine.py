@@ -99,12 +99,12 @@ def matmul_params(config) -> int:
 
 
 def decoder_gemm_shapes(config, tokens: int, logits_positions: int) -> list[tuple[int, int, int]]:
-    """(m, k, n) of every projection GEMM of one decoder forward over `tokens` positions: q, k, v, o,
-    gate, up, down per layer, then the LM head over `logits_positions` rows (1 for generation)."""
+    """(m, k, n) of every projection GEMM of one Llama/Qwen2 forward over `tokens` positions, as the
+    model runs them: q|k|v as one GEMM and gate|up as one (fused at load, minivl/models/fused.py),
+    o and down, per layer, then the LM head over `logits_positions` rows (1 for generation)."""
     hidden, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
     q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
-    layer = [(tokens, hidden, q), (tokens, hidden, kv), (tokens, hidden, kv), (tokens, q, hidden),
-             (tokens, hidden, inter), (tokens, hidden, inter), (tokens, inter, hidden)]
+    layer = [(tokens, hidden, q + 2 * kv), (tokens, q, hidden), (tokens, hidden, 2 * inter), (tokens, inter, hidden)]
     return layer * config.num_hidden_layers + [(logits_positions, hidden, config.vocab_size)]
 
 

@@ -3,8 +3,9 @@ and 512 tokens and cached decode per token, each as a RATIO to what this machine
 the same run (benchmarks/machine.py):
 
 * prefill ÷ its GEMMs: the forward's time over the time of the same matrix products alone
-  (projections over every prompt token, the causal half of the attention products, the LM head
-  over the one position generation needs), run back to back on preallocated operands;
+  (projections over every prompt token, q|k|v and gate|up each one GEMM as the model fuses them,
+  the causal half of the attention products, the LM head over the one position generation needs),
+  run back to back on preallocated operands;
 * decode ÷ bandwidth floor: a cached step at batch 1 reads every weight once (134.5 M matmul
   parameters, 538 MB in float32, the tied head included) plus the KV cache; bytes ÷ the GEMV read
   bandwidth is the floor no implementation can beat;
