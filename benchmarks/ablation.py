@@ -9,6 +9,8 @@ Rows, each against "all on":
 * no query blocks: attention is the reference's one full-score call, masked half included;
 * one thread: MINIVL_NUM_THREADS=1, every softmax and activation pass on one core
   (minivl/threads.py; BLAS keeps its own threads);
+* no flat decode step: each cached token runs the layers' own forward instead of
+  `decode_layers` (minivl/models/decode_step.py);
 * weights not packed: `pack_parameters` skipped at load, each weight its own allocation
   (minivl/models/packing.py).
 
@@ -63,7 +65,7 @@ def environment(name: str, value: str):
 def switches() -> dict:
     """Row name -> a context that turns one fast path off (None: all on)."""
     from minivl import attention_blocks
-    from minivl.models import intern_vit
+    from minivl.models import decode_step, intern_vit
 
     reference = attention_blocks.scaled_dot_product_attention
 
@@ -77,6 +79,7 @@ def switches() -> dict:
             replaced(attention_blocks, "causal_attention_blocks", full_call),  # looked up at each call
             replaced(intern_vit, "attention_blocks", full_call)),  # imported by name there
         "one thread (MINIVL_NUM_THREADS=1)": lambda: environment("MINIVL_NUM_THREADS", "1"),
+        "no flat decode step": lambda: replaced(decode_step, "decode_applies", lambda *a: False),
     }
 
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from minivl import attention_blocks
-from minivl.models import common, intern_vit
+from minivl.models import common, decode_step, intern_vit
 from minivl.tiny.llm import write_tiny_llm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +24,7 @@ def test_every_switch_turns_its_path_off_and_restores_it(monkeypatch):
     ablation = load_ablation()
     before = {name: getattr(module, name) for module, name in (
         (attention_blocks, "_fast_kernel_applies"), (attention_blocks, "causal_attention_blocks"),
-        (intern_vit, "attention_blocks"), (common, "pack_parameters"))}
+        (intern_vit, "attention_blocks"), (common, "pack_parameters"), (decode_step, "decode_applies"))}
     monkeypatch.delenv("MINIVL_NUM_THREADS", raising=False)
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, 2, 300, 16), dtype=np.float32) for _ in range(3))
@@ -38,13 +38,15 @@ def test_every_switch_turns_its_path_off_and_restores_it(monkeypatch):
             attention_blocks.attention_blocks(q, k, v, scale_mode="scale_q", softmax_dtype=None)
             threads_env = os.environ.get("MINIVL_NUM_THREADS")
             vit_attention = intern_vit.attention_blocks
+            decode_applies = decode_step.decode_applies
         assert bool(calls) == (name not in ("no float32 attention kernel",)), name
+        assert (decode_applies is before["decode_applies"]) == (name != "no flat decode step"), name
         if name.startswith("no query blocks"):
             assert vit_attention is not before["attention_blocks"]
         assert threads_env == ("1" if name.startswith("one thread") else None), name
     after = {name: getattr(module, name) for module, name in (
         (attention_blocks, "_fast_kernel_applies"), (attention_blocks, "causal_attention_blocks"),
-        (intern_vit, "attention_blocks"), (common, "pack_parameters"))}
+        (intern_vit, "attention_blocks"), (common, "pack_parameters"), (decode_step, "decode_applies"))}
     assert after == before and "MINIVL_NUM_THREADS" not in os.environ
 
 

@@ -9,7 +9,11 @@
   equal to the full-score attention to the softmax denominators' summation order (MODEL_ULPS, the
   tolerance of the decoder parity tests; measured <= 4 ulps here);
 * `logits_to_keep`: the head over the last n positions only, equal to those rows of the full logits;
-* a long prefill never holds a [heads, n, n] score tensor (tracemalloc).
+* a long prefill never holds a [heads, n, n] score tensor (tracemalloc);
+* the flat decode step (minivl/models/decode_step.py): one cached token through Llama/Qwen2 layers
+  with the layers' operations in their order, held BIT-equal to them (logits and cache), and not
+  taken where it does not apply (padding, a window that hides keys, other families, probabilities
+  or hidden states asked for, a prefill).
 """
 import tracemalloc
 
@@ -146,3 +150,91 @@ def test_long_prefill_never_holds_a_heads_n_n_tensor(tmp_path):
         tracemalloc.stop()
     scores = heads * n * n * 4
     assert peak < scores / 2, f"peak {peak / 2**20:.0f} MiB vs one score tensor {scores / 2**20:.0f} MiB"
+
+
+# ----------------------------------------------------------------------------- the decode step
+
+def _decode(model, ids, steps, attention_mask=None):
+    """Prefill ids, then `steps` greedy cached steps: (the steps' logits [b, steps, vocab], the cache)."""
+    out = model(input_ids=ids, attention_mask=attention_mask, use_cache=True)
+    cache, logits = out.past_key_values, []
+    token = np.argmax(out.logits[:, -1], axis=-1)[:, None]
+    for _ in range(steps):
+        if attention_mask is not None:
+            attention_mask = np.concatenate([attention_mask, np.ones_like(attention_mask[:, :1])], axis=1)
+        out = model(input_ids=token, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits)
+        token = np.argmax(out.logits[:, -1], axis=-1)[:, None]
+    return np.concatenate(logits, axis=1), cache
+
+
+def _with_and_without_decode_step(monkeypatch, model, *args, **kwargs):
+    """(_decode with minivl/models/decode_step.py, _decode with the layers' own forward), and how many steps
+    went through the fast path."""
+    from minivl.models import decode_step
+
+    calls = []
+    fast = decode_step.decode_layers
+    monkeypatch.setattr(decode_step, "decode_layers", lambda *a: calls.append(1) or fast(*a))
+    with_step = _decode(model, *args, **kwargs)
+    monkeypatch.setattr(decode_step, "decode_applies", lambda *a: False)
+    return with_step, _decode(model, *args, **kwargs), len(calls)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", {}),
+    ("qwen2", {}),  # q/k/v biases
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1}),  # a window wider than t
+])
+def test_decode_step_is_bit_equal_to_the_layers(tmp_path, monkeypatch, dtype, family, overrides):
+    """The flat decode step makes the layers' operations in their order: logits and cache equal BIT for bit."""
+    model = minivl.load_model(write_tiny_llm(tmp_path / family, family, seed=5, **overrides), dtype=dtype)
+    ids = np.random.default_rng(2).integers(0, model.config.vocab_size, (2, 7))
+    (fast, fast_cache), (reference, reference_cache), calls = _with_and_without_decode_step(monkeypatch, model, ids, 6)
+    assert calls == 6  # every step went through it
+    np.testing.assert_array_equal(fast, reference)
+    for name in ("key_cache", "value_cache"):
+        for ours, theirs in zip(getattr(fast_cache, name), getattr(reference_cache, name)):
+            np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("family,overrides,padded", [
+    ("llama", {}, True),                    # a left-padded batch: the mask hides keys
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0}, False),  # the window does
+    ("phi3", {}, False),                    # fused qkv_proj / gate_up_proj modules of its own
+    ("internlm2", {}, False),
+    ("mpt_alibi", {}, False),
+])
+def test_decode_step_leaves_other_cases_to_the_layers(tmp_path, monkeypatch, family, overrides, padded):
+    model = minivl.load_model(write_tiny_llm(tmp_path / family, family, seed=6, **overrides), dtype="float32")
+    ids = np.random.default_rng(3).integers(3, model.config.vocab_size, (2, 7))
+    mask = None
+    if padded:
+        mask = np.ones_like(ids)
+        mask[0, :3] = 0
+    (fast, _), (reference, _), calls = _with_and_without_decode_step(monkeypatch, model, ids, 5, attention_mask=mask)
+    assert calls == 0
+    np.testing.assert_array_equal(fast, reference)
+
+
+def test_decode_step_not_taken_for_probabilities_hidden_states_or_a_prefill(tmp_path, monkeypatch):
+    from minivl.models import decode_step
+
+    model = minivl.load_model(write_tiny_llm(tmp_path / "llama", "llama", seed=7), dtype="float32")
+    calls = []
+    fast = decode_step.decode_layers
+    monkeypatch.setattr(decode_step, "decode_layers", lambda *a: calls.append(1) or fast(*a))
+    ids = np.random.default_rng(4).integers(0, model.config.vocab_size, (1, 5))
+    cache = model(input_ids=ids, use_cache=True).past_key_values
+    assert not calls  # a prefill of 5 tokens
+    token = ids[:, -1:]
+    for kwargs in ({"output_attentions": True}, {"output_hidden_states": True}):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True, **kwargs)
+        cache = out.past_key_values
+        assert not calls, kwargs
+    assert out.hidden_states is not None
+    assert len(model(input_ids=token).logits) == 1 and not calls  # no cache: a one-token forward
+    model(input_ids=token, past_key_values=cache, use_cache=True)
+    assert calls == [1]

@@ -466,3 +466,27 @@ def test_first_use_converts_with_a_message(smollm2_dir, tmp_path, monkeypatch, c
     assert smollm2.ensure_smollm2() == smollm2_dir
     assert calls == [(smollm2.find_gguf(), tmp_path / "smollm2-135m-instruct", True)]
     assert "converting SmolLM2-135M-Instruct once" in capsys.readouterr().err
+
+
+def test_decode_step_is_bit_equal_to_the_layers_on_real_weights(np_model, english_ids, monkeypatch):
+    """minivl/models/decode_step.py on SmolLM2's trained weights (its massive activations included): eight
+    greedy cached steps after a 32-token prompt give the same logits, bit for bit, through the flat
+    decode step and through the layers' own forward."""
+    from minivl.models import decode_step
+
+    def steps():
+        out = np_model(input_ids=english_ids[None, :32], use_cache=True, logits_to_keep=1)
+        cache, token, logits = out.past_key_values, english_ids[None, 32:33], []
+        for _ in range(8):
+            out = np_model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, np.argmax(out.logits[:, -1], axis=-1)[:, None]
+            logits.append(out.logits)
+        return np.concatenate(logits, axis=1)
+
+    calls = []
+    fast = decode_step.decode_layers
+    monkeypatch.setattr(decode_step, "decode_layers", lambda *a: calls.append(1) or fast(*a))
+    with_step = steps()
+    assert len(calls) == 8
+    monkeypatch.setattr(decode_step, "decode_applies", lambda *a: False)
+    np.testing.assert_array_equal(with_step, steps())

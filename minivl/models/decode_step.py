@@ -1,0 +1,128 @@
+"""A cached decode step through Llama's (and Qwen2's) layers in as few NumPy calls as its math allows.
+
+The fast path of one token. A decode step moves every weight through a GEMV once, and between the
+GEMVs the reference layers make ~80 Python-level calls per layer on arrays of 64 to 3072 numbers:
+module calls, argument checks, dtype promotions that change nothing, a mask of zeros added to the
+scores, `rotate_half`'s concatenation. On SmolLM2 that was as much time again as a third of the
+GEMVs (benchmarks/smollm2.py: a step at 1.40× its own GEMVs). `decode_layers` runs the same
+operations, on the same arrays, in the same order, and leaves out only what cannot change a bit:
+
+* the checks (the reference's first step, `DecoderLM.forward`, has made them for the whole model);
+* the additive mask, when it is all zeros (one token, no padding, inside any window): x + 0 = x;
+* RoPE's `rotate_half` copy: x·cos + rotate_half(x)·sin is x·cos with x₂·sin subtracted from
+  its first half and x₁·sin added to its second, the same IEEE operations (a + (−b) is a − b).
+
+It is therefore the layers' forward bit for bit (tests/test_fast_decoder.py holds logits and the
+cache equal over a run of steps, for Llama and Qwen2 with biases and a sliding window). Anything
+else (a batch with padding, probabilities or hidden states asked for, Phi-3's fused modules, a
+window that hides keys) runs the layers themselves. torch_impl has no twin: torch's decode is one
+C++ call per op already.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from minivl.activations import silu_mul
+from minivl.models.common import merge_heads, split_heads
+
+
+def decode_applies(layers, hidden: np.ndarray, rope, cache, attn: dict, output_hidden_states: bool,
+                   output_attentions: bool) -> bool:
+    """True when `decode_layers` may stand in for `layer(hidden, rope, attn, cache)` over these layers."""
+    if cache is None or rope is None or output_hidden_states or output_attentions or hidden.shape[1] != 1:
+        return False
+    if hidden.dtype not in (np.float32, np.float64):
+        return False
+    if not all(_llama_layer(layer, rope[0].shape[-1]) for layer in layers):
+        return False
+    # padding, or a window narrower than the cache: the mask hides keys, which the step never adds
+    return not any(np.any(args["mask"]) for args in attn.values())
+
+
+def _llama_layer(layer, rotary_dim: int) -> bool:
+    """A Llama/Qwen2 block as `decode_layers` computes it: its modules, fused projections, RMS norms, full rotary."""
+    from minivl.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
+
+    modules = layer.__dict__["_modules"]
+    attention, mlp = modules.get("self_attn"), modules.get("mlp")
+    return (type(layer) is LlamaDecoderLayer and type(attention) is LlamaAttention and type(mlp) is LlamaMLP
+            and _fused(attention.q_proj, attention.k_proj, attention.v_proj) and _fused(mlp.gate_proj, mlp.up_proj)
+            and layer.input_layernorm.kind == layer.post_attention_layernorm.kind == "rms"
+            and rotary_dim * attention.n_heads == attention.q_proj.weight.shape[0])
+
+
+def decode_layers(layers, hidden: np.ndarray, rope, cache) -> np.ndarray:
+    """[b, 1, hidden] -> [b, 1, hidden]: every layer's forward for one cached token (see the module docstring)."""
+    # the reference casts the RoPE tables per layer; the cast is the same for all of them
+    cos, sin = (table.astype(hidden.dtype)[:, None] for table in rope)
+    x = hidden
+    for layer in layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        qkv_proj, gate_up_proj = attention.q_proj.fused, mlp.gate_proj.fused
+        # h = x + o_proj(attention(input_layernorm(x))), q/k/v one GEMV split by columns
+        qkv = _linear(_rms_norm(x, layer.input_layernorm), qkv_proj.weight, qkv_proj.bias)
+        (q_start, q_stop), (k_start, k_stop), (v_start, v_stop) = qkv_proj.bounds
+        q = split_heads(qkv[..., q_start:q_stop], attention.n_heads)
+        k = split_heads(qkv[..., k_start:k_stop], attention.n_kv_heads)
+        v = split_heads(qkv[..., v_start:v_stop], attention.n_kv_heads)
+        # rotate q and k, append k/v to the cache (post-RoPE), attend over every cached key
+        k, v = cache.update(attention.layer_idx, _rope(k, cos, sin), v)
+        out = merge_heads(_attend(_rope(q, cos, sin), k, v))
+        h = x + _linear(out, attention.o_proj.weight, attention.o_proj.bias)
+        # x = h + down(silu(gate(h')) · up(h')), h' = post_attention_layernorm(h), gate/up one GEMV
+        gate_up = _linear(_rms_norm(h, layer.post_attention_layernorm), gate_up_proj.weight, gate_up_proj.bias)
+        (gate_start, gate_stop), (up_start, up_stop) = gate_up_proj.bounds
+        gated = silu_mul(gate_up[..., gate_start:gate_stop], gate_up[..., up_start:up_stop])
+        x = h + _linear(gated, mlp.down_proj.weight, mlp.down_proj.bias)
+    return x
+
+
+def _fused(*linears) -> bool:
+    fused = getattr(linears[0], "fused", None)
+    return fused is not None and fused.serves(linears)
+
+
+def _rms_norm(x, norm):
+    """minivl.norms.rms_norm's operations for x already in its compute dtype (float32/float64).
+
+    np.mean is np.add.reduce then a division by the count (in float64, which rounds to the same
+    float32: a quotient rounded to 53 bits and then to 24 is rounded once); written out, it skips
+    np.mean's Python wrapper, ~10 µs of a 576-wide row's ~20.
+    """
+    variance = np.add.reduce(x * x, axis=-1, keepdims=True) / x.shape[-1]
+    return norm.weight * (x * (1.0 / np.sqrt(variance + norm.eps)))
+
+
+def _linear(x, weight, bias):
+    """minivl.linear.linear's operations: x·Wᵀ, then + b in place."""
+    y = x @ weight.T
+    if bias is not None:
+        y += bias
+    return y
+
+
+def _rope(x, cos, sin):
+    """x·cos + rotate_half(x)·sin, without rotate_half's copy (see the module docstring). [b, n, 1, d]"""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out
+
+
+def _attend(q, k, v):
+    """scaled_dot_product_attention's operations (scale_mode "divide", float32 softmax) without a mask.
+
+    q [b, H, 1, d], k/v [b, K, t, d] -> [b, H, 1, d]
+    """
+    batch, n_heads, q_len, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    scores = q.reshape(batch, n_kv_heads, n_heads // n_kv_heads * q_len, head_dim) @ np.swapaxes(k, -1, -2)
+    scores /= math.sqrt(head_dim)
+    # np.max and np.sum are these reductions behind a Python wrapper each
+    scores -= np.maximum.reduce(scores, axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= np.add.reduce(scores, axis=-1, keepdims=True)
+    return (scores @ v).reshape(batch, n_heads, q_len, head_dim)
