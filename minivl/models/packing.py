@@ -7,7 +7,7 @@ instead of 512) only for arrays of 4 MiB and more: most of SmolLM2's 1.3-3.5 MB 
 through 4 KiB pages. `pack_parameters` copies them, back to back in the order the forward reads
 them, into one allocation that does get huge pages (on Linux with transparent huge pages in
 `madvise` or `always` mode). benchmarks/ablation.py measures what it buys (its "weights not
-packed" row: SmolLM2's cached decode step ~10 % slower on the 2-core CI machine).
+packed" row: SmolLM2's cached decode step 7–10 % slower in two runs on the 2-core CI machine).
 
 Values, shapes, names and `state_dict()` are unchanged; tied tensors stay one object; a
 FusedProjection's matrix and the views its modules hold move together. `build_model` calls it
