@@ -1,22 +1,24 @@
 """A cached decode step through Llama's (and Qwen2's) layers in as few NumPy calls as its math allows.
 
-The fast path of one token. A decode step moves every weight through a GEMV once, and between the
-GEMVs the reference layers make ~80 Python-level calls per layer on arrays of 64 to 3072 numbers:
-module calls, argument checks, dtype promotions that change nothing, a mask of zeros added to the
-scores, `rotate_half`'s concatenation. On SmolLM2 that was as much time again as a third of the
-GEMVs (benchmarks/smollm2.py: a step at 1.40× its own GEMVs). `decode_layers` runs the same
-operations, on the same arrays, in the same order, and leaves out only what cannot change a bit:
+The fast path of one token. A decode step moves every weight through a GEMV once; between the
+GEMVs, the reference layers spend their time in Python on rows of 64 to 3072 numbers (cProfile:
+~7600 function calls per SmolLM2 token): module calls, argument checks, dtype promotions that
+change nothing, np.mean's wrapper, a mask of zeros added to the scores, `rotate_half`'s copy. On
+SmolLM2 that made a step 1.40× its own GEMVs (benchmarks/smollm2.py). `decode_layers` runs the
+same operations, on the same arrays, in the same order, and leaves out only what cannot change a
+bit:
 
-* the checks (the reference's first step, `DecoderLM.forward`, has made them for the whole model);
+* the checks (`DecoderLM.forward` has made them for the whole model before the layers run);
 * the additive mask, when it is all zeros (one token, no padding, inside any window): x + 0 = x;
 * RoPE's `rotate_half` copy: x·cos + rotate_half(x)·sin is x·cos with x₂·sin subtracted from
-  its first half and x₁·sin added to its second, the same IEEE operations (a + (−b) is a − b).
+  its first half and x₁·sin added to its second, the same IEEE operations (a + (−b) is a − b);
+* np.mean, np.max and np.sum's Python wrappers, around the reductions they call.
 
-It is therefore the layers' forward bit for bit (tests/test_fast_decoder.py holds logits and the
-cache equal over a run of steps, for Llama and Qwen2 with biases and a sliding window). Anything
-else (a batch with padding, probabilities or hidden states asked for, Phi-3's fused modules, a
-window that hides keys) runs the layers themselves. torch_impl has no twin: torch's decode is one
-C++ call per op already.
+It is therefore the layers' forward bit for bit (tests/test_fast_decoder.py holds logits and cache
+equal over a run of steps for Llama and Qwen2, tests/test_smollm2.py on SmolLM2's weights).
+Anything else (a batch with padding, a window that hides keys, probabilities or hidden states
+asked for, Phi-3's, InternLM2's and MPT's own modules) runs the layers themselves. torch_impl has
+no twin: each torch op is one C++ call already. benchmarks/ablation.py measures what it buys.
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ import math
 
 import numpy as np
 
-from minivl.activations import silu_mul
 from minivl.models.common import merge_heads, split_heads
 
 
@@ -59,23 +60,29 @@ def decode_layers(layers, hidden: np.ndarray, rope, cache) -> np.ndarray:
     cos, sin = (table.astype(hidden.dtype)[:, None] for table in rope)
     x = hidden
     for layer in layers:
-        attention, mlp = layer.self_attn, layer.mlp
-        qkv_proj, gate_up_proj = attention.q_proj.fused, mlp.gate_proj.fused
-        # h = x + o_proj(attention(input_layernorm(x))), q/k/v one GEMV split by columns
-        qkv = _linear(_rms_norm(x, layer.input_layernorm), qkv_proj.weight, qkv_proj.bias)
-        (q_start, q_stop), (k_start, k_stop), (v_start, v_stop) = qkv_proj.bounds
-        q = split_heads(qkv[..., q_start:q_stop], attention.n_heads)
-        k = split_heads(qkv[..., k_start:k_stop], attention.n_kv_heads)
-        v = split_heads(qkv[..., v_start:v_stop], attention.n_kv_heads)
-        # rotate q and k, append k/v to the cache (post-RoPE), attend over every cached key
-        k, v = cache.update(attention.layer_idx, _rope(k, cos, sin), v)
-        out = merge_heads(_attend(_rope(q, cos, sin), k, v))
-        h = x + _linear(out, attention.o_proj.weight, attention.o_proj.bias)
-        # x = h + down(silu(gate(h')) · up(h')), h' = post_attention_layernorm(h), gate/up one GEMV
-        gate_up = _linear(_rms_norm(h, layer.post_attention_layernorm), gate_up_proj.weight, gate_up_proj.bias)
-        (gate_start, gate_stop), (up_start, up_stop) = gate_up_proj.bounds
-        gated = silu_mul(gate_up[..., gate_start:gate_stop], gate_up[..., up_start:up_stop])
-        x = h + _linear(gated, mlp.down_proj.weight, mlp.down_proj.bias)
+        x = _decode_layer(layer, x, cos, sin, cache)
+    return x
+
+
+def _decode_layer(layer, x, cos, sin, cache):
+    """One LlamaDecoderLayer.forward for one cached token. [b, 1, hidden] -> [b, 1, hidden]"""
+    attention, mlp = layer.self_attn, layer.mlp
+    qkv_proj, gate_up_proj = attention.q_proj.fused, mlp.gate_proj.fused
+    # h = x + o_proj(attention(input_layernorm(x))), q/k/v one GEMV split by columns
+    qkv = _linear(_rms_norm(x, layer.input_layernorm), qkv_proj.weight, qkv_proj.bias)
+    (q_start, q_stop), (k_start, k_stop), (v_start, v_stop) = qkv_proj.bounds
+    q = split_heads(qkv[..., q_start:q_stop], attention.n_heads)
+    k = split_heads(qkv[..., k_start:k_stop], attention.n_kv_heads)
+    v = split_heads(qkv[..., v_start:v_stop], attention.n_kv_heads)
+    # rotate q and k, append k/v to the cache (post-RoPE), attend over every cached key
+    k, v = cache.update(attention.layer_idx, _rope(k, cos, sin), v)
+    out = merge_heads(_attend(_rope(q, cos, sin), k, v))
+    h = x + _linear(out, attention.o_proj.weight, attention.o_proj.bias)
+    # x = h + down(silu(gate(h')) · up(h')), h' = post_attention_layernorm(h), gate/up one GEMV
+    gate_up = _linear(_rms_norm(h, layer.post_attention_layernorm), gate_up_proj.weight, gate_up_proj.bias)
+    (gate_start, gate_stop), (up_start, up_stop) = gate_up_proj.bounds
+    gated = _silu_mul(gate_up[..., gate_start:gate_stop], gate_up[..., up_start:up_stop])
+    x = h + _linear(gated, mlp.down_proj.weight, mlp.down_proj.bias)
     return x
 
 
@@ -101,6 +108,17 @@ def _linear(x, weight, bias):
     if bias is not None:
         y += bias
     return y
+
+
+def _silu_mul(gate, up):
+    """minivl.activations.silu_mul's operations (e^(−x), 1 + e^(−x), x / (1 + e^(−x)), · up), in one buffer."""
+    out = np.negative(gate)
+    with np.errstate(over="ignore"):  # e^(−x) = inf for x < −88: x / inf = −0, the right limit
+        np.exp(out, out=out)
+    out += 1.0
+    np.divide(gate, out, out=out)
+    out *= up
+    return out
 
 
 def _rope(x, cos, sin):
