@@ -10,7 +10,7 @@
   tolerance of the decoder parity tests; measured <= 4 ulps here);
 * `logits_to_keep`: the head over the last n positions only, equal to those rows of the full logits;
 * a long prefill never holds a [heads, n, n] score tensor (tracemalloc);
-* the flat decode step (minivl/models/decode_step.py): one cached token through Llama/Qwen2 layers
+* the flat decode step (minivl/models/decode_step.py): one cached token through Llama/Qwen2/Phi-3 layers
   with the layers' operations in their order, held BIT-equal to them (logits and cache), and not
   taken where it does not apply (padding, a window that hides keys, other families, probabilities
   or hidden states asked for, a prefill).
@@ -187,6 +187,7 @@ def _with_and_without_decode_step(monkeypatch, model, *args, **kwargs):
     ("llama", {}),
     ("qwen2", {}),  # q/k/v biases
     ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1}),  # a window wider than t
+    ("phi3", {}),  # qkv_proj and gate_up_proj as the checkpoint fuses them, a window on every layer
 ])
 def test_decode_step_is_bit_equal_to_the_layers(tmp_path, monkeypatch, dtype, family, overrides):
     """The flat decode step makes the layers' operations in their order: logits and cache equal BIT for bit."""
@@ -203,7 +204,7 @@ def test_decode_step_is_bit_equal_to_the_layers(tmp_path, monkeypatch, dtype, fa
 @pytest.mark.parametrize("family,overrides,padded", [
     ("llama", {}, True),                    # a left-padded batch: the mask hides keys
     ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0}, False),  # the window does
-    ("phi3", {}, False),                    # fused qkv_proj / gate_up_proj modules of its own
+    ("phi3", {"sliding_window": 4}, False),  # Phi-3's window on every layer hides keys
     ("internlm2", {}, False),
     ("mpt_alibi", {}, False),
 ])

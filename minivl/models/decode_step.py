@@ -1,4 +1,4 @@
-"""A cached decode step through Llama's (and Qwen2's) layers in as few NumPy calls as its math allows.
+"""A cached decode step through Llama's, Qwen2's and Phi-3's layers in as few NumPy calls as its math allows.
 
 The fast path of one token. A decode step moves every weight through a GEMV once; between the
 GEMVs, the reference layers spend their time in Python on rows of 64 to 3072 numbers (cProfile:
@@ -15,9 +15,9 @@ bit:
 * np.mean, np.max and np.sum's Python wrappers, around the reductions they call.
 
 It is therefore the layers' forward bit for bit (tests/test_fast_decoder.py holds logits and cache
-equal over a run of steps for Llama and Qwen2, tests/test_smollm2.py on SmolLM2's weights).
-Anything else (a batch with padding, a window that hides keys, probabilities or hidden states
-asked for, Phi-3's, InternLM2's and MPT's own modules) runs the layers themselves. torch_impl has
+equal over a run of steps for Llama, Qwen2 and Phi-3, tests/test_smollm2.py on SmolLM2's
+weights). Anything else (a batch with padding, a window that hides keys, probabilities or hidden
+states asked for, InternLM2's and MPT's own modules) runs the layers themselves. torch_impl has
 no twin: each torch op is one C++ call already. benchmarks/ablation.py measures what it buys.
 """
 from __future__ import annotations
@@ -43,15 +43,47 @@ def decode_applies(layers, hidden: np.ndarray, rope, cache, attn: dict, output_h
 
 
 def _llama_layer(layer, rotary_dim: int) -> bool:
-    """A Llama/Qwen2 block as `decode_layers` computes it: its modules, fused projections, RMS norms, full rotary."""
+    """A Llama/Qwen2/Phi-3 block as `decode_layers` computes it: one q/k/v GEMV, one gate/up GEMV, RMS norms, full rotary."""
     from minivl.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
+    from minivl.models.phi3 import Phi3Attention, Phi3MLP
 
     modules = layer.__dict__["_modules"]
     attention, mlp = modules.get("self_attn"), modules.get("mlp")
-    return (type(layer) is LlamaDecoderLayer and type(attention) is LlamaAttention and type(mlp) is LlamaMLP
-            and _fused(attention.q_proj, attention.k_proj, attention.v_proj) and _fused(mlp.gate_proj, mlp.up_proj)
-            and layer.input_layernorm.kind == layer.post_attention_layernorm.kind == "rms"
-            and rotary_dim * attention.n_heads == attention.q_proj.weight.shape[0])
+    if type(layer) is not LlamaDecoderLayer:
+        return False
+    if type(attention) is LlamaAttention:
+        if not _fused(attention.q_proj, attention.k_proj, attention.v_proj):
+            return False
+    elif type(attention) is not Phi3Attention:
+        return False
+    if type(mlp) is LlamaMLP:
+        if not _fused(mlp.gate_proj, mlp.up_proj):
+            return False
+    elif type(mlp) is not Phi3MLP:
+        return False
+    return (layer.input_layernorm.kind == layer.post_attention_layernorm.kind == "rms"
+            and rotary_dim * attention.n_heads == _qkv(attention)[2][0][1])
+
+
+def _qkv(attention) -> tuple:
+    """(weight, bias, ((q start, stop), (k …), (v …))) of the one GEMV that makes q, k and v: Llama's
+    q/k/v fused at load, Phi-3's qkv_proj as its checkpoint stores it ([Q | K | V] rows)."""
+    fused = getattr(attention.__dict__["_modules"].get("q_proj"), "fused", None)
+    if fused is not None:
+        return fused.weight, fused.bias, fused.bounds
+    q_width, kv_width = attention.n_heads * attention.head_dim, attention.n_kv_heads * attention.head_dim
+    projection = attention.qkv_proj
+    return projection.weight, projection.bias, ((0, q_width), (q_width, q_width + kv_width),
+                                                (q_width + kv_width, q_width + 2 * kv_width))
+
+
+def _gate_up(mlp) -> tuple:
+    """(weight, bias, ((gate start, stop), (up …))) of the one gate/up GEMV: Llama's fused at load, Phi-3's gate_up_proj."""
+    fused = getattr(mlp.__dict__["_modules"].get("gate_proj"), "fused", None)
+    if fused is not None:
+        return fused.weight, fused.bias, fused.bounds
+    inter = mlp.gate_up_proj.weight.shape[0] // 2
+    return mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, ((0, inter), (inter, 2 * inter))
 
 
 def decode_layers(layers, hidden: np.ndarray, rope, cache) -> np.ndarray:
@@ -67,10 +99,9 @@ def decode_layers(layers, hidden: np.ndarray, rope, cache) -> np.ndarray:
 def _decode_layer(layer, x, cos, sin, cache):
     """One LlamaDecoderLayer.forward for one cached token. [b, 1, hidden] -> [b, 1, hidden]"""
     attention, mlp = layer.self_attn, layer.mlp
-    qkv_proj, gate_up_proj = attention.q_proj.fused, mlp.gate_proj.fused
+    qkv_weight, qkv_bias, ((q_start, q_stop), (k_start, k_stop), (v_start, v_stop)) = _qkv(attention)
     # h = x + o_proj(attention(input_layernorm(x))), q/k/v one GEMV split by columns
-    qkv = _linear(_rms_norm(x, layer.input_layernorm), qkv_proj.weight, qkv_proj.bias)
-    (q_start, q_stop), (k_start, k_stop), (v_start, v_stop) = qkv_proj.bounds
+    qkv = _linear(_rms_norm(x, layer.input_layernorm), qkv_weight, qkv_bias)
     q = split_heads(qkv[..., q_start:q_stop], attention.n_heads)
     k = split_heads(qkv[..., k_start:k_stop], attention.n_kv_heads)
     v = split_heads(qkv[..., v_start:v_stop], attention.n_kv_heads)
@@ -79,8 +110,8 @@ def _decode_layer(layer, x, cos, sin, cache):
     out = merge_heads(_attend(_rope(q, cos, sin), k, v))
     h = x + _linear(out, attention.o_proj.weight, attention.o_proj.bias)
     # x = h + down(silu(gate(h')) · up(h')), h' = post_attention_layernorm(h), gate/up one GEMV
-    gate_up = _linear(_rms_norm(h, layer.post_attention_layernorm), gate_up_proj.weight, gate_up_proj.bias)
-    (gate_start, gate_stop), (up_start, up_stop) = gate_up_proj.bounds
+    gate_up_weight, gate_up_bias, ((gate_start, gate_stop), (up_start, up_stop)) = _gate_up(mlp)
+    gate_up = _linear(_rms_norm(h, layer.post_attention_layernorm), gate_up_weight, gate_up_bias)
     gated = _silu_mul(gate_up[..., gate_start:gate_stop], gate_up[..., up_start:up_stop])
     x = h + _linear(gated, mlp.down_proj.weight, mlp.down_proj.bias)
     return x
