@@ -2,6 +2,7 @@
 machine's own GEMM and memory-bandwidth rates measured in the same run (benchmarks/machine.py).
 
     python3 benchmarks/decoder.py                      # markdown table for the README
+    python3 benchmarks/decoder.py --family internlm2   # the same sizes as InternLM2 (wqkv grouped per KV head)
     python3 benchmarks/decoder.py --layers 24 --hidden 896 --heads 14 --kv-heads 2 --intermediate 4864
     OPENBLAS_NUM_THREADS=1 python3 benchmarks/decoder.py --torch-threads 1   # on a loaded machine
 
@@ -39,7 +40,7 @@ from machine import describe_machine, machine_rates, matmul_params, time_best  #
 def build_checkpoint(directory, args) -> str:
     from minivl.tiny.llm import write_tiny_llm
 
-    return write_tiny_llm(directory, "qwen2", hidden_size=args.hidden, num_hidden_layers=args.layers,
+    return write_tiny_llm(directory, args.family, hidden_size=args.hidden, num_hidden_layers=args.layers,
                           num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                           intermediate_size=args.intermediate, vocab_size=args.vocab,
                           max_position_embeddings=4096, seed=1)
@@ -63,6 +64,8 @@ def bench(model, to_input, ids: np.ndarray, new_tokens: int, repeats: int):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", default="qwen2", choices=["qwen2", "llama", "internlm2"],
+                        help="the architecture of the random decoder (minivl/tiny/llm.py), at the sizes below")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
@@ -87,7 +90,7 @@ def main(argv=None) -> None:
 
     rates_before = machine_rates(min_seconds=0.3, megabytes=128)
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_checkpoint(os.path.join(tmp, "qwen2_like"), args)
+        path = build_checkpoint(os.path.join(tmp, f"{args.family}_like"), args)
         numpy_model = minivl.load_model(path, dtype="float32")
         torch_model = torch_impl.load_model(path, dtype="float32", attn_implementation="eager")
         torch_sdpa = torch_impl.load_model(path, dtype="float32", attn_implementation="sdpa")
@@ -100,18 +103,25 @@ def main(argv=None) -> None:
     kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * (P + args.new_tokens / 2) * 4
     decode_bytes = params * 4 + kv_bytes
 
+    from minivl.models import decode_step
+
     results = {}
     with torch.inference_mode():
         for name, model, to_input in (("NumPy", numpy_model, np.asarray), ("torch eager", torch_model, torch.from_numpy),
                                       ("torch sdpa", torch_sdpa, torch.from_numpy)):
             results[name] = bench(model, to_input, ids, args.new_tokens, args.repeats)
+        applies, decode_step.decode_applies = decode_step.decode_applies, lambda *a: False
+        try:
+            results["NumPy, no flat decode step"] = bench(numpy_model, np.asarray, ids, args.new_tokens, args.repeats)
+        finally:
+            decode_step.decode_applies = applies
     # measured before AND after the model runs, best of both: other processes on a shared machine make
     # any single measurement an underestimate
     rates_after = machine_rates(min_seconds=0.3, megabytes=128)
     rates = {fw: {key: max(rates_before[fw][key], rates_after[fw][key]) for key in rates_before[fw]}
              for fw in rates_before}
 
-    print(f"Qwen2-like random decoder: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+    print(f"{args.family} random decoder: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_attention_heads}/{config.num_key_value_heads} heads, MLP {config.intermediate_size}, "
           f"vocab {config.vocab_size}; {params / 1e6:.1f} M matmul parameters ({params * 4 / 1e6:.0f} MB float32); "
           f"batch 1, prompt {P}, {args.new_tokens} cached decode steps; {describe_machine()}; "
@@ -120,7 +130,7 @@ def main(argv=None) -> None:
     print("| | prefill (ms) | prefill tokens/s | prefill GFLOP/s | % of GEMM | decode (ms/token) | decode GB/s | % of read BW |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (prefill, decode) in results.items():
-        framework = "numpy" if name == "NumPy" else "torch"
+        framework = "numpy" if name.startswith("NumPy") else "torch"
         gflops = prefill_flops / prefill / 1e9
         gbs = decode_bytes / decode / 1e9
         print(f"| {name} | {prefill * 1e3:.1f} | {P / prefill:.0f} | {gflops:.1f} | "

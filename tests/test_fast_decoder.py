@@ -10,7 +10,7 @@
   tolerance of the decoder parity tests; measured <= 4 ulps here);
 * `logits_to_keep`: the head over the last n positions only, equal to those rows of the full logits;
 * a long prefill never holds a [heads, n, n] score tensor (tracemalloc);
-* the flat decode step (minivl/models/decode_step.py): one cached token through Llama/Qwen2/Phi-3 layers
+* the flat decode step (minivl/models/decode_step.py): one cached token through Llama/Qwen2/Phi-3/InternLM2 layers
   with the layers' operations in their order, held BIT-equal to them (logits and cache), and not
   taken where it does not apply (padding, a window that hides keys, other families, probabilities
   or hidden states asked for, a prefill).
@@ -169,9 +169,10 @@ def _decode(model, ids, steps, attention_mask=None):
     return np.concatenate(logits, axis=1), cache
 
 
-def _with_and_without_decode_step(monkeypatch, model, *args, **kwargs):
+def _with_and_without_decode_step(monkeypatch, model, *args, reference_model=None, **kwargs):
     """(_decode with minivl/models/decode_step.py, _decode with the layers' own forward), and how many steps
-    went through the fast path."""
+    went through the fast path. reference_model: a second copy for the layers' run, for a model with
+    state (InternLM2's dynamic NTK RoPE keeps the base it enlarged)."""
     from minivl.models import decode_step
 
     calls = []
@@ -179,7 +180,7 @@ def _with_and_without_decode_step(monkeypatch, model, *args, **kwargs):
     monkeypatch.setattr(decode_step, "decode_layers", lambda *a: calls.append(1) or fast(*a))
     with_step = _decode(model, *args, **kwargs)
     monkeypatch.setattr(decode_step, "decode_applies", lambda *a: False)
-    return with_step, _decode(model, *args, **kwargs), len(calls)
+    return with_step, _decode(reference_model or model, *args, **kwargs), len(calls)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -188,13 +189,20 @@ def _with_and_without_decode_step(monkeypatch, model, *args, **kwargs):
     ("qwen2", {}),  # q/k/v biases
     ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1}),  # a window wider than t
     ("phi3", {}),  # qkv_proj and gate_up_proj as the checkpoint fuses them, a window on every layer
+    ("internlm2", {}),  # wqkv grouped per KV head, w1/w3 fused at load
+    ("internlm2", {"bias": True}),  # biased wqkv and wo
+    ("internlm2", {"max_position_embeddings": 10}),  # dynamic NTK: steps past 10 keys enlarge the base
 ])
 def test_decode_step_is_bit_equal_to_the_layers(tmp_path, monkeypatch, dtype, family, overrides):
     """The flat decode step makes the layers' operations in their order: logits and cache equal BIT for bit."""
-    model = minivl.load_model(write_tiny_llm(tmp_path / family, family, seed=5, **overrides), dtype=dtype)
+    path = write_tiny_llm(tmp_path / family, family, seed=5, **overrides)
+    model, reference_model = (minivl.load_model(path, dtype=dtype) for _ in range(2))
     ids = np.random.default_rng(2).integers(0, model.config.vocab_size, (2, 7))
-    (fast, fast_cache), (reference, reference_cache), calls = _with_and_without_decode_step(monkeypatch, model, ids, 6)
+    (fast, fast_cache), (reference, reference_cache), calls = _with_and_without_decode_step(
+        monkeypatch, model, ids, 6, reference_model=reference_model)
     assert calls == 6  # every step went through it
+    if "max_position_embeddings" in overrides:  # the steps did cross the limit: the base was enlarged
+        assert model.rotary.dynamic.base > model.rotary.dynamic.rope_theta
     np.testing.assert_array_equal(fast, reference)
     for name in ("key_cache", "value_cache"):
         for ours, theirs in zip(getattr(fast_cache, name), getattr(reference_cache, name)):
@@ -205,7 +213,7 @@ def test_decode_step_is_bit_equal_to_the_layers(tmp_path, monkeypatch, dtype, fa
     ("llama", {}, True),                    # a left-padded batch: the mask hides keys
     ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0}, False),  # the window does
     ("phi3", {"sliding_window": 4}, False),  # Phi-3's window on every layer hides keys
-    ("internlm2", {}, False),
+    ("internlm2", {}, True),                # InternLM2 with padding
     ("mpt_alibi", {}, False),
 ])
 def test_decode_step_leaves_other_cases_to_the_layers(tmp_path, monkeypatch, family, overrides, padded):

@@ -1,4 +1,4 @@
-"""A cached decode step through Llama's, Qwen2's and Phi-3's layers in as few NumPy calls as its math allows.
+"""A cached decode step through Llama's, Qwen2's, Phi-3's and InternLM2's layers in as few NumPy calls as its math allows.
 
 The fast path of one token. A decode step moves every weight through a GEMV once; between the
 GEMVs, the reference layers spend their time in Python on rows of 64 to 3072 numbers (cProfile:
@@ -15,9 +15,11 @@ bit:
 * np.mean, np.max and np.sum's Python wrappers, around the reductions they call.
 
 It is therefore the layers' forward bit for bit (tests/test_fast_decoder.py holds logits and cache
-equal over a run of steps for Llama, Qwen2 and Phi-3, tests/test_smollm2.py on SmolLM2's
-weights). Anything else (a batch with padding, a window that hides keys, probabilities or hidden
-states asked for, InternLM2's and MPT's own modules) runs the layers themselves. torch_impl has
+equal over a run of steps for Llama, Qwen2, Phi-3 and InternLM2, tests/test_smollm2.py on SmolLM2's
+weights). InternLM2 (InternVL2-2B/8B/26B's LLM) differs only in names and in wqkv's rows, grouped
+per KV head, which `split_wqkv` undoes as its layer does. Anything else (a batch with padding, a
+window that hides keys, probabilities or hidden states asked for, MPT's LayerNorms and ALiBi) runs
+the layers themselves. torch_impl has
 no twin: each torch op is one C++ call already. benchmarks/ablation.py measures what it buys.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ import math
 import numpy as np
 
 from minivl.models.common import merge_heads, split_heads
+from minivl.models.internlm2 import split_wqkv
 
 
 def decode_applies(layers, hidden: np.ndarray, rope, cache, attn: dict, output_hidden_states: bool,
@@ -36,33 +39,53 @@ def decode_applies(layers, hidden: np.ndarray, rope, cache, attn: dict, output_h
         return False
     if hidden.dtype not in (np.float32, np.float64):
         return False
-    if not all(_llama_layer(layer, rope[0].shape[-1]) for layer in layers):
+    if not all(_flat_layer(layer, rope[0].shape[-1]) for layer in layers):
         return False
     # padding, or a window narrower than the cache: the mask hides keys, which the step never adds
     return not any(np.any(args["mask"]) for args in attn.values())
 
 
-def _llama_layer(layer, rotary_dim: int) -> bool:
-    """A Llama/Qwen2/Phi-3 block as `decode_layers` computes it: one q/k/v GEMV, one gate/up GEMV, RMS norms, full rotary."""
+def _flat_layer(layer, rotary_dim: int) -> bool:
+    """A block as `decode_layers` computes it: Llama/Qwen2/Phi-3 or InternLM2, one q/k/v GEMV, one
+    gate/up GEMV, RMS norms, full rotary."""
+    from minivl.models.internlm2 import InternLM2Attention, InternLM2DecoderLayer, InternLM2MLP
     from minivl.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
     from minivl.models.phi3 import Phi3Attention, Phi3MLP
 
-    modules = layer.__dict__["_modules"]
-    attention, mlp = modules.get("self_attn"), modules.get("mlp")
-    if type(layer) is not LlamaDecoderLayer:
-        return False
-    if type(attention) is LlamaAttention:
-        if not _fused(attention.q_proj, attention.k_proj, attention.v_proj):
+    if type(layer) is InternLM2DecoderLayer:
+        attention, mlp = layer.attention, layer.feed_forward
+        if type(attention) is not InternLM2Attention or type(mlp) is not InternLM2MLP or not _fused(mlp.w1, mlp.w3):
             return False
-    elif type(attention) is not Phi3Attention:
-        return False
-    if type(mlp) is LlamaMLP:
-        if not _fused(mlp.gate_proj, mlp.up_proj):
+        full_rotary = rotary_dim == attention.head_dim
+    elif type(layer) is LlamaDecoderLayer:
+        modules = layer.__dict__["_modules"]
+        attention, mlp = modules.get("self_attn"), modules.get("mlp")
+        if type(attention) is LlamaAttention:
+            if not _fused(attention.q_proj, attention.k_proj, attention.v_proj):
+                return False
+        elif type(attention) is not Phi3Attention:
             return False
-    elif type(mlp) is not Phi3MLP:
+        if type(mlp) is LlamaMLP:
+            if not _fused(mlp.gate_proj, mlp.up_proj):
+                return False
+        elif type(mlp) is not Phi3MLP:
+            return False
+        full_rotary = rotary_dim * attention.n_heads == _qkv(attention)[2][0][1]  # the q columns' width
+    else:
         return False
-    return (layer.input_layernorm.kind == layer.post_attention_layernorm.kind == "rms"
-            and rotary_dim * attention.n_heads == _qkv(attention)[2][0][1])
+    input_norm, post_norm = _norms(layer)
+    return full_rotary and input_norm.kind == post_norm.kind == "rms"
+
+
+def _is_internlm2(layer) -> bool:
+    return "attention" in layer.__dict__["_modules"]
+
+
+def _norms(layer) -> tuple:
+    """(the norm before the attention, the norm before the MLP) under either family's names."""
+    if _is_internlm2(layer):
+        return layer.attention_norm, layer.ffn_norm
+    return layer.input_layernorm, layer.post_attention_layernorm
 
 
 def _qkv(attention) -> tuple:
@@ -78,8 +101,10 @@ def _qkv(attention) -> tuple:
 
 
 def _gate_up(mlp) -> tuple:
-    """(weight, bias, ((gate start, stop), (up …))) of the one gate/up GEMV: Llama's fused at load, Phi-3's gate_up_proj."""
-    fused = getattr(mlp.__dict__["_modules"].get("gate_proj"), "fused", None)
+    """(weight, bias, ((gate start, stop), (up …))) of the one gate/up GEMV: Llama's gate/up and
+    InternLM2's w1/w3 fused at load, Phi-3's gate_up_proj."""
+    modules = mlp.__dict__["_modules"]
+    fused = getattr(modules.get("gate_proj", modules.get("w1")), "fused", None)
     if fused is not None:
         return fused.weight, fused.bias, fused.bounds
     inter = mlp.gate_up_proj.weight.shape[0] // 2
@@ -97,24 +122,31 @@ def decode_layers(layers, hidden: np.ndarray, rope, cache) -> np.ndarray:
 
 
 def _decode_layer(layer, x, cos, sin, cache):
-    """One LlamaDecoderLayer.forward for one cached token. [b, 1, hidden] -> [b, 1, hidden]"""
-    attention, mlp = layer.self_attn, layer.mlp
-    qkv_weight, qkv_bias, ((q_start, q_stop), (k_start, k_stop), (v_start, v_stop)) = _qkv(attention)
-    # h = x + o_proj(attention(input_layernorm(x))), q/k/v one GEMV split by columns
-    qkv = _linear(_rms_norm(x, layer.input_layernorm), qkv_weight, qkv_bias)
-    q = split_heads(qkv[..., q_start:q_stop], attention.n_heads)
-    k = split_heads(qkv[..., k_start:k_stop], attention.n_kv_heads)
-    v = split_heads(qkv[..., v_start:v_stop], attention.n_kv_heads)
+    """One LlamaDecoderLayer.forward (or InternLM2DecoderLayer.forward) for one cached token. [b, 1, hidden] -> same"""
+    internlm2 = _is_internlm2(layer)
+    attention, mlp = (layer.attention, layer.feed_forward) if internlm2 else (layer.self_attn, layer.mlp)
+    input_norm, post_norm = _norms(layer)
+    # h = x + o_proj(attention(input_layernorm(x))), q/k/v out of one GEMV
+    if internlm2:  # wqkv's rows grouped per KV head: its own split
+        q, k, v = split_wqkv(_linear(_rms_norm(x, input_norm), attention.wqkv.weight, attention.wqkv.bias),
+                             attention.n_kv_heads, attention.group, attention.head_dim)
+        out_proj, down_proj = attention.wo, mlp.w2
+    else:  # [Q | K | V] columns
+        qkv_weight, qkv_bias, ((q_start, q_stop), (k_start, k_stop), (v_start, v_stop)) = _qkv(attention)
+        qkv = _linear(_rms_norm(x, input_norm), qkv_weight, qkv_bias)
+        q = split_heads(qkv[..., q_start:q_stop], attention.n_heads)
+        k = split_heads(qkv[..., k_start:k_stop], attention.n_kv_heads)
+        v = split_heads(qkv[..., v_start:v_stop], attention.n_kv_heads)
+        out_proj, down_proj = attention.o_proj, mlp.down_proj
     # rotate q and k, append k/v to the cache (post-RoPE), attend over every cached key
     k, v = cache.update(attention.layer_idx, _rope(k, cos, sin), v)
     out = merge_heads(_attend(_rope(q, cos, sin), k, v))
-    h = x + _linear(out, attention.o_proj.weight, attention.o_proj.bias)
+    h = x + _linear(out, out_proj.weight, out_proj.bias)
     # x = h + down(silu(gate(h')) · up(h')), h' = post_attention_layernorm(h), gate/up one GEMV
     gate_up_weight, gate_up_bias, ((gate_start, gate_stop), (up_start, up_stop)) = _gate_up(mlp)
-    gate_up = _linear(_rms_norm(h, layer.post_attention_layernorm), gate_up_weight, gate_up_bias)
+    gate_up = _linear(_rms_norm(h, post_norm), gate_up_weight, gate_up_bias)
     gated = _silu_mul(gate_up[..., gate_start:gate_stop], gate_up[..., up_start:up_stop])
-    x = h + _linear(gated, mlp.down_proj.weight, mlp.down_proj.bias)
-    return x
+    return h + _linear(gated, down_proj.weight, down_proj.bias)
 
 
 def _fused(*linears) -> bool:

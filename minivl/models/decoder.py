@@ -244,7 +244,7 @@ class DecoderLM(nn.Module):
         all_hidden = [hidden] if output_hidden_states else None
         all_probs = [] if output_attentions else None
         if decode_applies(layers, hidden, rope, cache, attn, output_hidden_states, output_attentions):
-            # one cached token through Llama/Qwen2/Phi-3 layers: the same operations in fewer calls, bit-equal
+            # one cached token through Llama/Qwen2/Phi-3/InternLM2 layers: the same operations in fewer calls, bit-equal
             hidden = decode_layers(layers, hidden, rope, cache)
         else:
             for layer in layers:
