@@ -75,11 +75,33 @@ def machine_rates(min_seconds: float = 0.5, gemm_n: int = 1024, megabytes: int =
     return rates
 
 
+def cpu_name() -> str:
+    """The CPU's model name and its widest vector ISA (ratios differ between CPUs: the README's table
+    names the one it ran on), from /proc/cpuinfo where there is one."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                if name and flags:
+                    break
+    except OSError:
+        pass
+    isa = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("asimd", "NEON")) if flag in flags), "")
+    return f"{name}{f' ({isa})' if isa else ''}"
+
+
 def describe_machine() -> str:
-    """One line: CPU count and BLAS/torch threads, for the table's caption."""
+    """One line: CPU, core count and BLAS/torch threads, for the table's caption."""
     import os
 
-    line = f"{os.cpu_count()} CPU cores visible"
+    line = f"{cpu_name()}, {os.cpu_count()} CPU cores visible"
     try:
         import torch
 
