@@ -1,5 +1,7 @@
 """`pack_parameters` (minivl/models/packing.py and its torch twin): every weight moved into one buffer.
 
+NumPy's load packs; torch_impl's does not (the torch cases pack a loaded model with the function).
+
 A layout change only, so everything is checked for EXACT equality: a packed model's state_dict is
 the checkpoint's, its logits equal those of the same model left unpacked bit for bit (the same
 GEMMs on the same values; only the addresses differ), tied weights stay one object, the fused
@@ -15,6 +17,7 @@ import minivl
 import minivl.models.common
 import torch_impl
 import torch_impl.models.common
+import torch_impl.models.packing
 from minivl.checkpoint import load_state_dict
 from minivl.models.packing import ALIGNMENT
 from minivl.tiny.internvl import write_tiny_internvl
@@ -50,10 +53,26 @@ def fused_matrix_of(model, value):
 
 
 def load(package, path, unpacked=False, monkeypatch=None):
+    """NumPy's load packs (unpacked: with pack_parameters skipped); torch_impl's does not, so a packed
+    torch model is packed here, by the function a caller would use."""
     package_module, common, _ = PACKAGES[package]
-    if unpacked:
-        monkeypatch.setattr(common, "pack_parameters", lambda model: None)
-    return package_module.load_model(path, dtype="float32")
+    if package == "numpy":
+        if unpacked:
+            monkeypatch.setattr(common, "pack_parameters", lambda model: None)
+        return package_module.load_model(path, dtype="float32")
+    model = package_module.load_model(path, dtype="float32")
+    if not unpacked:
+        torch_impl.models.packing.pack_parameters(model)
+    return model
+
+
+def test_torch_impl_loads_its_weights_unpacked(checkpoints):
+    """torch_impl leaves each weight where torch allocated it (minivl/models/packing.py says why); packed,
+    every parameter is a view of one storage."""
+    model = torch_impl.load_model(checkpoints["llama"], dtype="float32")
+    assert len({value.untyped_storage().data_ptr() for value in model.parameters()}) > 1
+    torch_impl.models.packing.pack_parameters(model)
+    assert len({value.untyped_storage().data_ptr() for value in model.parameters()}) == 1
 
 
 @pytest.mark.parametrize("package", sorted(PACKAGES))

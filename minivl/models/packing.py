@@ -12,7 +12,16 @@ packed" row: SmolLM2's cached decode step 7–10 % slower in two runs on the 2-c
 Values, shapes, names and `state_dict()` are unchanged; tied tensors stay one object; a
 FusedProjection's matrix and the views its modules hold move together. `build_model` calls it
 after `fuse_projections`. tests/test_packing.py holds a packed model equal, bit for bit, to the
-same model unpacked. torch_impl/models/packing.py is the same function in PyTorch.
+same model unpacked.
+
+NumPy packs at load; torch_impl does not (its `pack_parameters` stays, for a caller who measures a
+gain). On an AMD EPYC (AVX-512, 2 cores), benchmarks/packing.py read torch_impl's SmolLM2 prefill of
+64 tokens at 158 / 124 / 122 ms packed against 125 / 126 / 121 ms unpacked in three runs, prefill 512
+at 850 / 808 / 769 against 911 / 772 / 762 ms, and decode at 45.2 / 42.3 / 42.4 against 54.7 / 41.6 /
+40.5 ms: no gain that holds, and once a 26 % loss, which four scratch runs before had shown too
+(and which went away with transparent huge pages turned off). transformers does not pack either, so
+an unpacked torch_impl compares with it on the same memory layout. NumPy's packing buys its decode
+step the most (benchmarks/ablation.py, "weights not packed").
 """
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ from torch import nn
 from minivl.errors import ConfigError
 from minivl.models.common import tie_weights, tied_head  # noqa: F401  (shared)
 from torch_impl.models.fused import fuse_projections
-from torch_impl.models.packing import pack_parameters
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash", "triton")
@@ -158,9 +157,9 @@ def build_model(cls, config, state_dict: dict, dtype, device, tied: dict | None 
             setattr(model.get_submodule(owner), name, model.get_parameter(source))
     for p in model.parameters():
         p.requires_grad_(False)
-    del tensors  # the model holds them now: each is freed as pack_parameters moves it
+    del tensors  # the model holds them now
     fuse_projections(model)
-    pack_parameters(model)
+    # no pack_parameters here (minivl/models/packing.py says why: torch's GEMMs ran slower on packed weights)
     return model.eval()
 
 

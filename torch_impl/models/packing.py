@@ -4,6 +4,9 @@ On the CPU, every parameter becomes a view into one huge-page-backed allocation,
 order the forward reads them; tied Parameters stay one object, and a FusedProjection's matrix and
 its modules' views move together. On another device it does nothing (its allocator is not the
 CPU's page tables). tests/test_packing.py holds a packed model equal, bit for bit, to the unpacked one.
+
+Not called at load (minivl/models/packing.py says why: on the machine measured, torch's GEMMs gained
+nothing that held from the packed buffer); benchmarks/packing.py calls it to measure it.
 """
 from __future__ import annotations
 
