@@ -5,6 +5,8 @@ of each kept), so that a slow minute of a shared machine slows every row alike.
 
 NumPy packs at load; torch_impl does not (this script measured its GEMMs slower on the packed
 buffer): here each package loads its model both ways, packing explicitly with `pack_parameters`.
+One more torch_impl row gives every fused q|k|v and gate|up module a weight of its own, so that
+`project` runs the separate GEMMs transformers runs (torch_impl fuses them at load, as NumPy does).
 
     python3 benchmarks/packing.py               # markdown table
     python3 benchmarks/packing.py --repeats 5
@@ -69,10 +71,20 @@ def main(argv=None) -> None:
             packing.pack_parameters(model)
         return model
 
+    def separate(model):
+        """Each fused module's weight a tensor of its own: `project` then runs one GEMM per module."""
+        for _, module in model.named_modules():
+            if getattr(module, "fused", None) is not None:
+                module.weight = torch.nn.Parameter(module.weight.clone(), requires_grad=False)
+                if module.bias is not None:
+                    module.bias = torch.nn.Parameter(module.bias.clone(), requires_grad=False)
+        return model
+
     rows = {"NumPy, packed (as loaded)": (load("numpy", True), np.asarray),
             "NumPy, unpacked": (load("numpy", False), np.asarray),
             "torch_impl sdpa, packed": (load("torch", True), torch.from_numpy),
             "torch_impl sdpa, unpacked (as loaded)": (load("torch", False), torch.from_numpy),
+            "torch_impl sdpa, unpacked, projections separate": (separate(load("torch", False)), torch.from_numpy),
             f"transformers {transformers.__version__}": (
                 transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), torch.from_numpy)}
     rng = np.random.default_rng(0)

@@ -16,9 +16,9 @@ same model unpacked.
 
 NumPy packs at load; torch_impl does not (its `pack_parameters` stays, for a caller who measures a
 gain). On an AMD EPYC (AVX-512, 2 cores), benchmarks/packing.py read torch_impl's SmolLM2 prefill of
-64 tokens at 158 / 124 / 122 ms packed against 125 / 126 / 121 ms unpacked in three runs, prefill 512
-at 850 / 808 / 769 against 911 / 772 / 762 ms, and decode at 45.2 / 42.3 / 42.4 against 54.7 / 41.6 /
-40.5 ms: no gain that holds, and once a 26 % loss, which four scratch runs before had shown too
+64 tokens at 158 / 124 / 122 / 113 ms packed against 125 / 126 / 121 / 113 ms unpacked in four runs,
+prefill 512 at 850 / 808 / 769 / 710 against 911 / 772 / 762 / 750 ms, and decode at 45.2 / 42.3 /
+42.4 / 42.3 against 54.7 / 41.6 / 40.5 / 42.5 ms: no gain that holds, and once a 26 % loss, which four scratch runs before had shown too
 (and which went away with transparent huge pages turned off). transformers does not pack either, so
 an unpacked torch_impl compares with it on the same memory layout. NumPy's packing buys its decode
 step the most (benchmarks/ablation.py, "weights not packed").
