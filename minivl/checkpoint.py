@@ -217,6 +217,17 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _write_error(path: str, err: SafetensorError) -> Exception:
+    """The package's write failure as an OSError naming `path` when the OS refused (its text carries
+    'os error N': disk full, read-only, ...), else a CheckpointError."""
+    match = re.search(r"os error (\d+)", str(err))
+    if match:
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code), path)  # OSError picks the subclass of the errno
+    return CheckpointError(f"{path}: the safetensors package could not write the file ({err}); nothing was "
+                           f"written under that name")
+
+
 def write_safetensors(path: str | os.PathLike, tensors: Mapping, metadata: dict | None = None) -> str:
     """Write `{name: np.ndarray}` as a .safetensors file (the `safetensors` package lays it out).
 
@@ -233,7 +244,10 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping, metadata: dict 
     sweep_stale(parent)
     staging = os.path.join(parent, f".{name}.staging.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        save_file(arrays, staging, metadata=metadata)
+        try:
+            save_file(arrays, staging, metadata=metadata)
+        except SafetensorError as err:
+            raise _write_error(path, err) from None
         os.chmod(staging, _new_file_mode())  # the package writes mode 0600; a checkpoint is an ordinary file
         fsync_file(staging)
         os.replace(staging, path)
@@ -317,6 +331,8 @@ def open_checkpoint(directory: str | os.PathLike, framework: str = "numpy") -> l
     single = os.path.join(directory, SINGLE_FILE)
     if os.path.isfile(single):
         return [SafetensorsFile(single, framework)]
+    if os.path.exists(single):
+        raise CheckpointError(f"{single} is a directory or other non-file, not a safetensors file; {_FIX}")
     _refuse_pickles(directory)
     raise CheckpointError(f"{directory}: no {SINGLE_FILE} and no {INDEX_FILE}; a checkpoint directory holds "
                           f"config.json and one of those")

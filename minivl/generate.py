@@ -25,6 +25,11 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+# below this a sampling temperature only risks overflow: logits / 1e-320 is inf even in float64, and any
+# temperature this small picks the greedy token anyway (a logit gap of 0.01 becomes e^100)
+MIN_TEMPERATURE = 1e-4
+
+
 def check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, seed=None) -> None:
     """GenerationError naming the bad setting and the allowed range."""
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
@@ -35,6 +40,10 @@ def check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, 
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise GenerationError(f"temperature must be > 0 when sampling (got {temperature!r}); use "
                                   f"do_sample=False for greedy decoding")
+        if temperature < MIN_TEMPERATURE:
+            raise GenerationError(f"temperature {temperature:g} is too small to sample with (logits / temperature "
+                                  f"overflows to inf, and inf − inf is NaN); use do_sample=False for greedy "
+                                  f"decoding, or a temperature >= {MIN_TEMPERATURE:g}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
             raise GenerationError(f"top_k must be None or an int >= 1 (got {top_k!r})")
         if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):

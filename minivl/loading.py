@@ -80,6 +80,52 @@ def strip_prefix(state_dict: dict, prefix: str) -> dict:
     return inner
 
 
+# config fields that size the tensors: when config.json leaves one out, the class default (the
+# reference's, e.g. Llama's hidden_size 4096) builds a model the weights cannot fit
+# (fields whose default is usually right, such as num_key_value_heads = heads or head_dim, are not listed)
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "d_model", "n_heads", "n_layers", "expansion_ratio", "image_size", "patch_size")
+_DTYPE_ERROR = ("NumPy models compute in float32 or float64: dtype='float32' or 'float64' (got {dtype!r}); "
+                "bf16/fp16 checkpoints are upcast on load, and torch_impl runs bfloat16/float16")
+
+
+def check_dtype(dtype) -> None:
+    """ConfigError, before any file is read, unless dtype names float32 or float64."""
+    import numpy as np
+
+    try:
+        name = dtype if isinstance(dtype, str) else str(np.dtype(dtype)) if dtype is not None else None
+    except (TypeError, ValueError):
+        name = None
+    if name not in ("float32", "float64"):
+        raise ConfigError(_DTYPE_ERROR.format(dtype=dtype))
+
+
+def defaulted_size_fields(path, config, prefix: str = "") -> list[str]:
+    """'section.field (default)' for each tensor-sizing field config.json leaves to its class default."""
+    from minivl.config.base import read_config_json
+
+    try:
+        raw, _ = read_config_json(path)
+    except ConfigError:
+        return []
+    if prefix:  # the LLM of a chat checkpoint: `config` is its llm_config
+        sections = [("llm_config.", raw.get("llm_config"), config)]
+    elif getattr(config, "model_type", None) == "internvl_chat":
+        sections = [(f"{name}.", raw.get(name), getattr(config, name, None))
+                    for name in ("llm_config", "vision_config")]
+    else:
+        sections = [("", raw, config)]
+    found = []
+    for section, given, built in sections:
+        if not isinstance(given, dict) or built is None:
+            continue
+        for field in SIZE_FIELDS:
+            if field not in given and field in getattr(type(built), "__dataclass_fields__", {}):
+                found.append(f"{section}{field} ({getattr(built, field)!r})")
+    return found
+
+
 def load_model(path, dtype="float32", component=None, allow_nonfinite=False):
     """Read `path` (config.json + model.safetensors or shards) into the matching NumPy model.
 
@@ -90,7 +136,17 @@ def load_model(path, dtype="float32", component=None, allow_nonfinite=False):
     from minivl.checkpoint import check_weights, load_state_dict
     from minivl.models import MODEL_REGISTRY
 
+    check_dtype(dtype)
     config, cls, prefix = plan_load(path, component, MODEL_REGISTRY)
     state_dict = strip_prefix(load_state_dict(path), prefix)
     check_weights(state_dict, where=os.fspath(path), allow_nonfinite=allow_nonfinite)
-    return cls.from_state_dict(config, state_dict, dtype)
+    try:
+        return cls.from_state_dict(config, state_dict, dtype)
+    except CheckpointError as error:
+        defaulted = defaulted_size_fields(path, config, prefix)
+        if not defaulted:
+            raise
+        first, *rest = str(error).split("\n")
+        note = (f"  note: {os.path.join(os.fspath(path), 'config.json')} does not set {', '.join(defaulted)}, so "
+                f"the class defaults shown were used; write the checkpoint's real values into config.json")
+        raise CheckpointError("\n".join([first, note, *rest])) from None  # the likely cause before the lists

@@ -56,6 +56,11 @@ def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     [h, w] any numeric -> [h, w] uint8
     """
     values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+        # min/max would be NaN and every pixel would come out 0 (black), silently
+        n_nan, n_inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+        raise ImageError(f"the {mode!r} image has {n_nan} NaN and {n_inf} inf pixels (of {values.size}), which have no "
+                         f"grey level; replace them with numbers (e.g. numpy.nan_to_num) and save the image again")
     if mode.startswith("I;16"):
         low, high = 0.0, 65535.0                        # nominal 16-bit range
     elif mode == "I":
@@ -126,7 +131,7 @@ def open_image(path_or_image) -> Image.Image:
                          "or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from err
     except (OSError, SyntaxError, ValueError) as err:
         if isinstance(err, ImageError):
-            raise
+            raise ImageError(f"{path!r}: {err}") from None  # say which file
         raise ImageError(f"{path!r} could not be decoded as an image ({err}); "
                          "the file may be truncated or corrupt") from err
 

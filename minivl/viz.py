@@ -346,11 +346,24 @@ def kv_cache_memory(model_sizes: dict, context_lengths, bytes_per_value: int = 2
     return fig
 
 
-def save(fig, path) -> str:
-    """Write a figure to PNG (dpi 120) and close it; returns the path."""
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return str(path)
+def save(fig, path, format: str | None = None) -> str:
+    """Write a figure (dpi 120; PNG, or the format `format` or the path's suffix names) and close it.
+
+    Atomic: rendered in memory, then written through a temporary file renamed over `path`, so a
+    failed write (a full disk) leaves the previous picture whole. Returns the path.
+    """
+    import io
+    import os
+
+    from minivl.files import write_bytes_atomic
+
+    format = format or os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format=format, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return str(write_bytes_atomic(path, buffer.getvalue()))
 
 
 __all__ = [

@@ -6,10 +6,12 @@ minivl itself shows a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
 import sys
+import warnings
 
 from minivl.errors import DeviceError, FileSystemError, MinivlError, NonFiniteError
 
@@ -18,13 +20,13 @@ COMMANDS = ["chat", "perplexity", "parity", "describe_image", "viz", "convert", 
 # exit code -> what it means; printed by `minivl --help` and listed in the README
 EXIT_CODES = {
     0: "success",
-    1: "a named minivl error: a bad argument, config, checkpoint, image or prompt; the message says what to "
-       "fix (`minivl parity`: also when the two packages disagree)",
+    1: "a named minivl error: a bad argument (an input path that does not exist included), config, checkpoint, "
+       "image or prompt; the message says what to fix (`minivl parity`: also when the two packages disagree)",
     2: "command-line usage error (unknown option, missing argument)",
-    3: "the operating system refused: a file or directory cannot be read or written (missing, not "
-       "permitted, disk full), or memory ran out",
+    3: "the operating system refused: a file or directory cannot be read or written (not permitted, disk "
+       "full, read-only, an I/O error), or memory ran out",
     4: "the requested backend or device is not available here (torch not installed, CUDA on a CPU-only torch)",
-    5: "the model computed NaN/inf: its weights or inputs are not finite",
+    5: "the model computed NaN/inf: its weights or inputs are not finite, or the computation overflowed",
     130: "interrupted (Ctrl-C)",
     141: "the output was closed before the command finished (broken pipe, e.g. `| head`)",
 }
@@ -50,12 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: str) -> str:
+    """A message as ONE line: a multi-line one (check_state_dict lists missing, unexpected and
+    mis-shaped tensors on lines of their own) is joined with '; '."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return "; ".join(lines)
+
+
 def _say(message: str) -> None:
     """One line on stderr; a closed stderr is not worth a second failure."""
     try:
-        print(f"minivl: {message}", file=sys.stderr, flush=True)
+        print(f"minivl: {one_line(message)}", file=sys.stderr, flush=True)
     except (OSError, ValueError):
         pass
+
+
+# errno -> what to do, where "check the path" is not the fix
+_OS_ERROR_FIXES = {
+    errno.ENOSPC: "the disk is full: free some space, or write somewhere else",
+    errno.EDQUOT: "the disk quota is used up: free some space, or write somewhere else",
+    errno.EROFS: "that file system is read-only: write somewhere else",
+}
 
 
 def _os_error_line(error: OSError) -> str:
@@ -63,8 +80,32 @@ def _os_error_line(error: OSError) -> str:
     if error.filename2:
         where += f" -> {error.filename2!r}"
     reason = error.strerror or str(error)
-    return (f"{type(error).__name__}: cannot use{where}: {reason}; check that the path exists, is the kind of "
-            f"thing expected there (file or directory) and that you may read or write it")
+    fix = _OS_ERROR_FIXES.get(error.errno, "check that the path exists, is the kind of thing expected there "
+                                           "(file or directory) and that you may read or write it")
+    return f"{type(error).__name__}: cannot use{where}: {reason}; {fix}"
+
+
+def _is_floating_point_warning(caught) -> bool:
+    """NumPy's 'overflow / invalid value / divide by zero encountered in ...' RuntimeWarnings."""
+    return issubclass(caught.category, RuntimeWarning) and "encountered in" in str(caught.message)
+
+
+def _settle_warnings(caught: list, failed: bool) -> None:
+    """After a command: NumPy's floating-point warnings as at most ONE line, and none after a failure
+    (its own one line says what went wrong; the NaN/inf checks report what the warnings hint at).
+    Every other warning is passed on unchanged."""
+    numeric = list({(str(w.message), w.filename, w.lineno): w
+                    for w in caught if _is_floating_point_warning(w)}.values())  # each place once
+    for w in caught:
+        if not _is_floating_point_warning(w):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if numeric and not failed:
+        first = numeric[0]
+        more = f" and {len(numeric) - 1} more" if len(numeric) > 1 else ""
+        where = "/".join(first.filename.replace(os.sep, "/").split("/")[-2:])  # e.g. minivl/norms.py
+        _say(f"warning: NumPy reported '{first.message}' ({where}:{first.lineno}){more} while computing; the "
+             f"results may be unreliable: check that the weights and inputs are in a sane range (or try "
+             f"--dtype float64 where the command has it)")
 
 
 def _exit_code(error: MinivlError) -> int:
@@ -90,28 +131,37 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    with warnings.catch_warnings(record=True) as caught:  # held back, then settled in one line at most
+        code, failed = _run(args)
+    _settle_warnings(caught, failed or code == EXIT_NONFINITE)  # a NaN/inf already said so in its own line
+    return code
+
+
+def _run(args) -> tuple[int, bool]:
+    """(exit code, whether it failed): the command, each expected failure turned into one line on
+    stderr and its exit code; anything else (a bug in minivl) propagates with its traceback."""
     try:
-        return int(args.func(args) or 0)
+        return int(args.func(args) or 0), False
     except BrokenPipeError:
         _silence_stdout()
         _say("the output was closed before the command finished (broken pipe); stopped")
-        return EXIT_BROKEN_PIPE
+        return EXIT_BROKEN_PIPE, True
     except KeyboardInterrupt:
         _say("interrupted")
-        return EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED, True
     except MinivlError as e:
         _say(f"{type(e).__name__}: {e}")
-        return _exit_code(e)
+        return _exit_code(e), True
     except json.JSONDecodeError as e:
         _say(f"a JSON file is malformed ({e}); fix or re-create it (re-convert, or re-download the checkpoint)")
-        return EXIT_ERROR
+        return EXIT_ERROR, True
     except MemoryError:
         _say("MemoryError: not enough memory; use a smaller model, --dtype float32, fewer --max-tiles or a "
              "shorter input")
-        return EXIT_OS
+        return EXIT_OS, True
     except OSError as e:
         _say(_os_error_line(e))
-        return EXIT_OS
+        return EXIT_OS, True
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -31,6 +32,9 @@ def _config_path(dir_or_file: str | os.PathLike) -> str:
 def read_config_json(dir_or_file: str | os.PathLike) -> tuple[dict, str]:
     """Read a config.json (or a checkpoint directory's). Returns `(dict, path)`; ConfigError on failure."""
     path = _config_path(dir_or_file)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ConfigError(f"{path}: is a directory or other non-file, not a config file; put the checkpoint's "
+                          f"{CONFIG_NAME} file there (re-download or re-write it)")
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such config file; pass a checkpoint directory holding "
                           f"{CONFIG_NAME} or the path of a config.json")
@@ -63,7 +67,9 @@ def is_int(value: Any) -> bool:
 
 
 def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """An int or a finite float (not a bool): JSON's NaN / Infinity, which Python's json reads, are no
+    size, rate or epsilon, and would pass every `value <= 0` style range check unnoticed."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ validation; `head_dim`, `num_key_value_groups` and `rope_kwargs()` are what the 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -141,7 +142,7 @@ class InternLM2Config(DecoderConfig):
             raise self._rope_error("type", scaling.get("type"), "one of ['linear', 'dynamic']")
         factor = scaling.get("factor")
         # the reference tests isinstance(factor, float): JSON 2 is an int and is refused
-        if not isinstance(factor, float) or factor < 1.0:
+        if not isinstance(factor, float) or not is_number(factor) or factor < 1.0:
             fix = f"write {float(factor)}" if is_int(factor) and factor >= 1 else ""
             raise self._rope_error("factor", factor, "a float >= 1.0", fix)
 
@@ -236,6 +237,9 @@ class _HFRopeScalingMixin:
         self._check_rope_scaling_keys(required | {type_key}, optional | ({"type", "rope_type"} - {type_key}))
         if "factor" in scaling and (not is_number(scaling["factor"]) or scaling["factor"] < 1.0):
             raise self._rope_error("factor", scaling["factor"], "a number >= 1.0")
+        for key, value in scaling.items():  # beta_fast, low_freq_factor, attention_factor, ...
+            if isinstance(value, float) and not math.isfinite(value):
+                raise self._rope_error(key, value, "a finite number")
         if kind == "longrope":
             self._check_factor_list("short_factor")
             self._check_factor_list("long_factor")
@@ -310,7 +314,7 @@ class LlamaConfig(_HFRopeScalingMixin, DecoderConfig):
             # the 4.37.2 form, checked exactly as 4.37.2 checks it
             self._check_rope_scaling_keys({"type", "factor"})
             factor = scaling["factor"]
-            if not isinstance(factor, float) or factor <= 1.0:
+            if not isinstance(factor, float) or not is_number(factor) or factor <= 1.0:
                 fix = f"write {float(factor)}" if is_int(factor) and factor > 1 else ""
                 raise self._rope_error("factor", factor, "a float > 1.0", fix)
         else:

@@ -49,6 +49,11 @@ def verify(directory: str | os.PathLike, required: tuple[str, ...], thorough: bo
         return f"unfinished: no {MANIFEST} (an interrupted conversion, or one by an older minivl)"
     except (ValueError, KeyError, TypeError, OSError) as e:
         return f"damaged: {MANIFEST} is unreadable ({e})"
+    # a manifest edited or half-overwritten into another shape ({"files": 3}, entries that are not
+    # {"size": ..., "sha256": ...}) is damage like any other, not a traceback
+    if not isinstance(files, dict) or not all(isinstance(entry, dict) for entry in files.values()):
+        return (f"damaged: {MANIFEST} is not a manifest minivl wrote (it must map each file name to "
+                f"{{'size': ..., 'sha256': ...}})")
     for name in required:
         if name not in files:
             return f"damaged: {MANIFEST} does not list {name}"

@@ -1,7 +1,8 @@
 """Checks of command-line values shared by the subcommands, run before any work starts.
 
 Each failure names the option, the value, what is allowed and what to do: a number outside its
-range, or an output path that cannot be written.
+range, or an output path that cannot be written. `save_figure` writes a picture atomically, so a
+failure (disk full, Ctrl-C) leaves the previous file as it was.
 """
 from __future__ import annotations
 
@@ -40,9 +41,19 @@ def output_directory(flag: str, path: str) -> str:
     return path
 
 
-def output_file(flag: str, path: str) -> str:
-    """Make sure the file `path` can be written (its directory created), or FileSystemError naming the option."""
+def output_file(flag: str, path: str, example: str = "out.png") -> str:
+    """Make sure the file `path` can be written (its directory created), or FileSystemError naming the option.
+
+    `example`: the file name suggested when `path` is a directory (out.png, trace.safetensors, ...).
+    """
     if os.path.isdir(path):
-        raise FileSystemError(f"{flag} {path} is a directory; pass a file name, e.g. {os.path.join(path, 'out.png')}")
+        raise FileSystemError(f"{flag} {path} is a directory; pass a file name, e.g. {os.path.join(path, example)}")
     output_directory(flag, os.path.dirname(os.path.abspath(path)))
     return path
+
+
+def save_figure(fig, path: str) -> str:
+    """Write a matplotlib figure as PNG (dpi 120) atomically through minivl.viz.save; closes it. Returns the path."""
+    from minivl.viz import save
+
+    return save(fig, path, format="png")

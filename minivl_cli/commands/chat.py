@@ -20,10 +20,12 @@ import time
 
 import numpy as np
 
-from minivl.errors import CheckpointError, ConfigError, DeviceError, GenerationError
+from minivl.errors import CheckpointError, ConfigError, DeviceError, GenerationError, NonFiniteError
+from minivl.generate import MIN_TEMPERATURE  # the smallest temperature sampling accepts
 from minivl_cli.commands._checks import check_float, check_int
 
 BACKENDS = ("numpy", "torch")
+VISION_ONLY = "intern_vit_6b"  # a bare InternViT checkpoint: pictures in, features out, no text
 
 
 def register(subparsers) -> None:
@@ -109,18 +111,25 @@ def check_json_files(directory) -> None:
             raise CheckpointError(f"{path} is not UTF-8 text ({e}); re-create the checkpoint") from None
 
 
-def load_backend_model(directory, args):
-    """(model, generate) from the package --backend names, with --dtype (and --device for torch)."""
-    check_json_files(directory)
+def check_backend(args) -> None:
+    """The --backend/--device pair is usable here (torch installed, the device present), before any file is read."""
     if args.backend == "numpy":
         if args.device != "cpu":
             raise GenerationError(f"--device {args.device} needs --backend torch; the NumPy model runs on the CPU")
+        return
+    require_torch("--backend torch")
+    check_device(args.device)
+
+
+def load_backend_model(directory, args):
+    """(model, generate) from the package --backend names, with --dtype (and --device for torch)."""
+    check_json_files(directory)
+    check_backend(args)
+    if args.backend == "numpy":
         from minivl.generate import generate
         from minivl.loading import load_model
 
         return load_model(directory, dtype=args.dtype), generate
-    require_torch("--backend torch")
-    check_device(args.device)
     from torch_impl.generate import generate
     from torch_impl.loading import load_model
 
@@ -128,17 +137,30 @@ def load_backend_model(directory, args):
 
 
 def load_lm(args):
-    """(model, tokenizer, generate) for --backend/--dtype/--device/--model-dir; converts SmolLM2 if needed."""
+    """(model, tokenizer, generate) for --backend/--dtype/--device/--model-dir; converts SmolLM2 if needed.
+
+    The tokenizer is read first: a checkpoint without one fails before its weights are loaded.
+    """
     from minivl.tokenizer import load_tokenizer
 
+    check_backend(args)
     if args.model_dir:
         directory = args.model_dir
     else:
         from minivl.weights.smollm2 import ensure_smollm2
 
         directory = ensure_smollm2()
-    model, generate = load_backend_model(directory, args)
-    return model, load_tokenizer(directory), generate
+    try:
+        check_json_files(directory)
+        tokenizer = load_tokenizer(directory)
+        model, generate = load_backend_model(directory, args)
+    except (CheckpointError, ConfigError) as error:
+        if args.model_dir or os.fspath(directory) not in str(error):
+            raise  # a bad option (--dtype ...) or the user's own checkpoint
+        # minivl's own cache, damaged in a way its manifest's size check cannot see: say how to rebuild it
+        raise type(error)(f"{error}; this is minivl's converted SmolLM2 cache: `minivl convert smollm2 --force` "
+                          f"rebuilds it") from None
+    return model, tokenizer, generate
 
 
 def sampling_settings(args) -> dict:
@@ -149,6 +171,9 @@ def sampling_settings(args) -> dict:
         raise GenerationError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     check_float("--temperature", args.temperature, 0.0, 100.0, "0 = greedy, 0.7 is a usual sampling value",
                 error=GenerationError)
+    if 0 < args.temperature < MIN_TEMPERATURE:
+        raise GenerationError(f"--temperature {args.temperature:g} is too small to sample with (logits / temperature "
+                              f"overflows); use 0 for greedy decoding, or a temperature >= {MIN_TEMPERATURE:g}")
     sampling = args.temperature > 0
     if not sampling and (args.top_p is not None or args.top_k is not None):
         raise GenerationError("--top-p/--top-k only apply when sampling: add --temperature, e.g. 0.7")
@@ -204,17 +229,24 @@ def run(args) -> int:
     settings = sampling_settings(args)
     if is_internvl_checkpoint(args.model_dir):
         return run_internvl(args, settings)
+    model_type = checkpoint_model_type(args.model_dir)
     if args.image:
-        model_type = checkpoint_model_type(args.model_dir)
         if not args.model_dir:
             where = "the default model (SmolLM2-135M-Instruct) is text-only"
         elif model_type is None:
             where = f"{args.model_dir} has no readable config.json"
+        elif model_type == VISION_ONLY:
+            where = f"{args.model_dir} is a bare vision encoder ({model_type!r}), with no language model"
         else:
             where = f"{args.model_dir} is a text-only {model_type!r} checkpoint"
         raise ConfigError(f"--image needs an InternVL chat checkpoint, but {where}; pass --model-dir DIR whose "
                           "config.json has model_type 'internvl_chat' (e.g. one written by "
                           "minivl.tiny.internvl.write_tiny_internvl)")
+    if model_type == VISION_ONLY:
+        raise ConfigError(f"--model-dir {args.model_dir} is a bare vision encoder ({model_type!r}): it has no language "
+                          f"model to answer with; pass an InternVL chat checkpoint (model_type 'internvl_chat') or a "
+                          f"decoder LM, or look at its attention with `minivl viz explore --model-dir "
+                          f"{args.model_dir} --image PATH`")
     model, tokenizer, generate = load_lm(args)
     if args.prompt is not None:
         start = time.perf_counter()
@@ -228,21 +260,31 @@ def run(args) -> int:
 def interactive(model, tokenizer, generate, settings, args, stdin=None) -> int:
     """Read one user message per line; keep the conversation; stop at end of input or /exit."""
     stdin = stdin if stdin is not None else sys.stdin
-    print("minivl chat: SmolLM2-135M-Instruct. One message per line; /reset forgets, /exit quits.",
-          file=sys.stderr)
+    name = f"checkpoint {args.model_dir}" if args.model_dir else "SmolLM2-135M-Instruct"
+    print(f"minivl chat: {name}. One message per line; /reset forgets, /exit quits.", file=sys.stderr)
     history: list[dict] = []
+    code = 0
     for text in user_messages(stdin, on_reset=history.clear):
         history.append({"role": "user", "content": text})
         start = time.perf_counter()
         try:
             reply, n_new = answer(model, tokenizer, generate, history, settings, args.system)
         except GenerationError as e:
-            print(f"minivl: {e}", file=sys.stderr)
+            print(f"minivl: {type(e).__name__}: {e}", file=sys.stderr)
             history.pop()
+            code = _turn_failure_code(e, code)
             continue
         history.append({"role": "assistant", "content": reply})
         _report(args, n_new, time.perf_counter() - start)
-    return 0
+    return code
+
+
+def _turn_failure_code(error: GenerationError, code: int) -> int:
+    """The conversation goes on after a turn that failed; a NaN/inf answer still sets the exit code
+    (5, as a one-shot question would end) so a script sees that the model computed NaN."""
+    from minivl_cli.cli import EXIT_NONFINITE
+
+    return EXIT_NONFINITE if isinstance(error, NonFiniteError) else code
 
 
 def user_messages(stdin, on_reset):
@@ -409,6 +451,7 @@ def run_internvl(args, settings) -> int:
     print(f"minivl chat: InternVL checkpoint {args.model_dir}{images}. One message per line; "
           "/reset forgets, /exit quits.", file=sys.stderr)
     history: list = []
+    code = 0
     for text in user_messages(stdin, on_reset=lambda: history.clear()):
         # the image placeholder goes into the first question only; later turns re-use it via history
         question = prefix + text if not history else text
@@ -417,7 +460,8 @@ def run_internvl(args, settings) -> int:
             _, history, n_new = internvl_answer(model, tokenizer, pixel_values, question, settings, history,
                                                 num_patches_list)
         except GenerationError as e:
-            print(f"minivl: {e}", file=sys.stderr)
+            print(f"minivl: {type(e).__name__}: {e}", file=sys.stderr)
+            code = _turn_failure_code(e, code)
             continue
         _report(args, n_new, time.perf_counter() - start)
-    return 0
+    return code

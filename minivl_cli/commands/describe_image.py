@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from minivl.errors import ConfigError
-from minivl_cli.commands._checks import check_float, check_int, output_directory
+from minivl_cli.commands._checks import check_float, check_int, output_directory, save_figure
 
 MAX_IMAGE_SIZE = 1792       # tile side: 4 × InternVL2's 448
 MAX_ATTENTION_SIZE = 1024   # DINOv2 input side: 73² patches, a 5329² attention matrix per head
@@ -148,11 +148,10 @@ def attention_figure(image, attention, title: str):
 def run(args) -> int:
     import numpy as np
 
-    from minivl import viz
-
     check_arguments(args)
     facts = describe(args.image, args.min_num, args.max_num, args.image_size, not args.no_thumbnail,
                      args.patch_size, args.downsample_ratio)
+    output_directory("--out", args.out)  # before anything is reported: a run that cannot write says so first
     columns, rows = facts["grid"]
     width, height = facts["image"].size
     n_tiles = len(facts["tiles"])
@@ -164,10 +163,9 @@ def run(args) -> int:
           f"of {args.image_size}×{args.image_size} px = {tiles_text}{thumb}{total}")
     print(f"image tokens: {n_tiles} × {facts['tokens_per_tile']} = {facts['tokens']} "
           f"(({args.image_size}/{args.patch_size})² patches per tile, pixel shuffle {args.downsample_ratio})")
-    output_directory("--out", args.out)
     sheet = contact_sheet(facts, f"{os.path.basename(args.image)}: {columns}×{rows} grid{thumb}, "
                                  f"{n_tiles} × {facts['tokens_per_tile']} = {facts['tokens']} image tokens")
-    print(f"wrote:        {viz.save(sheet, os.path.join(args.out, 'tiles.png'))}")
+    print(f"wrote:        {save_figure(sheet, os.path.join(args.out, 'tiles.png'))}")
     if args.no_attention:
         return 0
 
@@ -179,5 +177,5 @@ def run(args) -> int:
     fig = attention_figure(np.asarray(seen), attention,
                            f"{os.path.basename(args.image)}: DINOv2-S/14 CLS attention\nlayer {layer} of 12, "
                            f"mean of 6 heads; input {size[1]}×{size[0]} px = {size[1] // 14}×{size[0] // 14} patches")
-    print(f"wrote:        {viz.save(fig, os.path.join(args.out, 'attention.png'))}")
+    print(f"wrote:        {save_figure(fig, os.path.join(args.out, 'attention.png'))}")
     return 0

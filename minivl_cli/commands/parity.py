@@ -24,10 +24,12 @@ import os
 
 import numpy as np
 
-from minivl.errors import ConfigError
+from minivl.errors import ConfigError, NonFiniteError
+from minivl_cli.commands._checks import check_float, check_int
 
 DEFAULT_ULPS = 64
 IMAGE_ULPS = 512
+MAX_ULPS = 1e6
 
 
 def register(subparsers) -> None:
@@ -81,13 +83,26 @@ def compare_layers(numpy_out, torch_out, dtype: str, ulps: float):
 
     names = (["embedding"] + [f"block {i}" for i in range(len(numpy_out.hidden_states) - 2)]
              + ["final norm", "logits"])
+    pairs = [(name, np.asarray(a), to_numpy(r)) for name, a, r in
+             zip(names, list(numpy_out.hidden_states) + [numpy_out.logits],
+                 list(torch_out.hidden_states) + [torch_out.logits])]
+    check_finite_layers(pairs)
     rows = []
-    for name, a, r in zip(names, list(numpy_out.hidden_states) + [numpy_out.logits],
-                          list(torch_out.hidden_states) + [torch_out.logits]):
-        ref = to_numpy(r)
+    for name, a, ref in pairs:
         rtol, atol = tolerance(dtype, ulps, ulps, scale=float(np.abs(ref).max()))
         rows.append((name, compare(a, ref, rtol, atol)))
     return rows
+
+
+def check_finite_layers(pairs) -> None:
+    """NonFiniteError naming the first layer where either package's output holds NaN/inf: a tolerance
+    cannot be scaled from a NaN, and a NaN there is the model's failure, not a disagreement."""
+    for name, a, ref in pairs:
+        broken = [package for package, x in (("minivl (NumPy)", a), ("torch_impl", ref)) if not np.isfinite(x).all()]
+        if broken:
+            raise NonFiniteError(f"the {name} output of {' and '.join(broken)} holds NaN/inf, so nothing from there "
+                                 f"on can be compared: the weights are finite but the computation overflows (weights "
+                                 f"or inputs far out of range); check the checkpoint, or try --dtype float64")
 
 
 def format_table(rows) -> str:
@@ -110,6 +125,9 @@ def run(args) -> int:
     import minivl.loading
     from minivl.config import load_config
 
+    if args.ulps is not None:
+        check_float("--ulps", args.ulps, 0.0, MAX_ULPS, f"the default is {DEFAULT_ULPS} ({IMAGE_ULPS} for an image "
+                    f"pipeline); 0 asks for bit-equal outputs")
     directory = os.fspath(args.directory)
     if not os.path.isdir(directory):
         raise ConfigError(f"{directory!r} is not a directory; pass a checkpoint directory holding config.json")
@@ -140,11 +158,15 @@ def run(args) -> int:
 def run_image_pipeline(args, directory: str, model_type: str) -> int:
     """The per-stage table of an InternVL chat checkpoint or a bare InternViT: NumPy vs torch_impl."""
     from minivl import trace
-    from minivl_cli.commands.trace import compute_stages, load_backend
+    from minivl_cli.commands.trace import compute_stages, first_nonfinite_stage, load_backend
 
     if args.ids is not None:
         raise ConfigError("--ids is for text-only checkpoints; an InternVL prompt is built from --prompt and the "
                           "chat template (or pass --component language_model to check the LLM alone)")
+    if args.max_num is not None:
+        from minivl.preprocess import MAX_TILES
+
+        check_int("--max-num", args.max_num, 1, MAX_TILES, "the released models use 12")
     ulps = IMAGE_ULPS if args.ulps is None else args.ulps
     image = args.image if args.image is not None else trace.synthetic_image()
     prompt = args.prompt if args.prompt is not None else "Describe the image."
@@ -152,6 +174,12 @@ def run_image_pipeline(args, directory: str, model_type: str) -> int:
     for backend in ("numpy", "torch"):
         model, as_input = load_backend(directory, backend, args.dtype, args.attn_implementation)
         stages[backend] = compute_stages(directory, backend, model, as_input, image, prompt, args.max_num, args.dtype)
+    for backend, package in (("numpy", "minivl (NumPy)"), ("torch", "torch_impl")):
+        broken = first_nonfinite_stage(stages[backend])
+        if broken is not None:  # NaN in both would compare as equal: the model's failure, not agreement
+            raise NonFiniteError(f"{package} computed NaN/inf from stage {broken} on; the weights are finite "
+                                 f"but the computation overflows (weights or inputs far out of range): check the "
+                                 f"checkpoint, or try --dtype float64")
     rows = trace.compare_stages(stages["numpy"], stages["torch"], args.dtype, ulps)
     what = "InternVL chat" if model_type == "internvl_chat" else "InternViT"
     grid = stages["numpy"]["tile_grid"].tolist()

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from minivl_cli.commands._checks import check_int
-from minivl_cli.commands.chat import add_model_arguments, load_lm
-from minivl.errors import GenerationError, NonFiniteError
+from minivl_cli.commands.chat import add_model_arguments, checkpoint_model_type, load_lm
+from minivl.errors import ConfigError, GenerationError, NonFiniteError
 
 
 def register(subparsers) -> None:
@@ -29,15 +29,32 @@ def run(args) -> int:
               error=GenerationError)
     if args.stride is not None:
         check_int("--stride", args.stride, 1, 2**20, "leave it out for context // 2", error=GenerationError)
+    if args.context == 1:
+        raise GenerationError("--context must be at least 2 tokens (got 1): a window needs one token to condition "
+                              "on and one to score; e.g. 1024")
     path = Path(args.file)
     if not path.is_file():
-        raise GenerationError(f"{path} is not a file; pass the path of a UTF-8 text file")
+        why = ("it is a directory" if path.is_dir() else "it does not exist" if not path.exists()
+               else "it is a device, pipe or other special file")
+        raise GenerationError(f"{path} is not a file: {why}; pass the path of a UTF-8 text file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise GenerationError(f"{path} is not UTF-8 text ({e}); convert it first, e.g. with iconv") from None
+    except OSError as e:
+        if e.filename or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None  # name the file (a read error names none)
+    kind = checkpoint_model_type(args.model_dir)
+    if kind in ("internvl_chat", "intern_vit_6b"):
+        raise ConfigError(f"--model-dir {args.model_dir} is an {kind!r} checkpoint; perplexity scores a text-only "
+                          f"language model: pass a decoder checkpoint (llama, qwen2, internlm2, phi3, mpt), e.g. the "
+                          f"LLM an InternVL checkpoint nests, saved on its own")
     model, tokenizer, _ = load_lm(args)
     ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise GenerationError(f"{path} encodes to {len(ids)} token{'s' if len(ids) != 1 else ''}; perplexity needs at "
+                              f"least 2 (one to condition on, one to score): pass a longer text")
     limit = getattr(model.config, "max_position_embeddings", args.context)
     context = min(args.context, len(ids), limit)
     stride = args.stride if args.stride is not None else max(1, context // 2)

@@ -13,7 +13,7 @@ import json
 import os
 import platform
 
-from minivl.errors import ConfigError, TraceError
+from minivl.errors import ConfigError, NonFiniteError, TraceError
 
 
 def register(subparsers) -> None:
@@ -109,6 +109,19 @@ def compute_stages(directory: str, backend: str, model, as_input, image, prompt:
         return trace.internvl_stages(model, pixel_values, input_ids, grid, as_input)
 
 
+def first_nonfinite_stage(stages: dict) -> str | None:
+    """'name (n NaN, m inf of k)' for the first float stage, in forward order, that holds NaN or inf."""
+    import numpy as np
+
+    from minivl.testing import to_numpy
+
+    for name, value in stages.items():
+        x = to_numpy(value)
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            return f"{name} ({int(np.isnan(x).sum())} NaN, {int(np.isinf(x).sum())} inf of {x.size})"
+    return None
+
+
 def _config_max_num(directory: str) -> int:
     """The tile limit `minivl trace` uses by default: max_dynamic_patch, or 1 for a static-size config / a bare ViT."""
     from minivl.config import load_config
@@ -126,7 +139,7 @@ def run_trace(args) -> int:
 
     if args.max_num is not None:
         check_int("--max-num", args.max_num, 1, MAX_TILES, "the released models use 12")
-    output_file("--out", args.out)
+    output_file("--out", args.out, example="trace.safetensors")
     directory = os.fspath(args.directory)
     model_kind(directory)
     model, as_input = load_backend(directory, args.backend, args.dtype)
@@ -140,16 +153,29 @@ def run_trace(args) -> int:
     grid = stages["tile_grid"].tolist()
     print(f"wrote {len(stages)} stages to {args.out} ({metadata['producer']}, {args.dtype}, "
           f"grid {grid[0]}×{grid[1]}, {len(stages['pixel_values'])} tiles)")
+    broken = first_nonfinite_stage(stages)
+    if broken is not None:  # the trace is written (it shows where), but the run did compute NaN/inf
+        raise NonFiniteError(f"the forward pass computed NaN/inf from stage {broken} on (the trace {args.out} "
+                             f"holds it); the weights or inputs are far out of range: check the checkpoint")
     return 0
 
 
 def run_diff(args) -> int:
     from minivl import trace
 
+    if args.ulps is not None:
+        from minivl_cli.commands._checks import check_float
+
+        check_float("--ulps", args.ulps, 0.0, 1e6, "leave it out for 512 (float32/64) or 16 (bf16/fp16); 0 asks for "
+                    "bit-equal stages")
     a, b = trace.load_trace(args.a), trace.load_trace(args.b)
     if a.metadata.get("config_sha256") and b.metadata.get("config_sha256") and \
             a.metadata["config_sha256"] != b.metadata["config_sha256"]:
         print("note: the two traces come from different config.json files (config_sha256 differs)")
+    for label, path, one in (("A", args.a, a), ("B", args.b, b)):
+        broken = first_nonfinite_stage(one.stages)
+        if broken is not None:  # NaN where the other trace has NaN too counts as agreement: say it
+            print(f"note: {label} ({path}) holds NaN/inf from stage {broken} on")
     rows = trace.diff_traces(a, b, args.ulps)
     dtype = trace.coarser_dtype(a.dtype, b.dtype)
     ulps = trace.DEFAULT_ULPS.get(dtype, 512.0) if args.ulps is None else args.ulps

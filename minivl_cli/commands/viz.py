@@ -8,7 +8,7 @@ import argparse
 import os
 
 from minivl.errors import ConfigError
-from minivl_cli.commands._checks import check_float, check_int, output_file
+from minivl_cli.commands._checks import check_float, check_int, output_file, save_figure
 
 ROPE_TYPES = ["default", "linear", "dynamic", "yarn", "llama3", "su", "phi3_yarn"]
 
@@ -121,9 +121,12 @@ def _rope(args) -> int:
     check_int("--original-max", args.original_max, 1, 2**24, "e.g. 4096")
     if args.seq_len is not None:
         check_int("--seq-len", args.seq_len, 1, 2**30, "leave it out for factor × original-max")
+    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    if not types:
+        raise ConfigError(f"--types names no RoPE type (got {args.types!r}); pass one or more of {list(ROPE_TYPES)}, "
+                          f"comma-separated (leave it out for the default set)")
     output_file("--out", args.out)
 
-    types = [t.strip() for t in args.types.split(",") if t.strip()]
     freqs = rope_frequencies(types, args.head_dim, args.theta, args.factor, args.original_max, args.seq_len)
     if args.panel == "atlas":
         fig = viz.rope_atlas({k: v[0] for k, v in freqs.items()}, args.original_max,
@@ -137,7 +140,7 @@ def _rope(args) -> int:
         fig = viz.rope_similarity_decay({k: v[0] for k, v in freqs.items()},
                                         max_distance=int(args.factor * args.original_max),
                                         attention_scalings={k: v[1] for k, v in freqs.items()})
-    print(viz.save(fig, args.out))
+    print(save_figure(fig, args.out))
     return 0
 
 
@@ -156,7 +159,7 @@ def _alibi(args) -> int:
     bias = alibi_bias(args.heads, args.length, alibi_bias_max=args.alibi_bias_max, full=args.full)
     fig = viz.alibi_matrices(np.asarray(bias)[0], slopes=slopes,
                              title=f"ALiBi ({'full' if args.full else 'causal'}), {args.heads} heads")
-    print(viz.save(fig, args.out))
+    print(save_figure(fig, args.out))
     return 0
 
 
@@ -167,7 +170,7 @@ def _gqa(args) -> int:
     check_int("--kv-heads", args.kv_heads, 1, args.heads, "a divisor of --heads, e.g. 8 for 16 heads")
     output_file("--out", args.out)
 
-    print(viz.save(viz.gqa_grouping(args.heads, args.kv_heads), args.out))
+    print(save_figure(viz.gqa_grouping(args.heads, args.kv_heads), args.out))
     return 0
 
 
@@ -183,7 +186,7 @@ def _attention(args) -> int:
     image, attention = cls_attention_map(args.image, size=args.size, layer=args.layer)
     fig = viz.patch_attention_overlay(np.asarray(image), attention,
                                       title=f"DINOv2-S/14 CLS attention, layer {args.layer}")
-    print(viz.save(fig, args.out))
+    print(save_figure(fig, args.out))
     return 0
 
 
@@ -205,7 +208,7 @@ def _explore(args) -> int:
     check_int("--size", args.size, 14, 1022, "a multiple of 14, e.g. 224")
     check_int("--max-tiles", args.max_tiles, 1, MAX_TILES, "e.g. 6")
     check_int("--max-tokens", args.max_tokens, 1, 4096, "the page holds every layer's token × token attention")
-    output_file("--out", args.out)
+    output_file("--out", args.out, example="explore.html")
     layers = _parse_layers(args.layers)
     kind, config = None, None
     if args.model_dir:
