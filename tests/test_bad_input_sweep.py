@@ -516,3 +516,16 @@ def test_atomic_writes_go_straight_into_a_device_and_keep_it_one(tmp_path):
     assert not [name for name in os.listdir("/dev") if name.startswith(".null.")]  # no temporary left
     picture = viz.save(plt.figure(), tmp_path / "figure.svg")  # the suffix picks the format, as savefig's did
     assert open(picture, "rb").read().lstrip().startswith((b"<?xml", b"<svg"))
+
+
+def test_max_tiles_without_an_image_is_named_not_dropped(capsys):
+    """--max-tiles sizes an image's tile grid; with no --image it used to be ignored in silence."""
+    code, _, err = run_cli(capsys, "chat", "--max-tiles", "4", "hi")
+    assert code == 1 and "--max-tiles 4 only applies to the tiles of an --image" in only_line(err)
+
+
+def test_one_tile_is_one_tile(capsys, internvl_dir, picture):
+    code, _, err = run_cli(capsys, "chat", "--model-dir", internvl_dir, "--image", picture, "--max-tiles", "1",
+                           "--max-new-tokens", "1", "hi")
+    assert code == 0, err
+    assert "= 1 tile of " in err and "1 tiles" not in err

@@ -115,7 +115,7 @@ def test_several_images_and_max_tiles(checkpoints, picture, tmp_path, capsys):
     out, err = run_cli(capsys, "--model-dir", path, "--image", picture, "--image", str(square),
                        "--max-tiles", "1", "--dtype", "float64", "Compare them.")
     assert out == expected + "\n"
-    assert err.count("grid 1x1 = 1 tiles") == 2
+    assert err.count("grid 1x1 = 1 tile of") == 2
 
 
 def test_image_needs_an_internvl_checkpoint(tmp_path, picture, capsys):

@@ -25,6 +25,7 @@ from minivl.generate import MIN_TEMPERATURE  # the smallest temperature sampling
 from minivl_cli.commands._checks import check_float, check_int
 
 BACKENDS = ("numpy", "torch")
+DEFAULT_MAX_TILES = 12  # InternVL's own max_num in its chat examples
 VISION_ONLY = "intern_vit_6b"  # a bare InternViT checkpoint: pictures in, features out, no text
 
 
@@ -48,8 +49,9 @@ def register(subparsers) -> None:
     parser.add_argument("--stats", action="store_true", help="print tokens/s to stderr after each answer")
     parser.add_argument("--image", action="append", default=None, metavar="PATH",
                         help="an image for an InternVL checkpoint (--model-dir); repeat for several images")
-    parser.add_argument("--max-tiles", type=int, default=12,
-                        help="InternVL: at most this many tiles per image, thumbnail not counted (default 12)")
+    parser.add_argument("--max-tiles", type=int, default=None,
+                        help="InternVL with --image: at most this many tiles per image, thumbnail not counted "
+                             "(default 12)")
     parser.set_defaults(func=run)
 
 
@@ -227,6 +229,9 @@ def answer(model, tokenizer, generate, messages, settings, system=None, out=None
 
 def run(args) -> int:
     settings = sampling_settings(args)
+    if args.max_tiles is not None and not args.image:  # it would be ignored: say so rather than drop it
+        raise GenerationError(f"--max-tiles {args.max_tiles} only applies to the tiles of an --image; add --image "
+                              f"PATH (with an InternVL --model-dir), or leave --max-tiles out")
     if is_internvl_checkpoint(args.model_dir):
         return run_internvl(args, settings)
     model_type = checkpoint_model_type(args.model_dir)
@@ -362,7 +367,7 @@ def image_inputs(model, paths, max_tiles: int, log=None):
                                         use_thumbnail=bool(config.use_thumbnail))
         n = pixel_values.shape[0]
         thumbnail = " + thumbnail" if n > grid[0] * grid[1] else ""
-        print(f"minivl: {path}: grid {grid[0]}x{grid[1]}{thumbnail} = {n} tiles of {image_size} px, "
+        print(f"minivl: {path}: grid {grid[0]}x{grid[1]}{thumbnail} = {n} {'tile' if n == 1 else 'tiles'} of {image_size} px, "
               f"{n} x {model.num_image_token} = {n * model.num_image_token} image tokens", file=log, flush=True)
         tiles.append(pixel_values)
         num_patches_list.append(n)
@@ -434,7 +439,8 @@ def run_internvl(args, settings) -> int:
     model, tokenizer = load_internvl(args)
     if args.system is not None:
         model.system_message = args.system
-    pixel_values, num_patches_list, prefix = (image_inputs(model, args.image, args.max_tiles)
+    max_tiles = DEFAULT_MAX_TILES if args.max_tiles is None else args.max_tiles
+    pixel_values, num_patches_list, prefix = (image_inputs(model, args.image, max_tiles)
                                               if args.image else (None, None, ""))
     if args.backend == "torch" and pixel_values is not None:
         import torch
