@@ -6,7 +6,8 @@ of each kept), so that a slow minute of a shared machine slows every row alike.
 NumPy packs at load; torch_impl does not (this script measured its GEMMs slower on the packed
 buffer): here each package loads its model both ways, packing explicitly with `pack_parameters`.
 One more torch_impl row gives every fused q|k|v and gate|up module a weight of its own, so that
-`project` runs the separate GEMMs transformers runs (torch_impl fuses them at load, as NumPy does).
+`project` runs the separate GEMMs transformers runs (torch_impl fuses them at load, as NumPy does;
+benchmarks/projections.py times the two ways on the products alone, where a whole-model run is too noisy).
 
     python3 benchmarks/packing.py               # markdown table
     python3 benchmarks/packing.py --repeats 5

@@ -1,0 +1,132 @@
+"""Fused or separate projections: SmolLM2-135M's q|k|v and gate|up products as ONE GEMM per group
+(`minivl/models/fused.py`: the weights concatenated at load) or one GEMM per module (what the
+checkpoint stores and transformers runs), in NumPy (OpenBLAS) and in torch (MKL), for a range of
+row counts m (1 = a decode step, 64 and 512 = prefills).
+
+Every layer has weights of its own (30 layers, as the model: the products stream their weights
+from memory instead of reusing one layer's from cache), the separate GEMMs read row blocks of the
+fused matrix (views, as a fused model's modules hold them), and the two ways run in interleaved
+rounds (each once a round, the median and the best kept), so that a slow minute of a shared
+machine slows both alike. Before anything is timed the two ways' results are compared: equal to a
+GEMM's summation order (OpenBLAS takes another kernel for a few rows, m = 2 to 5 here, and the fused
+q|k|v then differs from the separate one by ~4 ulps); the last column says by how much.
+
+    python3 benchmarks/projections.py                 # markdown table
+    python3 benchmarks/projections.py --rows 1 64 --rounds 60
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+
+import minivl  # noqa: E402,F401  (before NumPy loads OpenBLAS: it sets OpenBLAS's spin time, minivl/__init__.py)
+import numpy as np  # noqa: E402
+
+from machine import describe_machine  # noqa: E402
+
+# SmolLM2-135M: hidden 576, 9 query heads and 3 KV heads of 64, intermediate 1536, 30 layers
+HIDDEN, GROUPS, LAYERS = 576, {"q|k|v": (576, 192, 192), "gate|up": (1536, 1536)}, 30
+
+
+def layer_weights(framework: str, rng, layers: int = LAYERS) -> list:
+    """Per layer, per group: (the fused [Σ out, in] matrix, [row-block views of it, one per module])."""
+    weights = []
+    for _ in range(layers):
+        groups = {}
+        for name, outs in GROUPS.items():
+            fused = rng.standard_normal((sum(outs), HIDDEN), dtype=np.float32)
+            if framework == "torch":
+                import torch
+
+                fused = torch.from_numpy(fused)
+            ends = np.cumsum(outs)
+            groups[name] = (fused, [fused[stop - out:stop] for out, stop in zip(outs, ends)])
+        weights.append(groups)
+    return weights
+
+
+def runners(framework: str, layers: list, x, group: str) -> dict:
+    """{'fused': all layers' products of `group` as one GEMM each, 'separate': one per module}."""
+    if framework == "torch":
+        import torch.nn.functional as F
+
+        def product(x, weight):
+            return F.linear(x, weight)
+    else:
+        def product(x, weight):
+            return x @ weight.T
+
+    def fused():
+        return [product(x, layer[group][0]) for layer in layers]
+
+    def separate():
+        return [[product(x, view) for view in layer[group][1]] for layer in layers]
+
+    return {"fused": fused, "separate": separate}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 512], help="rows m of x [1, m, 576]")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds per row count")
+    parser.add_argument("--layers", type=int, default=LAYERS, help="layers, each with weights of its own")
+    parser.add_argument("--no-torch", action="store_true", help="NumPy only")
+    args = parser.parse_args(argv)
+
+    frameworks = ["numpy"] if args.no_torch else ["numpy", "torch"]
+    rng = np.random.default_rng(0)
+    weights = {framework: layer_weights(framework, rng, args.layers) for framework in frameworks}
+    results = {}
+    for framework in frameworks:
+        context = None
+        if framework == "torch":
+            import torch
+
+            context = torch.inference_mode()
+            context.__enter__()
+        for m in args.rows:
+            x = rng.standard_normal((1, m, HIDDEN), dtype=np.float32)
+            if framework == "torch":
+                x = torch.from_numpy(x)
+            for group in GROUPS:
+                run = runners(framework, weights[framework], x, group)
+                ulps = 0.0  # the two ways' largest difference, in float32 ulps of max|y|
+                for whole, parts in zip(run["fused"](), run["separate"]()):
+                    whole, parts = np.asarray(whole), np.concatenate([np.asarray(p) for p in parts], -1)
+                    ulps = max(ulps, float(np.abs(whole - parts).max() / np.abs(whole).max() / np.finfo(np.float32).eps))
+                # the same numbers to a GEMM's summation order, or the timing compares different work
+                # (tests/test_fast_decoder.py's tolerance for the fused model: 16 ulps of max|logits|)
+                assert ulps <= 16, (framework, m, group, ulps)
+                times = {way: [] for way in run}
+                for round_ in range(args.rounds):
+                    for way in (list(run) if round_ % 2 else list(run)[::-1]):
+                        t0 = time.perf_counter()
+                        run[way]()
+                        times[way].append(time.perf_counter() - t0)
+                results[framework, m, group] = times, ulps
+        if context is not None:
+            context.__exit__(None, None, None)
+
+    print(f"SmolLM2-135M's projections over {args.layers} layers (weights of their own per layer), x [1, m, {HIDDEN}] "
+          f"float32; median (best) of {args.rounds} interleaved rounds; "
+          f"{describe_machine()}; load average {os.getloadavg()[0]:.1f} at the end.")
+    print()
+    print("| framework | m | group | fused (ms) | separate (ms) | fused ÷ separate, median (best) | fused − separate |")
+    print("|---|---|---|---|---|---|---|")
+    for (framework, m, group), (times, ulps) in results.items():
+        med = {way: statistics.median(t) for way, t in times.items()}
+        best = {way: min(t) for way, t in times.items()}
+        print(f"| {'NumPy' if framework == 'numpy' else 'torch'} | {m} | {group} | {med['fused'] * 1e3:.2f} "
+              f"({best['fused'] * 1e3:.2f}) | {med['separate'] * 1e3:.2f} ({best['separate'] * 1e3:.2f}) | "
+              f"{med['fused'] / med['separate']:.2f}× ({best['fused'] / best['separate']:.2f}×) | "
+              f"{'bit-equal' if ulps == 0 else f'{ulps:.1f} ulps of max|y|'} |")
+
+
+if __name__ == "__main__":
+    main()
