@@ -37,9 +37,33 @@ def _epilog() -> str:
     return "exit codes:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES.items())
 
 
+EXIT_USAGE = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with a usage error as ONE line, like every other failure: what is wrong and
+    where the arguments are listed (argparse's own prints the whole usage block above it)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}; `{self.prog} --help` lists its arguments\n")
+
+    def add_subparsers(self, **kwargs):
+        """As argparse's (the subcommand parsers are Parsers too), remembering them for `innermost`."""
+        action = super().add_subparsers(**kwargs)
+        self.commands, self.command_dest = action.choices, kwargs.get("dest")
+        return action
+
+    def innermost(self, args) -> "Parser":
+        """The parser of the (sub)command these parsed args ran: `minivl viz rope`'s, not `minivl`'s."""
+        parser = self
+        while getattr(parser, "command_dest", None) and getattr(args, parser.command_dest, None) in parser.commands:
+            parser = parser.commands[getattr(args, parser.command_dest)]
+        return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minivl", description="InternVL in readable NumPy, mirrored in PyTorch.",
-                                     epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="minivl", description="InternVL in readable NumPy, mirrored in PyTorch.",
+                    epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -127,7 +151,9 @@ def _silence_stdout() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # a usage error exits 2 here, with argparse's own message
+    args, unknown = parser.parse_known_args(argv)  # a usage error exits 2 here, in one line
+    if unknown:  # argparse would blame `minivl`; the command they were given to is the one to ask
+        parser.innermost(args).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

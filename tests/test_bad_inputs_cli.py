@@ -50,6 +50,29 @@ def test_exit_codes_are_documented_in_help(capsys):
         assert f"  {code} " in out
 
 
+
+@pytest.mark.parametrize("argv, prog, fragment", [
+    # argparse itself would print the whole usage block, and blame `minivl` for a subcommand's unknown option
+    (["chat", "--bogus"], "minivl chat", "unrecognized arguments: --bogus"),
+    (["viz", "rope", "--out", "x.png", "--bogus", "3"], "minivl viz rope", "unrecognized arguments: --bogus 3"),
+    (["viz"], "minivl viz", "the following arguments are required: KIND"),
+    (["perplexity"], "minivl perplexity", "the following arguments are required: file"),
+    (["chat", "--temperature", "warm"], "minivl chat", "argument --temperature: invalid float value: 'warm'"),
+    (["convert", "nosuch"], "minivl convert", "argument target: invalid choice: 'nosuch'"),
+    (["nosuch"], "minivl", "argument COMMAND: invalid choice: 'nosuch'"),
+    (["--bogus"], "minivl", "unrecognized arguments: --bogus"),
+])
+def test_a_usage_error_is_one_line_naming_the_command_and_its_help(capsys, argv, prog, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1, captured.err  # one line, no usage block above it
+    assert captured.err.startswith(f"{prog}: error: {fragment}"), captured.err
+    assert captured.err.rstrip().endswith(f"`{prog} --help` lists its arguments"), captured.err
+
+
 # ------------------------------------------------------------------------- sampling options
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -292,7 +315,7 @@ class _Args:
 def test_top_level_turns_expected_failures_into_one_line(capsys, monkeypatch, error, code, fragment):
     import argparse
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, argv=None: _Args(error))
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", lambda self, argv=None: (_Args(error), []))
     got, err = run_cli(capsys, "viz")
     assert got == code and fragment in one_line(err)
 
