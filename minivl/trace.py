@@ -18,7 +18,16 @@ of an InternVL chat checkpoint (names follow the checkpoint's module tree where 
     logits                              [b, t, vocab]
 
 A bare InternViT checkpoint gives tile_grid, pixel_values, `embeddings` and `encoder.layers.{i}`
-(its own key names). Metadata: format, producer, dtype, versions, config_sha256, prompt, image and
+(its own key names). A text-only LLM (Llama, Qwen2, InternLM2, Phi-3, MPT: the one a port of
+InternVL's language model starts from) gives, again under its checkpoint's module names:
+
+    input_ids                           [b, t] int64: the prompt
+    model.embed_tokens                  [b, t, D]: the token embeddings (InternLM2: model.tok_embeddings,
+                                        MPT: transformer.wte, learned positions added)
+    model.layers.{i}                    [b, t, D]: output of layer i (MPT: transformer.blocks.{i})
+    model.norm                          [b, t, D]: after the final norm (MPT: transformer.norm_f)
+    logits                              [b, t, vocab]
+ Metadata: format, producer, dtype, versions, config_sha256, prompt, image and
 the stage order (safetensors sorts its keys). The stage functions take any model with minivl's
 public API (the NumPy one or torch_impl's, duck-typed), so this module never imports torch.
 
@@ -115,6 +124,23 @@ def internvl_stages(model, pixel_values: np.ndarray, input_ids: np.ndarray, grid
     for i, h in enumerate(llm_hidden[1:-1]):
         stages[f"language_model.model.layers.{i}"] = as_array(h)
     stages["language_model.model.norm"] = as_array(llm_hidden[-1])
+    stages["logits"] = as_array(out.logits)
+    return stages
+
+
+def decoder_stages(model, input_ids: np.ndarray, as_input=np.asarray) -> dict:
+    """input_ids and every stage of a text-only decoder's forward, named by the model's own module paths.
+
+    One `forward(input_ids, output_hidden_states=True)`: its hidden_states are the embedding, each
+    block's output and the final norm (L + 2 tensors), so a stage here is what the forward computes.
+    """
+    input_ids = np.asarray(input_ids, dtype=np.int64)
+    out = model.forward(input_ids=as_input(input_ids), output_hidden_states=True)
+    hidden = out.hidden_states
+    stages = {"input_ids": input_ids, model.embed_path: as_array(hidden[0])}
+    for i, h in enumerate(hidden[1:-1]):
+        stages[f"{model.layers_path}.{i}"] = as_array(h)
+    stages[model.norm_path] = as_array(hidden[-1])
     stages["logits"] = as_array(out.logits)
     return stages
 

@@ -316,7 +316,7 @@ def test_named_errors(tmp_path, checkpoints, capsys):
 
     llm = write_tiny_llm(tmp_path / "llm", "llama")
     assert main(["trace", llm, "--image", "x.png", "--out", str(tmp_path / "t.safetensors")]) == 1
-    assert "need an InternVL chat checkpoint" in capsys.readouterr().err
+    assert "is a text-only LLM: it takes no --image" in capsys.readouterr().err
     bare = tmp_path / "no_tokenizer"
     shutil.copytree(checkpoints["qwen2"], bare)
     os.remove(bare / "tokenizer.json")
@@ -360,3 +360,114 @@ def test_transformers_image_processor_tiles_like_internvl(root, checkpoints, hf_
     assert rows["tile_grid"].status == "OK" and rows["pixel_values"].status == "OK", rows["pixel_values"]
     capsys.readouterr()
     assert main(["diff", str(out), str(root / "inputs_for_hf.safetensors")]) == 0
+
+
+
+# ----------------------------------------------------------------------------- text-only LLMs
+
+LLM_STAGE_NAMES = {  # family -> (embedding, layer list, final norm): the checkpoint's own module paths
+    "llama": ("model.embed_tokens", "model.layers", "model.norm"),
+    "qwen2": ("model.embed_tokens", "model.layers", "model.norm"),
+    "phi3": ("model.embed_tokens", "model.layers", "model.norm"),
+    "internlm2": ("model.tok_embeddings", "model.layers", "model.norm"),
+    "mpt_alibi": ("transformer.wte", "transformer.blocks", "transformer.norm_f"),
+    "mpt_learned": ("transformer.wte", "transformer.blocks", "transformer.norm_f"),
+}
+IDS = "3,1,4,1,5,9,2,6,5"
+
+
+@pytest.fixture(scope="module")
+def llms(tmp_path_factory):
+    from minivl.tiny.llm import write_tiny_llm
+
+    root = tmp_path_factory.mktemp("trace_llm")
+    return {family: write_tiny_llm(root / family, family, seed=6) for family in LLM_STAGE_NAMES}
+
+
+@pytest.mark.parametrize("family", sorted(LLM_STAGE_NAMES))
+def test_text_only_llm_traces_numpy_and_torch_agree_under_the_checkpoints_names(tmp_path, llms, capsys, family):
+    a, b = tmp_path / "np.safetensors", tmp_path / "torch.safetensors"
+    assert main(["trace", llms[family], "--ids", IDS, "--out", str(a)]) == 0
+    assert main(["trace", llms[family], "--ids", IDS, "--out", str(b), "--backend", "torch"]) == 0
+    embed, layers, norm = LLM_STAGE_NAMES[family]
+    t = trace.load_trace(a)
+    n_layers = json.load(open(os.path.join(llms[family], "config.json"))).get("num_hidden_layers") or \
+        json.load(open(os.path.join(llms[family], "config.json")))["n_layers"]
+    assert list(t.stages) == ["input_ids", embed, *[f"{layers}.{i}" for i in range(n_layers)], norm, "logits"]
+    assert t.stages["input_ids"].tolist() == [[int(i) for i in IDS.split(",")]]
+    assert t.metadata["model_type"] and "image" not in t.metadata
+    capsys.readouterr()
+    assert main(["diff", str(a), str(b)]) == 0
+    assert f"all {n_layers + 4} shared stages agree" in capsys.readouterr().out
+    assert main(["diff", str(b), str(a)]) == 0
+
+
+def test_text_only_stages_are_what_the_forward_computes(llms):
+    """The stages equal the forward's own output and the model's pieces applied by hand, bit for bit."""
+    import minivl
+
+    model = minivl.load_model(llms["qwen2"], "float32")
+    ids = np.asarray([[int(i) for i in IDS.split(",")]])
+    stages = trace.decoder_stages(model, ids)
+    np.testing.assert_array_equal(stages["logits"], model(input_ids=ids).logits)
+    np.testing.assert_array_equal(stages["model.embed_tokens"], model.embed_tokens(ids))
+    np.testing.assert_array_equal(stages["model.norm"], model.final_norm(stages["model.layers.1"]))
+    np.testing.assert_array_equal(stages["logits"], model.unembed(stages["model.norm"]))
+
+
+def test_a_broken_llm_port_is_caught_at_the_layer_it_breaks(tmp_path, llms, capsys):
+    """A port whose layer 1 uses the wrong RMSNorm epsilon (1e-2 for the config's 1e-6): every earlier stage OK."""
+    import minivl
+
+    ids = np.asarray([[int(i) for i in IDS.split(",")]])
+    good = minivl.load_model(llms["llama"], "float32")
+    broken = minivl.load_model(llms["llama"], "float32")
+    broken.get_submodule("model.layers.1.post_attention_layernorm").eps = 1e-2
+    for name, model in (("good", good), ("broken", broken)):
+        trace.save_trace(tmp_path / f"{name}.safetensors", trace.Trace(trace.decoder_stages(model, ids), {}))
+    capsys.readouterr()
+    assert main(["diff", str(tmp_path / "broken.safetensors"), str(tmp_path / "good.safetensors")]) == 1
+    assert _first_diverging(capsys) == "model.layers.1"
+    rows = trace.diff_traces(trace.load_trace(tmp_path / "broken.safetensors"),
+                             trace.load_trace(tmp_path / "good.safetensors"))
+    assert [row.status for row in rows[:3]] == ["OK", "OK", "OK"]  # input_ids, embedding, layer 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mpt_alibi"])
+def test_transformers_text_only_trace_agrees_with_minivl(tmp_path, llms, capsys, family):
+    """tools/trace_transformers.py on a text-only trace: AutoModelForCausalLM on the same checkpoint, the same
+    input_ids, its own module names, which are the checkpoint's and so minivl's."""
+    pytest.importorskip("transformers")
+    from _decoder_util import hf_copy
+    from _tools_util import load_tool
+
+    ours = tmp_path / "ours.safetensors"
+    assert main(["trace", llms[family], "--ids", IDS, "--out", str(ours)]) == 0
+    directory = llms[family]
+    if family.startswith("mpt"):  # transformers' MPT config wants attn_pdrop 0 (test_models_transformers.py)
+        directory = hf_copy(directory, tmp_path / "hf", lambda c: c["attn_config"].__setitem__("attn_pdrop", 0))
+    hf = tmp_path / "hf.safetensors"
+    assert load_tool("trace_transformers").main([directory, "--inputs", str(ours), "--out", str(hf)]) == 0
+    theirs = trace.load_trace(hf)
+    assert list(theirs.stages) == list(trace.load_trace(ours).stages)
+    assert theirs.metadata["producer"].startswith("transformers ")
+    capsys.readouterr()
+    assert main(["diff", str(ours), str(hf)]) == 0 and "shared stages agree" in capsys.readouterr().out
+    assert main(["diff", str(hf), str(ours)]) == 0
+
+
+def test_text_only_trace_named_errors(tmp_path, llms, checkpoints, root, capsys):
+    out = str(tmp_path / "t.safetensors")
+    for argv, fragment in [
+        ([llms["llama"], "--out", out], "has no tokenizer"),                         # no tokenizer, no --ids
+        ([llms["llama"], "--ids", "1,x", "--out", out], "--ids must be comma-separated integers"),
+        ([llms["llama"], "--ids", "1,99999", "--out", out], "outside the vocabulary"),
+        ([llms["llama"], "--ids", "1", "--prompt", "hi", "--out", out], "not both"),
+        ([llms["llama"], "--ids", "1", "--max-num", "2", "--out", out], "a text-only LLM has none"),
+        ([checkpoints["qwen2"], "--out", out], "needs --image PATH"),
+        ([checkpoints["qwen2"], "--image", str(root / "wide.png"), "--ids", "1", "--out", out], "--ids is for text-only"),
+    ]:
+        assert main(["trace", *argv]) == 1, argv
+        err = capsys.readouterr().err
+        assert fragment in err and err.count("\n") == 1, (argv, err)
+        assert not os.path.exists(out)

@@ -24,6 +24,13 @@ image processor instead, so the diff also checks its tiling and normalisation), 
 
 transformers implements pixel shuffle v2 only, `vision_feature_select_strategy="default"` (drop
 cls) and the Qwen2 / Llama language models of InternVL 2.5 / 3; InternLM2 and Phi-3 are not in it.
+
+A text-only trace (`minivl trace LLM_DIR --prompt TEXT`: input_ids and no pixel_values) is run
+through `AutoModelForCausalLM` instead (Llama, Qwen2, Phi-3, MPT; InternLM2 is remote code, not in
+transformers), its input_ids taken from the trace, and records, under the module paths of
+transformers' own tree (Llama's: model.embed_tokens, model.layers.{i}, model.norm; MPT's:
+transformer.wte, transformer.blocks.{i}, transformer.norm_f), the input embedding's output, each
+layer's output, the final norm's output and the logits.
 """
 from __future__ import annotations
 
@@ -112,6 +119,51 @@ def hf_stages(model, pixel_values: np.ndarray, input_ids: np.ndarray, grid) -> d
     return {name: trace.as_array(value) for name, value in stages.items()}
 
 
+def hf_decoder_stages(model, input_ids: np.ndarray) -> dict:
+    """Run a transformers causal LM once with hooks; -> input_ids, embedding, layers, final norm, logits."""
+    import torch
+
+    names = {id(module): name for name, module in model.named_modules()}
+    base = model.base_model
+    embed = model.get_input_embeddings()
+    layers = next((getattr(base, n) for n in ("layers", "blocks", "h") if hasattr(base, n)), None)
+    norm = next((getattr(base, n) for n in ("norm", "norm_f", "ln_f") if hasattr(base, n)), None)
+    if layers is None or norm is None:
+        raise TraceError(f"{type(model).__name__}: found no layer list (layers/blocks/h) or final norm "
+                         f"(norm/norm_f/ln_f) under {type(base).__name__}; add its names here")
+    captured, handles = {}, []
+
+    def keep(name):
+        def hook(module, args, output):
+            captured[name] = _output_tensor(output).detach()
+        return hook
+
+    order = [names[id(embed)]] + [f"{names[id(layers)]}.{i}" for i in range(len(layers))] + [names[id(norm)]]
+    handles.append(embed.register_forward_hook(keep(order[0])))
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(keep(order[1 + i])))
+    handles.append(norm.register_forward_hook(keep(order[-1])))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.from_numpy(np.array(input_ids)), use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    stages = {"input_ids": np.asarray(input_ids, dtype=np.int64)}
+    stages.update({name: captured[name] for name in order})
+    stages["logits"] = logits
+    return {name: trace.as_array(value) for name, value in stages.items()}
+
+
+def load_hf_decoder(directory: str, dtype: str):
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=getattr(torch, dtype), attn_implementation="eager", local_files_only=True).eval()
+
+
 def hf_tiles(model, image_path: str, max_num: int, dtype: str):
     """(grid, pixel_values) from transformers' own InternVL image processor (GotOcr2, the PIL backend).
 
@@ -148,7 +200,8 @@ def load_hf(directory: str, dtype: str):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("directory", help="an InternVLForConditionalGeneration checkpoint directory")
+    parser.add_argument("directory", help="an InternVLForConditionalGeneration checkpoint directory (or, for a text-only "
+                                          "trace, a causal LM's)")
     parser.add_argument("--inputs", required=True, help="a trace from `minivl trace` whose tile_grid, pixel_values "
                                                         "and input_ids are fed to transformers")
     parser.add_argument("--out", required=True, help="trace file to write")
@@ -162,6 +215,21 @@ def main(argv=None) -> int:
     import transformers
 
     source = trace.load_trace(args.inputs)
+    if "input_ids" in source.stages and "pixel_values" not in source.stages:  # a text-only LLM's trace
+        if args.image_processor:
+            raise TraceError(f"{args.inputs!r} is a text-only LLM's trace: there is no image to process")
+        dtype = args.dtype or source.dtype
+        model = load_hf_decoder(args.directory, dtype)
+        stages = hf_decoder_stages(model, np.asarray(source.stages["input_ids"]))
+        producer = f"transformers {transformers.__version__} {type(model).__name__}"
+        metadata = {"producer": producer, "dtype": dtype, "config_sha256": trace.config_sha256(args.directory),
+                    "versions": json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
+                                            "numpy": np.__version__}),
+                    "checkpoint": os.path.abspath(args.directory), "inputs_from": os.path.abspath(args.inputs),
+                    "prompt": source.metadata.get("prompt", "")}
+        trace.save_trace(args.out, trace.Trace(stages, metadata))
+        print(f"wrote {len(stages)} stages to {args.out} ({producer}, {dtype})")
+        return 0
     missing = [name for name in ("tile_grid", "pixel_values", "input_ids") if name not in source.stages]
     if missing:
         raise TraceError(f"{args.inputs!r} lacks the input stages {missing}; write it with `minivl trace`")

@@ -1,8 +1,13 @@
-"""`minivl trace` writes every stage of one InternVL forward pass to a file; `minivl diff` compares two.
+"""`minivl trace` writes every stage of one forward pass to a file; `minivl diff` compares two.
 
     minivl trace InternVL2-1B/ --image cat.jpg --prompt "Describe the image." --out minivl.safetensors
-    python tools/trace_transformers.py InternVL2-1B-hf/ --image cat.jpg --prompt "..." --out hf.safetensors
+    python tools/trace_transformers.py InternVL2-1B-hf/ --inputs minivl.safetensors --out hf.safetensors
     minivl diff hf.safetensors minivl.safetensors     # names the first stage where they part, and where
+
+    minivl trace ~/.cache/minivl/smollm2-135m-instruct --prompt "The capital of France is" --out lm.safetensors
+
+The second is a text-only LLM (Llama, Qwen2, InternLM2, Phi-3, MPT): no --image; the prompt is
+tokenized with the directory's tokenizer (BOS where the checkpoint asks for one), or given as --ids.
 
 The trace format and the stages are described in minivl/trace.py. `diff A B` treats B as the
 reference (the tolerance is scaled by B's values) and exits 1 when a stage is outside it.
@@ -16,13 +21,22 @@ import platform
 from minivl.errors import ConfigError, NonFiniteError, TraceError
 
 
+DEFAULT_PROMPT, DEFAULT_TEXT = "Describe the image.", "The capital of France is"
+VISION_KINDS = ("internvl_chat", "intern_vit_6b")
+
+
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("trace", help="write every stage of an InternVL forward pass (safetensors)",
+    parser = subparsers.add_parser("trace", help="write every stage of an InternVL (or text-only LLM) forward "
+                                                 "pass (safetensors)",
                                    description=__doc__.split("\n\n")[0])
-    parser.add_argument("directory", help="InternVL chat checkpoint (config.json, model.safetensors, tokenizer.json) "
-                                          "or a bare InternViT checkpoint")
-    parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("--prompt", default="Describe the image.", help="the user's question (default: %(default)s)")
+    parser.add_argument("directory", help="InternVL chat checkpoint (config.json, model.safetensors, tokenizer.json), "
+                                          "a bare InternViT checkpoint, or a text-only LLM checkpoint")
+    parser.add_argument("--image", help="image file (InternVL and InternViT checkpoints; none for a text-only LLM)")
+    parser.add_argument("--prompt", default=None,
+                        help=f"the user's question (InternVL, default: {DEFAULT_PROMPT!r}) or the text (an LLM, "
+                             f"default: {DEFAULT_TEXT!r})")
+    parser.add_argument("--ids", help="a text-only LLM's input as comma-separated token ids instead of --prompt "
+                                      "(for a checkpoint without a tokenizer)")
     parser.add_argument("--out", required=True, help="trace file to write (.safetensors)")
     parser.add_argument("--backend", choices=("numpy", "torch"), default="numpy")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -73,14 +87,54 @@ def load_backend(directory: str, backend: str, dtype: str, attn_implementation: 
 
 
 def model_kind(directory: str) -> str:
+    """The checkpoint's model_type: InternVL, a bare InternViT, or a text-only LLM minivl has a class for."""
     from minivl.config import load_config
+    from minivl.models import MODEL_REGISTRY
 
     model_type = load_config(directory).model_type
-    if model_type not in ("internvl_chat", "intern_vit_6b"):
-        raise ConfigError(f"{directory!r} is a {model_type!r} checkpoint; trace and the per-stage parity need an "
-                          "InternVL chat checkpoint (model_type internvl_chat) or a bare InternViT (intern_vit_6b); "
-                          "for a text-only LLM use `minivl parity DIR --ids ...`")
+    if model_type not in MODEL_REGISTRY:
+        raise ConfigError(f"{directory!r} is a {model_type!r} checkpoint, which minivl has no model for; trace takes "
+                          f"an InternVL chat checkpoint, a bare InternViT or a text-only LLM ({', '.join(sorted(set(MODEL_REGISTRY) - set(VISION_KINDS)))})")
     return model_type
+
+
+def check_inputs_fit(kind: str, image, ids) -> None:
+    """--image for InternVL and InternViT, never for an LLM; --ids for an LLM only."""
+    if kind in VISION_KINDS and image is None:
+        raise ConfigError(f"a {kind} checkpoint needs --image PATH (the picture its stages are computed for)")
+    if kind not in VISION_KINDS and image is not None:
+        raise ConfigError(f"a {kind!r} checkpoint is a text-only LLM: it takes no --image (leave it out, or pass "
+                          f"an InternVL chat checkpoint)")
+    if kind in VISION_KINDS and ids is not None:
+        raise ConfigError("--ids is for text-only LLMs; an InternVL prompt is built from --prompt and the image tokens")
+
+
+def text_ids(directory: str, prompt: str | None, ids: str | None, vocab_size: int):
+    """[1, t] int64: --ids as given, else the prompt through the directory's tokenizer (BOS where it asks)."""
+    import numpy as np
+
+    from minivl.errors import CheckpointError
+    from minivl.tokenizer import load_tokenizer
+
+    if ids is not None:
+        if prompt is not None:
+            raise ConfigError("pass the text as --prompt or as --ids, not both")
+        try:
+            token_ids = [int(t) for t in ids.split(",") if t.strip()]
+        except ValueError:
+            raise ConfigError(f"--ids must be comma-separated integers, e.g. 1,2,3 (got {ids!r})") from None
+    else:
+        try:
+            tokenizer = load_tokenizer(directory)
+        except CheckpointError as error:
+            raise ConfigError(f"{error}; or pass the token ids with --ids 1,2,3") from None
+        token_ids = tokenizer.encode(DEFAULT_TEXT if prompt is None else prompt, add_special_tokens=True)
+    if not token_ids:
+        raise ConfigError("the input is no tokens; pass a longer --prompt or some --ids")
+    bad = [t for t in token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ConfigError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}) of this checkpoint")
+    return np.asarray([token_ids], dtype=np.int64)
 
 
 def bare_vit_pixels(model, image, dtype: str):
@@ -91,8 +145,10 @@ def bare_vit_pixels(model, image, dtype: str):
     return pixel_values.astype(dtype)
 
 
-def compute_stages(directory: str, backend: str, model, as_input, image, prompt: str, max_num, dtype: str) -> dict:
-    """Every stage of this checkpoint for one image (+ prompt), under torch.no_grad for the torch backend."""
+def compute_stages(directory: str, backend: str, model, as_input, image, prompt: str | None, max_num, dtype: str,
+                   ids: str | None = None) -> dict:
+    """Every stage of this checkpoint for one image (+ prompt), or an LLM's for one text, under torch.no_grad
+    for the torch backend."""
     import contextlib
 
     from minivl import trace
@@ -103,8 +159,12 @@ def compute_stages(directory: str, backend: str, model, as_input, image, prompt:
 
         context = torch.no_grad()
     with context:
-        if model_kind(directory) == "intern_vit_6b":
+        kind = model_kind(directory)
+        if kind == "intern_vit_6b":
             return trace.bare_vit_stages(model, bare_vit_pixels(model, image, dtype), as_input)
+        if kind != "internvl_chat":
+            return trace.decoder_stages(model, text_ids(directory, prompt, ids, model.config.vocab_size), as_input)
+        prompt = DEFAULT_PROMPT if prompt is None else prompt
         pixel_values, grid, input_ids, _ = trace.internvl_inputs(directory, model, image, prompt, max_num, dtype)
         return trace.internvl_stages(model, pixel_values, input_ids, grid, as_input)
 
@@ -141,18 +201,29 @@ def run_trace(args) -> int:
         check_int("--max-num", args.max_num, 1, MAX_TILES, "the released models use 12")
     output_file("--out", args.out, example="trace.safetensors")
     directory = os.fspath(args.directory)
-    model_kind(directory)
+    kind = model_kind(directory)
+    check_inputs_fit(kind, args.image, args.ids)
+    if kind not in VISION_KINDS and args.max_num is not None:
+        raise ConfigError("--max-num limits an image's tiles; a text-only LLM has none (leave it out)")
     model, as_input = load_backend(directory, args.backend, args.dtype)
-    stages = compute_stages(directory, args.backend, model, as_input, args.image, args.prompt, args.max_num, args.dtype)
+    stages = compute_stages(directory, args.backend, model, as_input, args.image, args.prompt, args.max_num, args.dtype,
+                            ids=args.ids)
     metadata = {"producer": f"minivl ({'NumPy' if args.backend == 'numpy' else 'torch_impl'})",
                 "dtype": args.dtype, "versions": json.dumps(versions(args.backend)),
-                "config_sha256": trace.config_sha256(directory), "checkpoint": os.path.abspath(directory),
-                "image": os.path.abspath(args.image), "prompt": args.prompt,
-                "max_num": str(args.max_num or _config_max_num(directory))}
+                "config_sha256": trace.config_sha256(directory), "checkpoint": os.path.abspath(directory)}
+    if kind in VISION_KINDS:
+        metadata.update(image=os.path.abspath(args.image), prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt,
+                        max_num=str(args.max_num or _config_max_num(directory)))
+    else:
+        metadata.update(model_type=kind, prompt="" if args.ids is not None else
+                        (DEFAULT_TEXT if args.prompt is None else args.prompt))
     trace.save_trace(args.out, trace.Trace(stages, metadata))
-    grid = stages["tile_grid"].tolist()
-    print(f"wrote {len(stages)} stages to {args.out} ({metadata['producer']}, {args.dtype}, "
-          f"grid {grid[0]}×{grid[1]}, {len(stages['pixel_values'])} tiles)")
+    if kind in VISION_KINDS:
+        grid = stages["tile_grid"].tolist()
+        what = f"grid {grid[0]}×{grid[1]}, {len(stages['pixel_values'])} tiles"
+    else:
+        what = f"{type(model).__name__}, {stages['input_ids'].shape[1]} tokens"
+    print(f"wrote {len(stages)} stages to {args.out} ({metadata['producer']}, {args.dtype}, {what})")
     broken = first_nonfinite_stage(stages)
     if broken is not None:  # the trace is written (it shows where), but the run did compute NaN/inf
         raise NonFiniteError(f"the forward pass computed NaN/inf from stage {broken} on (the trace {args.out} "
