@@ -93,8 +93,9 @@ def model_kind(directory: str) -> str:
 
     model_type = load_config(directory).model_type
     if model_type not in MODEL_REGISTRY:
+        llms = ", ".join(sorted(set(MODEL_REGISTRY) - set(VISION_KINDS)))
         raise ConfigError(f"{directory!r} is a {model_type!r} checkpoint, which minivl has no model for; trace takes "
-                          f"an InternVL chat checkpoint, a bare InternViT or a text-only LLM ({', '.join(sorted(set(MODEL_REGISTRY) - set(VISION_KINDS)))})")
+                          f"an InternVL chat checkpoint, a bare InternViT or a text-only LLM ({llms})")
     return model_type
 
 
