@@ -11,6 +11,10 @@ machine slows both alike. Before anything is timed the two ways' results are com
 GEMM's summation order (OpenBLAS takes another kernel for a few rows, m = 2 to 5 here, and the fused
 q|k|v then differs from the separate one by ~4 ulps); the last column says by how much.
 
+A second table times the other half of the question, the weight's memory layout: the fused gate|up
+matrix as the checkpoint stores it ([out, in], the rows of W contiguous) against the same values
+stored [in, out], the same x·Wᵀ either way. BLAS libraries pick different kernels for the two.
+
     python3 benchmarks/projections.py                 # markdown table
     python3 benchmarks/projections.py --rows 1 64 --rounds 60
 """
@@ -71,6 +75,40 @@ def runners(framework: str, layers: list, x, group: str) -> dict:
     return {"fused": fused, "separate": separate}
 
 
+def layout_runners(framework: str, layers: list, x) -> dict:
+    """{'[out, in]': gate|up as the checkpoint stores it, '[in, out]': the same values stored transposed}.
+
+    Both compute x·Wᵀ with W of shape [out, in]; the second W is a transposed view of an [in, out]
+    array, so BLAS reads the other memory order (a GEMV then walks the columns of W, not its rows).
+    """
+    stored = [layer["gate|up"][0] for layer in layers]
+    if framework == "torch":
+        import torch.nn.functional as F
+
+        transposed = [w.t().contiguous().t() for w in stored]
+        return {"[out, in]": lambda: [F.linear(x, w) for w in stored],
+                "[in, out]": lambda: [F.linear(x, w) for w in transposed]}
+    transposed = [np.ascontiguousarray(w.T).T for w in stored]
+    return {"[out, in]": lambda: [x @ w.T for w in stored], "[in, out]": lambda: [x @ w.T for w in transposed]}
+
+
+def interleaved(run: dict, rounds: int) -> dict:
+    """{way: [seconds per round]}: every way once a round, in alternating order."""
+    times = {way: [] for way in run}
+    for round_ in range(rounds):
+        for way in (list(run) if round_ % 2 else list(run)[::-1]):
+            t0 = time.perf_counter()
+            run[way]()
+            times[way].append(time.perf_counter() - t0)
+    return times
+
+
+def ulps_apart(a: list, b: list) -> float:
+    """The largest difference of two runs' outputs, in float32 ulps of each output's max |y|."""
+    return max(float(np.abs(x - y).max() / np.abs(x).max() / np.finfo(np.float32).eps)
+               for x, y in zip(map(np.asarray, a), map(np.asarray, b)))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 512], help="rows m of x [1, m, 576]")
@@ -82,7 +120,7 @@ def main(argv=None) -> None:
     frameworks = ["numpy"] if args.no_torch else ["numpy", "torch"]
     rng = np.random.default_rng(0)
     weights = {framework: layer_weights(framework, rng, args.layers) for framework in frameworks}
-    results = {}
+    results, layouts = {}, {}
     for framework in frameworks:
         context = None
         if framework == "torch":
@@ -96,20 +134,16 @@ def main(argv=None) -> None:
                 x = torch.from_numpy(x)
             for group in GROUPS:
                 run = runners(framework, weights[framework], x, group)
-                ulps = 0.0  # the two ways' largest difference, in float32 ulps of max|y|
-                for whole, parts in zip(run["fused"](), run["separate"]()):
-                    whole, parts = np.asarray(whole), np.concatenate([np.asarray(p) for p in parts], -1)
-                    ulps = max(ulps, float(np.abs(whole - parts).max() / np.abs(whole).max() / np.finfo(np.float32).eps))
+                separate = [np.concatenate([np.asarray(p) for p in parts], -1) for parts in run["separate"]()]
+                ulps = ulps_apart(run["fused"](), separate)
                 # the same numbers to a GEMM's summation order, or the timing compares different work
                 # (tests/test_fast_decoder.py's tolerance for the fused model: 16 ulps of max|logits|)
                 assert ulps <= 16, (framework, m, group, ulps)
-                times = {way: [] for way in run}
-                for round_ in range(args.rounds):
-                    for way in (list(run) if round_ % 2 else list(run)[::-1]):
-                        t0 = time.perf_counter()
-                        run[way]()
-                        times[way].append(time.perf_counter() - t0)
-                results[framework, m, group] = times, ulps
+                results[framework, m, group] = interleaved(run, args.rounds), ulps
+            run = layout_runners(framework, weights[framework], x)
+            ulps = ulps_apart(run["[out, in]"](), run["[in, out]"]())
+            assert ulps <= 16, (framework, m, "layout", ulps)
+            layouts[framework, m] = interleaved(run, args.rounds), ulps
         if context is not None:
             context.__exit__(None, None, None)
 
@@ -125,6 +159,18 @@ def main(argv=None) -> None:
         print(f"| {'NumPy' if framework == 'numpy' else 'torch'} | {m} | {group} | {med['fused'] * 1e3:.2f} "
               f"({best['fused'] * 1e3:.2f}) | {med['separate'] * 1e3:.2f} ({best['separate'] * 1e3:.2f}) | "
               f"{med['fused'] / med['separate']:.2f}× ({best['fused'] / best['separate']:.2f}×) | "
+              f"{'bit-equal' if ulps == 0 else f'{ulps:.1f} ulps of max|y|'} |")
+    print()
+    print("The fused gate|up weight as the checkpoint stores it, [out, in], and the same values stored [in, out]:")
+    print()
+    print("| framework | m | [out, in] (ms) | [in, out] (ms) | [in, out] ÷ [out, in], median (best) | difference |")
+    print("|---|---|---|---|---|---|")
+    for (framework, m), (times, ulps) in layouts.items():
+        med = {way: statistics.median(t) for way, t in times.items()}
+        best = {way: min(t) for way, t in times.items()}
+        print(f"| {'NumPy' if framework == 'numpy' else 'torch'} | {m} | {med['[out, in]'] * 1e3:.2f} "
+              f"({best['[out, in]'] * 1e3:.2f}) | {med['[in, out]'] * 1e3:.2f} ({best['[in, out]'] * 1e3:.2f}) | "
+              f"{med['[in, out]'] / med['[out, in]']:.2f}× ({best['[in, out]'] / best['[out, in]']:.2f}×) | "
               f"{'bit-equal' if ulps == 0 else f'{ulps:.1f} ulps of max|y|'} |")
 
 

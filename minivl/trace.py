@@ -182,7 +182,7 @@ def load_trace(path) -> Trace:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise TraceError(f"trace file {path!r} does not exist; write one with `minivl trace DIR --image IMG "
-                         "--prompt TEXT --out FILE`")
+                         "--prompt TEXT --out FILE` (a text-only LLM: without --image)")
     try:
         tensors, metadata = read_safetensors(path, mmap=False, with_metadata=True)
     except CheckpointError as err:

@@ -64,15 +64,15 @@ def test_unpacked_load_gives_the_same_model_without_the_buffer(tmp_path):
 
 
 def test_projections_benchmark_compares_the_same_work_and_prints_every_cell(capsys):
-    """benchmarks/projections.py on 2 layers, 1 round: every (framework, m, group) cell printed, and the
-    fused and separate products agree (it refuses to time them otherwise). m = 3 is where OpenBLAS's
+    """benchmarks/projections.py on 2 layers, 1 round: every (framework, m, group) cell and every (framework,
+    m) layout cell printed, and the two ways of each agree (it refuses to time them otherwise). m = 3 is where OpenBLAS's
     small-m kernel makes the fused q|k|v differ from the separate one by a few ulps."""
     spec = importlib.util.spec_from_file_location("projections", os.path.join(ROOT, "benchmarks", "projections.py"))
     projections = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(projections)
     projections.main(["--rows", "1", "3", "--rounds", "1", "--layers", "2"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| NumPy") or line.startswith("| torch")]
-    assert len(rows) == 2 * 2 * 2, rows  # frameworks × m × groups
+    assert len(rows) == 2 * 2 * 2 + 2 * 2, rows  # frameworks × m × groups, then frameworks × m for the layouts
     assert all(line.rstrip().endswith(("bit-equal |", "ulps of max|y| |")) for line in rows), rows
     # the separate GEMMs read row blocks of the fused matrix: the layout the fused model's modules hold
     fused, views = projections.layer_weights("numpy", np.random.default_rng(0), 1)[0]["q|k|v"]
