@@ -109,6 +109,18 @@ def ulps_apart(a: list, b: list) -> float:
                for x, y in zip(map(np.asarray, a), map(np.asarray, b)))
 
 
+def row(keys: list, times: dict, ulps: float, first: str, second: str, ratio: tuple | None = None) -> str:
+    """One markdown row: the keys, each way's median (best) in ms, a ratio of medians (best), the difference."""
+    med = {way: statistics.median(t) * 1e3 for way, t in times.items()}
+    best = {way: min(t) * 1e3 for way, t in times.items()}
+    top, bottom = ratio or (first, second)
+    cells = ["NumPy" if keys[0] == "numpy" else "torch", *map(str, keys[1:])]
+    cells += [f"{med[way]:.2f} ({best[way]:.2f})" for way in (first, second)]
+    cells.append(f"{med[top] / med[bottom]:.2f}× ({best[top] / best[bottom]:.2f}×)")
+    cells.append("bit-equal" if ulps == 0 else f"{ulps:.1f} ulps of max|y|")
+    return "| " + " | ".join(cells) + " |"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 512], help="rows m of x [1, m, 576]")
@@ -154,25 +166,14 @@ def main(argv=None) -> None:
     print("| framework | m | group | fused (ms) | separate (ms) | fused ÷ separate, median (best) | fused − separate |")
     print("|---|---|---|---|---|---|---|")
     for (framework, m, group), (times, ulps) in results.items():
-        med = {way: statistics.median(t) for way, t in times.items()}
-        best = {way: min(t) for way, t in times.items()}
-        print(f"| {'NumPy' if framework == 'numpy' else 'torch'} | {m} | {group} | {med['fused'] * 1e3:.2f} "
-              f"({best['fused'] * 1e3:.2f}) | {med['separate'] * 1e3:.2f} ({best['separate'] * 1e3:.2f}) | "
-              f"{med['fused'] / med['separate']:.2f}× ({best['fused'] / best['separate']:.2f}×) | "
-              f"{'bit-equal' if ulps == 0 else f'{ulps:.1f} ulps of max|y|'} |")
+        print(row([framework, m, group], times, ulps, "fused", "separate"))
     print()
     print("The fused gate|up weight as the checkpoint stores it, [out, in], and the same values stored [in, out]:")
     print()
     print("| framework | m | [out, in] (ms) | [in, out] (ms) | [in, out] ÷ [out, in], median (best) | difference |")
     print("|---|---|---|---|---|---|")
     for (framework, m), (times, ulps) in layouts.items():
-        med = {way: statistics.median(t) for way, t in times.items()}
-        best = {way: min(t) for way, t in times.items()}
-        print(f"| {'NumPy' if framework == 'numpy' else 'torch'} | {m} | {med['[out, in]'] * 1e3:.2f} "
-              f"({best['[out, in]'] * 1e3:.2f}) | {med['[in, out]'] * 1e3:.2f} ({best['[in, out]'] * 1e3:.2f}) | "
-              f"{med['[in, out]'] / med['[out, in]']:.2f}× ({best['[in, out]'] / best['[out, in]']:.2f}×) | "
-              f"{'bit-equal' if ulps == 0 else f'{ulps:.1f} ulps of max|y|'} |")
-
+        print(row([framework, m], times, ulps, "[out, in]", "[in, out]", ratio=("[in, out]", "[out, in]")))
 
 if __name__ == "__main__":
     main()
