@@ -17,6 +17,17 @@ of an InternVL chat checkpoint (names follow the checkpoint's module tree where 
     language_model.model.norm           [b, t, D]: after the final norm
     logits                              [b, t, vocab]
 
+With `decode_steps = N` (metadata; `minivl trace LLM_DIR --decode N`) the trace also holds the
+cached generation path: a prefill of the first t − N tokens, then the last N tokens fed one at a
+time through the KV cache, each step's outputs concatenated along the sequence axis:
+
+    decode.{embedding, each layer, final norm, logits}    [b, N, ·]: row k = cached step k
+
+Row k of a decode stage computes the same function as row t − N + k of the prefill stage (the
+tests hold the two equal to a GEMM's and a softmax's summation order), so a port whose prefill
+agrees but whose generation does not (a RoPE offset, a KV cache in the wrong layout) parts from
+minivl at a decode.* stage.
+
 A bare InternViT checkpoint gives tile_grid, pixel_values, `embeddings` and `encoder.layers.{i}`
 (its own key names). A text-only LLM (Llama, Qwen2, InternLM2, Phi-3, MPT: the one a port of
 InternVL's language model starts from) gives, again under its checkpoint's module names:
@@ -143,6 +154,34 @@ def decoder_stages(model, input_ids: np.ndarray, as_input=np.asarray) -> dict:
     stages[model.norm_path] = as_array(hidden[-1])
     stages["logits"] = as_array(out.logits)
     return stages
+
+
+DECODE_PREFIX = "decode."
+
+
+def decoder_decode_stages(model, input_ids: np.ndarray, steps: int, as_input=np.asarray) -> dict:
+    """The decode.* stages: a prefill of input_ids[:, :t−steps] into a KV cache, then one cached forward per
+    remaining token, each step's embedding, layers, final norm and logits concatenated along the sequence axis.
+
+    [b, t] ids -> {decode.<stage>: [b, steps, ·]}, named as `decoder_stages` names the prefill's.
+    """
+    input_ids = np.asarray(input_ids, dtype=np.int64)
+    t = input_ids.shape[1]
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < t:
+        raise TraceError(f"decode steps must be an int in [1, {t - 1}] for a {t}-token input (the rest is the "
+                         f"prefill), got {steps!r}")
+    cache = model.forward(input_ids=as_input(input_ids[:, :t - steps]), use_cache=True).past_key_values
+    n_layers = len(model.get_submodule(model.layers_path))
+    names = [model.embed_path, *[f"{model.layers_path}.{i}" for i in range(n_layers)], model.norm_path]
+    rows = {name: [] for name in [*names, "logits"]}
+    for k in range(t - steps, t):
+        out = model.forward(input_ids=as_input(input_ids[:, k:k + 1]), past_key_values=cache, use_cache=True,
+                            output_hidden_states=True)
+        cache = out.past_key_values
+        for name, h in zip(names, out.hidden_states):
+            rows[name].append(as_array(h))
+        rows["logits"].append(as_array(out.logits))
+    return {DECODE_PREFIX + name: np.concatenate(parts, axis=1) for name, parts in rows.items()}
 
 
 def bare_vit_stages(vision_model, pixel_values: np.ndarray, as_input=np.asarray) -> dict:

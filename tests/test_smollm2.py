@@ -494,22 +494,26 @@ def test_decode_step_is_bit_equal_to_the_layers_on_real_weights(np_model, englis
 
 def test_trace_of_the_real_model_agrees_with_transformers_stage_by_stage(smollm2_dir, tokenizer, tmp_path, capsys):
     """The porter's loop on real weights: `minivl trace` of SmolLM2 with a text prompt (tokenized by the
-    checkpoint's tokenizer), tools/trace_transformers.py on the same input_ids, `minivl diff` (its default
-    budget, 512 ulps of float32 and of each stage's max |B|; the per-layer test above holds 256)."""
+    checkpoint's tokenizer) and its last 2 tokens through the KV cache, tools/trace_transformers.py on the
+    same input_ids (its own cache for the steps), `minivl diff` (its default budget, 512 ulps of float32 and
+    of each stage's max |B|; the per-layer test above holds 256)."""
     from _tools_util import load_tool
 
     from minivl import trace
     from minivl_cli.cli import main
 
     ours, hf = tmp_path / "ours.safetensors", tmp_path / "hf.safetensors"
-    assert main(["trace", str(smollm2_dir), "--prompt", "The capital of France is", "--out", str(ours)]) == 0
+    assert main(["trace", str(smollm2_dir), "--prompt", "The capital of France is", "--decode", "2",
+                 "--out", str(ours)]) == 0
     assert load_tool("trace_transformers").main([str(smollm2_dir), "--inputs", str(ours), "--out", str(hf)]) == 0
     t = trace.load_trace(ours)
     assert t.stages["input_ids"][0].tolist() == tokenizer.encode("The capital of France is", add_special_tokens=True)
-    assert len(t.stages) == 34 and list(t.stages)[1] == "model.embed_tokens" and list(t.stages)[-2] == "model.norm"
+    # 34 prefill stages (ids, embedding, 30 layers, norm, logits), then the same 33 for the 2 cached steps
+    assert len(t.stages) == 67 and list(t.stages)[1] == "model.embed_tokens" and list(t.stages)[33] == "logits"
+    assert list(t.stages)[-2:] == ["decode.model.norm", "decode.logits"]
     capsys.readouterr()
     assert main(["diff", str(ours), str(hf)]) == 0
-    assert "all 34 shared stages agree" in capsys.readouterr().out
+    assert "all 67 shared stages agree" in capsys.readouterr().out
     # not vacuous: the two implementations differ in the last bits
     rows = trace.diff_traces(t, trace.load_trace(hf))
     assert max(row.max_abs for row in rows if row.name.startswith("model.layers.")) > 0

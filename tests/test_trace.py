@@ -436,13 +436,14 @@ def test_a_broken_llm_port_is_caught_at_the_layer_it_breaks(tmp_path, llms, caps
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mpt_alibi"])
 def test_transformers_text_only_trace_agrees_with_minivl(tmp_path, llms, capsys, family):
     """tools/trace_transformers.py on a text-only trace: AutoModelForCausalLM on the same checkpoint, the same
-    input_ids, its own module names, which are the checkpoint's and so minivl's."""
+    input_ids, its own module names, which are the checkpoint's and so minivl's; the decode.* stages through
+    transformers' own KV cache."""
     pytest.importorskip("transformers")
     from _decoder_util import hf_copy
     from _tools_util import load_tool
 
     ours = tmp_path / "ours.safetensors"
-    assert main(["trace", llms[family], "--ids", IDS, "--out", str(ours)]) == 0
+    assert main(["trace", llms[family], "--ids", IDS, "--decode", "3", "--out", str(ours)]) == 0
     directory = llms[family]
     if family.startswith("mpt"):  # transformers' MPT config wants attn_pdrop 0 (test_models_transformers.py)
         directory = hf_copy(directory, tmp_path / "hf", lambda c: c["attn_config"].__setitem__("attn_pdrop", 0))
@@ -450,10 +451,55 @@ def test_transformers_text_only_trace_agrees_with_minivl(tmp_path, llms, capsys,
     assert load_tool("trace_transformers").main([directory, "--inputs", str(ours), "--out", str(hf)]) == 0
     theirs = trace.load_trace(hf)
     assert list(theirs.stages) == list(trace.load_trace(ours).stages)
-    assert theirs.metadata["producer"].startswith("transformers ")
+    assert theirs.metadata["producer"].startswith("transformers ") and theirs.metadata["decode_steps"] == "3"
+    assert theirs.stages["decode.logits"].shape[1] == 3
     capsys.readouterr()
     assert main(["diff", str(ours), str(hf)]) == 0 and "shared stages agree" in capsys.readouterr().out
     assert main(["diff", str(hf), str(ours)]) == 0
+
+
+@pytest.mark.parametrize("family", sorted(LLM_STAGE_NAMES))
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_decode_stages_are_the_prefills_last_rows_through_the_cache(tmp_path, llms, capsys, family, backend):
+    """--decode 3: the last 3 of 9 tokens one at a time through the KV cache. Step k computes what row 6 + k of
+    the prefill computes, so each decode.* stage equals the prefill stage's last 3 rows within diff's default
+    budget (512 ulps of float32, relative and of the stage's max). Measured here: at most 11 ulps of a
+    stage's max |value| (Phi-3 in torch; 2.5-7 for the others), since only the summation orders of the
+    GEMMs (one row against nine) and of the softmax differ."""
+    out = tmp_path / "decode.safetensors"
+    assert main(["trace", llms[family], "--ids", IDS, "--decode", "3", "--backend", backend, "--out", str(out)]) == 0
+    assert "the last 3 through the KV cache" in capsys.readouterr().out
+    t = trace.load_trace(out)
+    prefill = [name for name in t.stages if not name.startswith("decode.") and name != "input_ids"]
+    assert [name for name in t.stages if name.startswith("decode.")] == ["decode." + name for name in prefill]
+    assert t.metadata["decode_steps"] == "3"
+    decode = {name: t.stages["decode." + name] for name in prefill}
+    last_rows = {name: t.stages[name][:, -3:] for name in prefill}
+    rows = trace.compare_stages(decode, last_rows, "float32")
+    assert [row.status for row in rows] == ["OK"] * len(prefill), trace.format_rows(rows)
+
+
+def test_a_port_with_a_decode_only_bug_is_caught_at_the_first_decode_layer(tmp_path, llms, capsys):
+    """A port that forgets the cache's length in its RoPE positions (every cached token at position 0):
+    its prefill and its decode embedding agree, its first cached layer does not."""
+    import minivl
+
+    ids = np.asarray([[int(i) for i in IDS.split(",")]])
+    good, broken = minivl.load_model(llms["llama"], "float32"), minivl.load_model(llms["llama"], "float32")
+    positions = broken.positions
+    broken.positions = lambda hidden, position_ids, attention_mask, past_len: positions(hidden, position_ids,
+                                                                                         attention_mask, 0)
+    for name, model in (("good", good), ("broken", broken)):
+        stages = trace.decoder_stages(model, ids)
+        stages.update(trace.decoder_decode_stages(model, ids, 3))
+        trace.save_trace(tmp_path / f"{name}.safetensors", trace.Trace(stages, {}))
+    capsys.readouterr()
+    assert main(["diff", str(tmp_path / "broken.safetensors"), str(tmp_path / "good.safetensors")]) == 1
+    assert _first_diverging(capsys) == "decode.model.layers.0"
+    rows = trace.diff_traces(trace.load_trace(tmp_path / "broken.safetensors"),
+                             trace.load_trace(tmp_path / "good.safetensors"))
+    assert all(row.status == "OK" for row in rows if not row.name.startswith("decode.model.layers")
+               and not row.name.startswith(("decode.model.norm", "decode.logits")))
 
 
 def test_text_only_trace_named_errors(tmp_path, llms, checkpoints, root, capsys):
@@ -466,6 +512,10 @@ def test_text_only_trace_named_errors(tmp_path, llms, checkpoints, root, capsys)
         ([llms["llama"], "--ids", "1", "--max-num", "2", "--out", out], "a text-only LLM has none"),
         ([checkpoints["qwen2"], "--out", out], "needs --image PATH"),
         ([checkpoints["qwen2"], "--image", str(root / "wide.png"), "--ids", "1", "--out", out], "--ids is for text-only"),
+        ([checkpoints["qwen2"], "--image", str(root / "wide.png"), "--decode", "2", "--out", out],
+         "--decode traces a text-only LLM's cached steps"),
+        ([llms["llama"], "--ids", "1,2,3", "--decode", "3", "--out", out], "N must be in [1, 2]"),
+        ([llms["llama"], "--ids", "1,2,3", "--decode", "0", "--out", out], "N must be in [1, 2]"),
     ]:
         assert main(["trace", *argv]) == 1, argv
         err = capsys.readouterr().err

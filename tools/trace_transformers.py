@@ -30,7 +30,8 @@ through `AutoModelForCausalLM` instead (Llama, Qwen2, Phi-3, MPT; InternLM2 is r
 transformers), its input_ids taken from the trace, and records, under the module paths of
 transformers' own tree (Llama's: model.embed_tokens, model.layers.{i}, model.norm; MPT's:
 transformer.wte, transformer.blocks.{i}, transformer.norm_f), the input embedding's output, each
-layer's output, the final norm's output and the logits.
+layer's output, the final norm's output and the logits; when the trace has decode.* stages
+(`--decode N`), the same again for N steps through transformers' own KV cache.
 """
 from __future__ import annotations
 
@@ -119,10 +120,8 @@ def hf_stages(model, pixel_values: np.ndarray, input_ids: np.ndarray, grid) -> d
     return {name: trace.as_array(value) for name, value in stages.items()}
 
 
-def hf_decoder_stages(model, input_ids: np.ndarray) -> dict:
-    """Run a transformers causal LM once with hooks; -> input_ids, embedding, layers, final norm, logits."""
-    import torch
-
+def _decoder_modules(model) -> list:
+    """[(stage name, module)]: the input embedding, each layer, the final norm, under transformers' module paths."""
     names = {id(module): name for name, module in model.named_modules()}
     base = model.base_model
     embed = model.get_input_embeddings()
@@ -131,6 +130,14 @@ def hf_decoder_stages(model, input_ids: np.ndarray) -> dict:
     if layers is None or norm is None:
         raise TraceError(f"{type(model).__name__}: found no layer list (layers/blocks/h) or final norm "
                          f"(norm/norm_f/ln_f) under {type(base).__name__}; add its names here")
+    return ([(names[id(embed)], embed)] + [(f"{names[id(layers)]}.{i}", layer) for i, layer in enumerate(layers)]
+            + [(names[id(norm)], norm)])
+
+
+def _hooked_forward(model, modules: list, **kwargs):
+    """(the forward's output, {stage name: that module's output}) of one forward with hooks on `modules`."""
+    import torch
+
     captured, handles = {}, []
 
     def keep(name):
@@ -138,20 +145,44 @@ def hf_decoder_stages(model, input_ids: np.ndarray) -> dict:
             captured[name] = _output_tensor(output).detach()
         return hook
 
-    order = [names[id(embed)]] + [f"{names[id(layers)]}.{i}" for i in range(len(layers))] + [names[id(norm)]]
-    handles.append(embed.register_forward_hook(keep(order[0])))
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_hook(keep(order[1 + i])))
-    handles.append(norm.register_forward_hook(keep(order[-1])))
+    for name, module in modules:
+        handles.append(module.register_forward_hook(keep(name)))
     try:
         with torch.no_grad():
-            logits = model(input_ids=torch.from_numpy(np.array(input_ids)), use_cache=False).logits
+            out = model(**kwargs)
     finally:
         for handle in handles:
             handle.remove()
+    return out, captured
+
+
+def hf_decoder_stages(model, input_ids: np.ndarray, decode_steps: int = 0) -> dict:
+    """Run a transformers causal LM once with hooks; -> input_ids, embedding, layers, final norm, logits
+    (and, with decode_steps, the decode.* stages: a prefill of all but the last N ids, then N cached steps)."""
+    import torch
+
+    modules = _decoder_modules(model)
+    ids = torch.from_numpy(np.array(input_ids))
+    out, captured = _hooked_forward(model, modules, input_ids=ids, use_cache=False)
     stages = {"input_ids": np.asarray(input_ids, dtype=np.int64)}
-    stages.update({name: captured[name] for name in order})
-    stages["logits"] = logits
+    stages.update({name: captured[name] for name, _ in modules})
+    stages["logits"] = out.logits
+    if decode_steps:
+        import inspect
+
+        # transformers 5.2x names the KV cache `cache` (argument and output); earlier releases `past_key_values`
+        key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        t = ids.shape[1]
+        with torch.no_grad():
+            cache = getattr(model(input_ids=ids[:, :t - decode_steps], use_cache=True), key)
+        rows = {name: [] for name, _ in modules + [("logits", None)]}
+        for k in range(t - decode_steps, t):
+            out, captured = _hooked_forward(model, modules, input_ids=ids[:, k:k + 1], use_cache=True, **{key: cache})
+            cache = getattr(out, key)
+            for name, _ in modules:
+                rows[name].append(captured[name])
+            rows["logits"].append(out.logits)
+        stages.update({trace.DECODE_PREFIX + name: torch.cat(parts, dim=1) for name, parts in rows.items()})
     return {name: trace.as_array(value) for name, value in stages.items()}
 
 
@@ -220,13 +251,16 @@ def main(argv=None) -> int:
             raise TraceError(f"{args.inputs!r} is a text-only LLM's trace: there is no image to process")
         dtype = args.dtype or source.dtype
         model = load_hf_decoder(args.directory, dtype)
-        stages = hf_decoder_stages(model, np.asarray(source.stages["input_ids"]))
+        decode_steps = int(source.metadata.get("decode_steps", 0))
+        stages = hf_decoder_stages(model, np.asarray(source.stages["input_ids"]), decode_steps)
         producer = f"transformers {transformers.__version__} {type(model).__name__}"
         metadata = {"producer": producer, "dtype": dtype, "config_sha256": trace.config_sha256(args.directory),
                     "versions": json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
                                             "numpy": np.__version__}),
                     "checkpoint": os.path.abspath(args.directory), "inputs_from": os.path.abspath(args.inputs),
                     "prompt": source.metadata.get("prompt", "")}
+        if decode_steps:
+            metadata["decode_steps"] = str(decode_steps)
         trace.save_trace(args.out, trace.Trace(stages, metadata))
         print(f"wrote {len(stages)} stages to {args.out} ({producer}, {dtype})")
         return 0
