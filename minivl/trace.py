@@ -17,11 +17,13 @@ of an InternVL chat checkpoint (names follow the checkpoint's module tree where 
     language_model.model.norm           [b, t, D]: after the final norm
     logits                              [b, t, vocab]
 
-With `decode_steps = N` (metadata; `minivl trace LLM_DIR --decode N`) the trace also holds the
-cached generation path: a prefill of the first t − N tokens, then the last N tokens fed one at a
+With `decode_steps = N` (metadata; `minivl trace DIR --decode N`, an LLM or an InternVL chat
+checkpoint) the trace also holds the cached generation path: a prefill of the first t − N tokens, then the last N tokens fed one at a
 time through the KV cache, each step's outputs concatenated along the sequence axis:
 
     decode.{embedding, each layer, final norm, logits}    [b, N, ·]: row k = cached step k
+    (InternVL: decode.inputs_embeds, decode.language_model.model.layers.{i}, decode.language_model.model.norm,
+    decode.logits; the prefill reads the merged text + image embeddings, the steps are text tokens)
 
 Row k of a decode stage computes the same function as row t − N + k of the prefill stage (the
 tests hold the two equal to a GEMM's and a softmax's summation order), so a port whose prefill
@@ -106,12 +108,16 @@ def vision_stages(vision_model, pixel_values, as_input=np.asarray, prefix: str =
     return stages, hidden_states
 
 
-def internvl_stages(model, pixel_values: np.ndarray, input_ids: np.ndarray, grid, as_input=np.asarray) -> dict:
+def internvl_stages(model, pixel_values: np.ndarray, input_ids: np.ndarray, grid, as_input=np.asarray,
+                    decode_steps: int = 0) -> dict:
     """Every stage of InternVLChatModel.forward, computed through the model's public pieces.
 
     Same steps as `extract_feature` + `forward` (vision_model with output_hidden_states, drop cls,
     pixel_shuffle, mlp1, embed_with_images, language_model with output_hidden_states), so a stage
     here is the value the forward pass computes. model.img_context_token_id must be set.
+    decode_steps N: also the language model's decode.* stages (`decoder_decode_stages`): the merged
+    embeddings of all but the last N tokens prefilled into a KV cache, then those N text tokens one
+    at a time (none of them may be an image token).
     """
     stages = {"tile_grid": np.asarray(grid, dtype=np.int64), "pixel_values": np.asarray(pixel_values)}
     vision, hidden_states = vision_stages(model.vision_model, pixel_values, as_input, "vision_model.")
@@ -136,6 +142,15 @@ def internvl_stages(model, pixel_values: np.ndarray, input_ids: np.ndarray, grid
         stages[f"language_model.model.layers.{i}"] = as_array(h)
     stages["language_model.model.norm"] = as_array(llm_hidden[-1])
     stages["logits"] = as_array(out.logits)
+    if decode_steps:
+        t = input_ids.shape[1]
+        if len(stages["image_token_positions"]) and stages["image_token_positions"][-1] >= t - decode_steps:
+            raise TraceError(f"the last {decode_steps} tokens of the prompt include image tokens; the cached steps "
+                             f"feed text tokens only (at most {t - 1 - int(stages['image_token_positions'][-1])})")
+        names = ["inputs_embeds", *[f"language_model.model.layers.{i}" for i in range(len(llm_hidden) - 2)],
+                 "language_model.model.norm"]
+        stages.update(decoder_decode_stages(model.language_model, input_ids, decode_steps, as_input,
+                                            inputs_embeds=embeds, names=names))
     return stages
 
 
@@ -159,20 +174,26 @@ def decoder_stages(model, input_ids: np.ndarray, as_input=np.asarray) -> dict:
 DECODE_PREFIX = "decode."
 
 
-def decoder_decode_stages(model, input_ids: np.ndarray, steps: int, as_input=np.asarray) -> dict:
+def decoder_decode_stages(model, input_ids: np.ndarray, steps: int, as_input=np.asarray, inputs_embeds=None,
+                          names: list | None = None) -> dict:
     """The decode.* stages: a prefill of input_ids[:, :t−steps] into a KV cache, then one cached forward per
     remaining token, each step's embedding, layers, final norm and logits concatenated along the sequence axis.
 
-    [b, t] ids -> {decode.<stage>: [b, steps, ·]}, named as `decoder_stages` names the prefill's.
+    [b, t] ids -> {decode.<stage>: [b, steps, ·]}, named as `decoder_stages` names the prefill's, or by
+    `names` (embedding, each layer, final norm). inputs_embeds [b, t, D] (the model's own array or tensor):
+    the prefill reads its first t − steps rows instead of embedding the ids (InternVL's image tokens).
     """
     input_ids = np.asarray(input_ids, dtype=np.int64)
     t = input_ids.shape[1]
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < t:
         raise TraceError(f"decode steps must be an int in [1, {t - 1}] for a {t}-token input (the rest is the "
                          f"prefill), got {steps!r}")
-    cache = model.forward(input_ids=as_input(input_ids[:, :t - steps]), use_cache=True).past_key_values
-    n_layers = len(model.get_submodule(model.layers_path))
-    names = [model.embed_path, *[f"{model.layers_path}.{i}" for i in range(n_layers)], model.norm_path]
+    prefill = ({"inputs_embeds": inputs_embeds[:, :t - steps]} if inputs_embeds is not None else
+               {"input_ids": as_input(input_ids[:, :t - steps])})
+    cache = model.forward(**prefill, use_cache=True).past_key_values
+    if names is None:
+        n_layers = len(model.get_submodule(model.layers_path))
+        names = [model.embed_path, *[f"{model.layers_path}.{i}" for i in range(n_layers)], model.norm_path]
     rows = {name: [] for name in [*names, "logits"]}
     for k in range(t - steps, t):
         out = model.forward(input_ids=as_input(input_ids[:, k:k + 1]), past_key_values=cache, use_cache=True,

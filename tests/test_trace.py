@@ -123,6 +123,9 @@ def test_bare_internvit_trace_and_diff(root, capsys):
     assert list(stages) == ["tile_grid", "pixel_values", "embeddings"] + [f"encoder.layers.{i}" for i in range(3)]
     capsys.readouterr()
     assert main(["diff", a, b]) == 0
+    assert main(["trace", vit, "--image", str(root / "wide.png"), "--decode", "1",
+                 "--out", str(root / "vit_decode.safetensors")]) == 1
+    assert "a bare InternViT has none" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- deliberately broken ports
@@ -512,8 +515,8 @@ def test_text_only_trace_named_errors(tmp_path, llms, checkpoints, root, capsys)
         ([llms["llama"], "--ids", "1", "--max-num", "2", "--out", out], "a text-only LLM has none"),
         ([checkpoints["qwen2"], "--out", out], "needs --image PATH"),
         ([checkpoints["qwen2"], "--image", str(root / "wide.png"), "--ids", "1", "--out", out], "--ids is for text-only"),
-        ([checkpoints["qwen2"], "--image", str(root / "wide.png"), "--decode", "2", "--out", out],
-         "--decode traces a text-only LLM's cached steps"),
+        ([checkpoints["qwen2"], "--image", str(root / "wide.png"), "--decode", "100", "--out", out],
+         "the last 100 tokens of the prompt include image tokens"),
         ([llms["llama"], "--ids", "1,2,3", "--decode", "3", "--out", out], "N must be in [1, 2]"),
         ([llms["llama"], "--ids", "1,2,3", "--decode", "0", "--out", out], "N must be in [1, 2]"),
     ]:
@@ -521,3 +524,39 @@ def test_text_only_trace_named_errors(tmp_path, llms, checkpoints, root, capsys)
         err = capsys.readouterr().err
         assert fragment in err and err.count("\n") == 1, (argv, err)
         assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("llm", ["qwen2", "internlm2"])
+def test_internvl_decode_stages_numpy_torch_and_the_prefills_last_rows(root, checkpoints, capsys, llm):
+    """InternVL with --decode 3: the merged text + image embeddings of all but the last 3 prompt tokens
+    prefilled into the language model's cache, then those 3 text tokens one at a time. NumPy and torch agree,
+    and each decode.* stage equals the prefill's last 3 rows (diff's default budget, as for a bare LLM)."""
+    a = _trace(checkpoints[llm], root / "wide.png", root / f"{llm}_decode_np.safetensors", "--decode", "3")
+    b = _trace(checkpoints[llm], root / "wide.png", root / f"{llm}_decode_torch.safetensors", "--decode", "3",
+               "--backend", "torch")
+    capsys.readouterr()
+    assert main(["diff", a, b]) == 0 and "all 21 shared stages agree" in capsys.readouterr().out
+    t = trace.load_trace(a)
+    llm_stages = ["inputs_embeds", "language_model.model.layers.0", "language_model.model.layers.1",
+                  "language_model.model.norm", "logits"]
+    assert [name for name in t.stages if name.startswith("decode.")] == ["decode." + name for name in llm_stages]
+    rows = trace.compare_stages({name: t.stages["decode." + name] for name in llm_stages},
+                                {name: t.stages[name][:, -3:] for name in llm_stages}, "float32")
+    assert [row.status for row in rows] == ["OK"] * 5, trace.format_rows(rows)
+
+
+def test_internvl_decode_stages_agree_with_transformers(root, checkpoints, capsys):
+    """transformers' InternVLForConditionalGeneration: the prompt but its last 3 tokens (image included) into
+    its own KV cache, then the 3 steps; every stage, prefill and decode, agrees with minivl."""
+    pytest.importorskip("transformers")
+    from _tools_util import load_tool
+
+    hf_dir = to_hf_internvl(checkpoints["qwen2"], root / "qwen2_hf_decode")
+    ours = _trace(checkpoints["qwen2"], root / "wide.png", root / "decode_vs_hf.safetensors", "--decode", "3")
+    out = root / "hf_decode.safetensors"
+    assert load_tool("trace_transformers").main([hf_dir, "--inputs", ours, "--out", str(out)]) == 0
+    hf = trace.load_trace(out)
+    assert list(hf.stages) == list(trace.load_trace(ours).stages) and hf.metadata["decode_steps"] == "3"
+    capsys.readouterr()
+    assert main(["diff", ours, str(out)]) == 0 and "all 21 shared stages agree" in capsys.readouterr().out
+    assert main(["diff", str(out), ours]) == 0

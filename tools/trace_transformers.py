@@ -21,6 +21,8 @@ image processor instead, so the diff also checks its tiling and normalisation), 
     language_model.model.layers.{i}   <- model.language_model.layers[i] (output)
     language_model.model.norm         <- model.language_model.norm (output)
     logits                            <- the forward's logits
+    decode.*                          <- with `--decode N` in the trace: the same LLM stages for the last N
+                                         prompt tokens, one at a time through transformers' KV cache
 
 transformers implements pixel shuffle v2 only, `vision_feature_select_strategy="default"` (drop
 cls) and the Qwen2 / Llama language models of InternVL 2.5 / 3; InternLM2 and Phi-3 are not in it.
@@ -156,6 +158,23 @@ def _hooked_forward(model, modules: list, **kwargs):
     return out, captured
 
 
+def _cached_steps(model, modules: list, step_ids, cache) -> dict:
+    """{decode.<stage>: [b, n, ·]}: the n ids of step_ids [b, n] one at a time through `cache`, each step's
+    hooked module outputs and logits concatenated along the sequence axis."""
+    import torch
+
+    key = _cache_key(model)
+    rows = {name: [] for name, _ in modules + [("logits", None)]}
+    for k in range(step_ids.shape[1]):
+        out, captured = _hooked_forward(model, modules, input_ids=step_ids[:, k:k + 1], use_cache=True,
+                                        **{key: cache})
+        cache = getattr(out, key)
+        for name, _ in modules:
+            rows[name].append(captured[name])
+        rows["logits"].append(out.logits)
+    return {trace.DECODE_PREFIX + name: torch.cat(parts, dim=1) for name, parts in rows.items()}
+
+
 def hf_decoder_stages(model, input_ids: np.ndarray, decode_steps: int = 0) -> dict:
     """Run a transformers causal LM once with hooks; -> input_ids, embedding, layers, final norm, logits
     (and, with decode_steps, the decode.* stages: a prefill of all but the last N ids, then N cached steps)."""
@@ -168,21 +187,11 @@ def hf_decoder_stages(model, input_ids: np.ndarray, decode_steps: int = 0) -> di
     stages.update({name: captured[name] for name, _ in modules})
     stages["logits"] = out.logits
     if decode_steps:
-        import inspect
-
-        # transformers 5.2x names the KV cache `cache` (argument and output); earlier releases `past_key_values`
-        key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        key = _cache_key(model)
         t = ids.shape[1]
         with torch.no_grad():
             cache = getattr(model(input_ids=ids[:, :t - decode_steps], use_cache=True), key)
-        rows = {name: [] for name, _ in modules + [("logits", None)]}
-        for k in range(t - decode_steps, t):
-            out, captured = _hooked_forward(model, modules, input_ids=ids[:, k:k + 1], use_cache=True, **{key: cache})
-            cache = getattr(out, key)
-            for name, _ in modules:
-                rows[name].append(captured[name])
-            rows["logits"].append(out.logits)
-        stages.update({trace.DECODE_PREFIX + name: torch.cat(parts, dim=1) for name, parts in rows.items()})
+        stages.update(_cached_steps(model, modules, ids[:, t - decode_steps:], cache))
     return {name: trace.as_array(value) for name, value in stages.items()}
 
 
@@ -193,6 +202,41 @@ def load_hf_decoder(directory: str, dtype: str):
     transformers.logging.set_verbosity_error()
     return transformers.AutoModelForCausalLM.from_pretrained(
         directory, dtype=getattr(torch, dtype), attn_implementation="eager", local_files_only=True).eval()
+
+
+def _cache_key(model) -> str:
+    """transformers 5.2x names the KV cache `cache` (argument and output); earlier releases `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def hf_decode_stages(model, pixel_values: np.ndarray, input_ids: np.ndarray, steps: int) -> dict:
+    """InternVL's decode.* stages: the prompt but its last `steps` tokens (image included) into transformers'
+    KV cache, then those tokens one at a time; each step's merged embedding, LLM layers, norm and logits."""
+    import torch
+
+    inner = model.model
+    modules = [(f"language_model.model.layers.{i}", layer) for i, layer in enumerate(inner.language_model.layers)]
+    modules.append(("language_model.model.norm", inner.language_model.norm))
+    key, ids = _cache_key(model), torch.from_numpy(np.array(input_ids))
+    dtype = next(model.parameters()).dtype
+    t = ids.shape[1]
+    with torch.no_grad():
+        cache = getattr(model(input_ids=ids[:, :t - steps], pixel_values=torch.from_numpy(np.array(pixel_values)).to(
+            dtype), use_cache=True), key)
+    embeds = []
+
+    def keep_embeds(module, args, kwargs):
+        embeds.append(kwargs["inputs_embeds"].detach())
+
+    handle = inner.language_model.register_forward_pre_hook(keep_embeds, with_kwargs=True)
+    try:
+        steps_stages = _cached_steps(model, modules, ids[:, t - steps:], cache)
+    finally:
+        handle.remove()
+    stages = {"decode.inputs_embeds": torch.cat(embeds, dim=1), **steps_stages}
+    return {name: trace.as_array(value) for name, value in stages.items()}
 
 
 def hf_tiles(model, image_path: str, max_num: int, dtype: str):
@@ -278,6 +322,9 @@ def main(argv=None) -> int:
             print(f"note: transformers' processor made {len(pixel_values)} tiles, the trace's prompt has room for "
                   f"{len(source.stages['pixel_values'])}; the forward will refuse the mismatch", file=sys.stderr)
     stages = hf_stages(model, pixel_values, np.asarray(source.stages["input_ids"]), grid)
+    decode_steps = int(source.metadata.get("decode_steps", 0))
+    if decode_steps:
+        stages.update(hf_decode_stages(model, pixel_values, np.asarray(source.stages["input_ids"]), decode_steps))
     metadata = {"producer": f"transformers {transformers.__version__} InternVLForConditionalGeneration",
                 "dtype": dtype, "config_sha256": trace.config_sha256(args.directory),
                 "versions": json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
@@ -285,6 +332,8 @@ def main(argv=None) -> int:
                 "checkpoint": os.path.abspath(args.directory), "inputs_from": os.path.abspath(args.inputs),
                 "pixels_from": "GotOcr2ImageProcessorPil" if args.image_processor else "the --inputs trace",
                 "prompt": source.metadata.get("prompt", ""), "image": source.metadata.get("image", "")}
+    if decode_steps:
+        metadata["decode_steps"] = str(decode_steps)
     trace.save_trace(args.out, trace.Trace(stages, metadata))
     print(f"wrote {len(stages)} stages to {args.out} ({metadata['producer']}, {dtype})")
     return 0

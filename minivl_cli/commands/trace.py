@@ -38,8 +38,8 @@ def register(subparsers) -> None:
     parser.add_argument("--ids", help="a text-only LLM's input as comma-separated token ids instead of --prompt "
                                       "(for a checkpoint without a tokenizer)")
     parser.add_argument("--decode", type=int, default=None, metavar="N",
-                        help="a text-only LLM: also prefill all but the last N tokens into a KV cache and feed those "
-                             "N one at a time, recorded as decode.* stages (generation's path)")
+                        help="also prefill all but the last N tokens into a KV cache and feed those N one at a time, "
+                             "recorded as decode.* stages (generation's path; an LLM or InternVL's language model)")
     parser.add_argument("--out", required=True, help="trace file to write (.safetensors)")
     parser.add_argument("--backend", choices=("numpy", "torch"), default="numpy")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -177,7 +177,13 @@ def compute_stages(directory: str, backend: str, model, as_input, image, prompt:
             return stages
         prompt = DEFAULT_PROMPT if prompt is None else prompt
         pixel_values, grid, input_ids, _ = trace.internvl_inputs(directory, model, image, prompt, max_num, dtype)
-        return trace.internvl_stages(model, pixel_values, input_ids, grid, as_input)
+        if decode is not None and not 1 <= decode < input_ids.shape[1]:
+            raise ConfigError(f"--decode {decode}: the prompt has {input_ids.shape[1]} tokens, so N must be in "
+                              f"[1, {input_ids.shape[1] - 1}]")
+        try:
+            return trace.internvl_stages(model, pixel_values, input_ids, grid, as_input, decode_steps=decode or 0)
+        except TraceError as error:
+            raise ConfigError(f"--decode {decode}: {error}") from None
 
 
 def first_nonfinite_stage(stages: dict) -> str | None:
@@ -216,8 +222,8 @@ def run_trace(args) -> int:
     check_inputs_fit(kind, args.image, args.ids)
     if kind not in VISION_KINDS and args.max_num is not None:
         raise ConfigError("--max-num limits an image's tiles; a text-only LLM has none (leave it out)")
-    if kind in VISION_KINDS and args.decode is not None:
-        raise ConfigError("--decode traces a text-only LLM's cached steps; an InternVL trace is one forward pass")
+    if kind == "intern_vit_6b" and args.decode is not None:
+        raise ConfigError("--decode traces a language model's cached steps; a bare InternViT has none")
     model, as_input = load_backend(directory, args.backend, args.dtype)
     stages = compute_stages(directory, args.backend, model, as_input, args.image, args.prompt, args.max_num, args.dtype,
                             ids=args.ids, decode=args.decode)
@@ -230,16 +236,16 @@ def run_trace(args) -> int:
     else:
         metadata.update(model_type=kind, prompt="" if args.ids is not None else
                         (DEFAULT_TEXT if args.prompt is None else args.prompt))
-        if args.decode is not None:
-            metadata["decode_steps"] = str(args.decode)
+    if args.decode is not None:
+        metadata["decode_steps"] = str(args.decode)
     trace.save_trace(args.out, trace.Trace(stages, metadata))
     if kind in VISION_KINDS:
         grid = stages["tile_grid"].tolist()
         what = f"grid {grid[0]}×{grid[1]}, {len(stages['pixel_values'])} tiles"
     else:
         what = f"{type(model).__name__}, {stages['input_ids'].shape[1]} tokens"
-        if args.decode is not None:
-            what += f", the last {args.decode} through the KV cache"
+    if args.decode is not None:
+        what += f", the last {args.decode} through the KV cache"
     print(f"wrote {len(stages)} stages to {args.out} ({metadata['producer']}, {args.dtype}, {what})")
     broken = first_nonfinite_stage(stages)
     if broken is not None:  # the trace is written (it shows where), but the run did compute NaN/inf
