@@ -79,7 +79,7 @@ def switches() -> dict:
             replaced(attention_blocks, "causal_attention_blocks", full_call),  # looked up at each call
             replaced(intern_vit, "attention_blocks", full_call)),  # imported by name there
         "one thread (MINIVL_NUM_THREADS=1)": lambda: environment("MINIVL_NUM_THREADS", "1"),
-        "no flat decode step": lambda: replaced(decode_step, "decode_applies", lambda *a: False),
+        "no flat decode step": lambda: replaced(decode_step, "decode_plan", lambda *a: None),
     }
 
 

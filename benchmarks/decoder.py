@@ -110,11 +110,11 @@ def main(argv=None) -> None:
         for name, model, to_input in (("NumPy", numpy_model, np.asarray), ("torch eager", torch_model, torch.from_numpy),
                                       ("torch sdpa", torch_sdpa, torch.from_numpy)):
             results[name] = bench(model, to_input, ids, args.new_tokens, args.repeats)
-        applies, decode_step.decode_applies = decode_step.decode_applies, lambda *a: False
+        plan, decode_step.decode_plan = decode_step.decode_plan, lambda *a: None
         try:
             results["NumPy, no flat decode step"] = bench(numpy_model, np.asarray, ids, args.new_tokens, args.repeats)
         finally:
-            decode_step.decode_applies = applies
+            decode_step.decode_plan = plan
     # measured before AND after the model runs, best of both: other processes on a shared machine make
     # any single measurement an underestimate
     rates_after = machine_rates(min_seconds=0.3, megabytes=128)

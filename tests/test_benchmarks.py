@@ -24,7 +24,7 @@ def test_every_switch_turns_its_path_off_and_restores_it(monkeypatch):
     ablation = load_ablation()
     before = {name: getattr(module, name) for module, name in (
         (attention_blocks, "_fast_kernel_applies"), (attention_blocks, "causal_attention_blocks"),
-        (intern_vit, "attention_blocks"), (common, "pack_parameters"), (decode_step, "decode_applies"))}
+        (intern_vit, "attention_blocks"), (common, "pack_parameters"), (decode_step, "decode_plan"))}
     monkeypatch.delenv("MINIVL_NUM_THREADS", raising=False)
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, 2, 300, 16), dtype=np.float32) for _ in range(3))
@@ -38,15 +38,15 @@ def test_every_switch_turns_its_path_off_and_restores_it(monkeypatch):
             attention_blocks.attention_blocks(q, k, v, scale_mode="scale_q", softmax_dtype=None)
             threads_env = os.environ.get("MINIVL_NUM_THREADS")
             vit_attention = intern_vit.attention_blocks
-            decode_applies = decode_step.decode_applies
+            decode_plan = decode_step.decode_plan
         assert bool(calls) == (name not in ("no float32 attention kernel",)), name
-        assert (decode_applies is before["decode_applies"]) == (name != "no flat decode step"), name
+        assert (decode_plan is before["decode_plan"]) == (name != "no flat decode step"), name
         if name.startswith("no query blocks"):
             assert vit_attention is not before["attention_blocks"]
         assert threads_env == ("1" if name.startswith("one thread") else None), name
     after = {name: getattr(module, name) for module, name in (
         (attention_blocks, "_fast_kernel_applies"), (attention_blocks, "causal_attention_blocks"),
-        (intern_vit, "attention_blocks"), (common, "pack_parameters"), (decode_step, "decode_applies"))}
+        (intern_vit, "attention_blocks"), (common, "pack_parameters"), (decode_step, "decode_plan"))}
     assert after == before and "MINIVL_NUM_THREADS" not in os.environ
 
 

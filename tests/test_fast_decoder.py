@@ -179,7 +179,7 @@ def _with_and_without_decode_step(monkeypatch, model, *args, reference_model=Non
     fast = decode_step.decode_layers
     monkeypatch.setattr(decode_step, "decode_layers", lambda *a: calls.append(1) or fast(*a))
     with_step = _decode(model, *args, **kwargs)
-    monkeypatch.setattr(decode_step, "decode_applies", lambda *a: False)
+    monkeypatch.setattr(decode_step, "decode_plan", lambda *a: None)
     return with_step, _decode(reference_model or model, *args, **kwargs), len(calls)
 
 
@@ -226,6 +226,44 @@ def test_decode_step_leaves_other_cases_to_the_layers(tmp_path, monkeypatch, fam
     (fast, _), (reference, _), calls = _with_and_without_decode_step(monkeypatch, model, ids, 5, attention_mask=mask)
     assert calls == 0
     np.testing.assert_array_equal(fast, reference)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "internlm2"])
+def test_decode_plan_holds_the_modules_own_arrays_and_gives_up_once_they_are_unfused(tmp_path, monkeypatch, family):
+    """The step reads the arrays `decode_plan` gathered that step: the modules' current ones (the same
+    objects, no copies); once a fused group's weights are no longer views of one matrix (a module given
+    its own weight) the plan is None and the layers run themselves, with the same logits."""
+    from minivl.models import decode_step
+
+    model = minivl.load_model(write_tiny_llm(tmp_path / family, family, seed=8), dtype="float32")
+    plans = []
+    fast = decode_step.decode_layers
+    monkeypatch.setattr(decode_step, "decode_layers", lambda plan, *a: plans.append(plan) or fast(plan, *a))
+    ids = np.random.default_rng(5).integers(0, model.config.vocab_size, (1, 6))
+    cache = model(input_ids=ids[:, :5], use_cache=True).past_key_values
+    fast_logits = model(input_ids=ids[:, 5:], past_key_values=cache, use_cache=True).logits
+    (plan,) = plans
+    layers = model.get_submodule(model.layers_path)
+    assert len(plan) == len(layers)
+    for step, layer in zip(plan, layers):
+        if family == "internlm2":
+            attention, mlp, norm = layer.attention, layer.feed_forward, layer.attention_norm
+            qkv, out, down, gate = attention.wqkv.weight, attention.wo.weight, mlp.w2.weight, mlp.w1
+        else:
+            attention, mlp, norm = layer.self_attn, layer.mlp, layer.input_layernorm
+            qkv = attention.qkv_proj.weight if family == "phi3" else attention.q_proj.fused.weight
+            out, down = attention.o_proj.weight, mlp.down_proj.weight
+            gate = mlp.gate_up_proj if family == "phi3" else mlp.gate_proj
+        gate_up = gate.weight if family == "phi3" else gate.fused.weight
+        assert step.qkv[0] is qkv and step.out_proj[0] is out and step.down_proj[0] is down
+        assert step.gate_up[0] is gate_up and step.input_norm[0] is norm.weight and step.input_norm[1] == norm.eps
+    if family == "phi3":
+        return  # its q|k|v and gate|up are one checkpoint tensor each: nothing to unfuse
+    cache = model(input_ids=ids[:, :5], use_cache=True).past_key_values
+    unfuse(model)
+    np.testing.assert_allclose(model(input_ids=ids[:, 5:], past_key_values=cache, use_cache=True).logits,
+                               fast_logits, rtol=1e-5, atol=1e-6)  # separate GEMMs: their own summation order
+    assert len(plans) == 1  # the unfused step ran the layers
 
 
 def test_decode_step_not_taken_for_probabilities_hidden_states_or_a_prefill(tmp_path, monkeypatch):

@@ -488,7 +488,7 @@ def test_decode_step_is_bit_equal_to_the_layers_on_real_weights(np_model, englis
     monkeypatch.setattr(decode_step, "decode_layers", lambda *a: calls.append(1) or fast(*a))
     with_step = steps()
     assert len(calls) == 8
-    monkeypatch.setattr(decode_step, "decode_applies", lambda *a: False)
+    monkeypatch.setattr(decode_step, "decode_plan", lambda *a: None)
     np.testing.assert_array_equal(with_step, steps())
 
 

@@ -227,7 +227,7 @@ class DecoderLM(nn.Module):
         transformers' name and meaning), so the head's GEMM runs over those rows alone.
         """
         from minivl.attention import KVCache
-        from minivl.models.decode_step import decode_applies, decode_layers
+        from minivl.models.decode_step import decode_layers, decode_plan
 
         check_inputs(input_ids, inputs_embeds, self.get_submodule(self.embed_path).weight.shape[1])
         hidden = self.embed_tokens(input_ids) if input_ids is not None else self.embed_inputs(inputs_embeds)
@@ -243,9 +243,10 @@ class DecoderLM(nn.Module):
 
         all_hidden = [hidden] if output_hidden_states else None
         all_probs = [] if output_attentions else None
-        if decode_applies(layers, hidden, rope, cache, attn, output_hidden_states, output_attentions):
+        plan = decode_plan(layers, hidden, rope, cache, attn, output_hidden_states, output_attentions)
+        if plan is not None:
             # one cached token through Llama/Qwen2/Phi-3/InternLM2 layers: the same operations in fewer calls, bit-equal
-            hidden = decode_layers(layers, hidden, rope, cache)
+            hidden = decode_layers(plan, hidden, rope, cache)
         else:
             for layer in layers:
                 hidden, probs = layer(hidden, rope, attn[layer.sliding_window], cache)
