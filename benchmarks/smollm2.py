@@ -42,6 +42,14 @@ def forward_kwargs(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
+def cache_name(model) -> str:
+    """The KV cache's argument and output name: `cache` in transformers >= 5.24 (its `past_key_values`
+    is deprecated, to be removed in 5.40), `past_key_values` in minivl and torch_impl."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def bench_prefill(model, to_input, ids: np.ndarray, repeats: int) -> float:
     kwargs = forward_kwargs(model)
     return time_best(lambda: model(input_ids=to_input(ids), use_cache=True, **kwargs), repeats)
@@ -53,11 +61,12 @@ def bench_decode(model, to_input, ids: np.ndarray, new_tokens: int, repeats: int
 
     def decode():
         out = model(input_ids=to_input(ids), use_cache=True, **kwargs)
-        cache, token = out.past_key_values, to_input(ids[:, -1:])
+        key = cache_name(model)
+        cache, token = getattr(out, key), to_input(ids[:, -1:])
         t0 = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=token, use_cache=True, **{key: cache})
+            cache = getattr(out, key)
         return (time.perf_counter() - t0) / new_tokens
 
     decode()

@@ -129,11 +129,11 @@ def test_phi3_short_long_switch_across_a_cached_decode_matches_transformers(pair
     prompt = original - 4
     out = ours(ids[:, :prompt], use_cache=True)
     ref = theirs(torch.tensor(ids[:, :prompt]), use_cache=True)
-    cache, ref_cache = out.past_key_values, ref.past_key_values
+    cache, ref_cache = out.past_key_values, ref.cache  # transformers >= 5.24 calls its KV cache `cache`
     for t in range(prompt, ids.shape[1]):
         out = ours(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-        ref = theirs(torch.tensor(ids[:, t:t + 1]), past_key_values=ref_cache, use_cache=True)
-        ref_cache = ref.past_key_values
+        ref = theirs(torch.tensor(ids[:, t:t + 1]), cache=ref_cache, use_cache=True)
+        ref_cache = ref.cache
         assert_parity(out.logits, ref.logits, "float32", TF_ULPS, what=f"phi3 decode at position {t}")
     # and the switch is real: a full recompute (all keys long-rotated) differs from the cached run
     full = ours(ids).logits[:, -1]
@@ -182,11 +182,11 @@ def test_internlm2_dynamic_ntk_past_max_positions_matches_transformers(internlm2
     out = ours(ids[:, :prompt], use_cache=True)
     ref = theirs(torch.tensor(ids[:, :prompt]), use_cache=True)
     assert_parity(out.logits, ref.logits, "float32", TF_ULPS, what="internlm2 dynamic prefill")
-    cache, ref_cache = out.past_key_values, ref.past_key_values
+    cache, ref_cache = out.past_key_values, ref.cache  # transformers >= 5.24 calls its KV cache `cache`
     for t in range(prompt, ids.shape[1]):
         out = ours(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-        ref = theirs(torch.tensor(ids[:, t:t + 1]), past_key_values=ref_cache, use_cache=True)
-        ref_cache = ref.past_key_values
+        ref = theirs(torch.tensor(ids[:, t:t + 1]), cache=ref_cache, use_cache=True)
+        ref_cache = ref.cache
         assert_parity(out.logits, ref.logits, "float32", TF_ULPS, what=f"internlm2 dynamic decode at {t}")
     # the scaling did something: the base was enlarged past max_position_embeddings (a model that enlarged
     # the base but kept the old inv_freq fails the decode comparisons above: checked by mutation)
