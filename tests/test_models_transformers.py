@@ -191,3 +191,38 @@ def test_internlm2_dynamic_ntk_past_max_positions_matches_transformers(internlm2
     # the scaling did something: the base was enlarged past max_position_embeddings (a model that enlarged
     # the base but kept the old inv_freq fails the decode comparisons above: checked by mutation)
     assert ours.rotary.dynamic.base > ours.config.rope_theta
+
+
+
+@pytest.mark.parametrize("package", ["numpy", "torch"])
+def test_a_decode_loop_written_for_transformers_runs_unchanged(tmp_path, package):
+    """transformers 5.24 names the KV cache `cache` (argument and output; `past_key_values` is deprecated
+    there): the same loop, cache=… in and out.cache back, runs on minivl and torch_impl, its logits equal
+    to the old name's bit for bit and transformers' within TF_ULPS; both names at once is a named error."""
+    import torch_impl
+    from minivl.errors import ShapeError
+
+    path = write_tiny_llm(tmp_path / "llama", "llama", seed=12)
+    ours = minivl.load_model(path) if package == "numpy" else torch_impl.load_model(path)
+    theirs = _hf(transformers.LlamaForCausalLM, path)
+    wrap, unwrap = ((lambda x: x), np.asarray) if package == "numpy" else (torch.from_numpy, lambda t: t.numpy())
+    ids = np.random.default_rng(11).integers(3, 300, (1, 9))
+    runs = {}
+    with torch.no_grad():
+        for who, model, name, to_input, to_numpy in (("ours", ours, "cache", wrap, unwrap),
+                                                     ("ours", ours, "past_key_values", wrap, unwrap),
+                                                     ("transformers", theirs, "cache", torch.from_numpy,
+                                                      lambda t: t.numpy())):
+            out = model(input_ids=to_input(ids[:, :6]), use_cache=True)
+            logits = []
+            for t in range(6, 9):
+                out = model(input_ids=to_input(ids[:, t:t + 1]), use_cache=True, **{name: getattr(out, name)})
+                logits.append(to_numpy(out.logits))
+            runs[who, name] = np.concatenate(logits, axis=1)
+        np.testing.assert_array_equal(runs["ours", "cache"], runs["ours", "past_key_values"])
+        assert_parity(runs["ours", "cache"], runs["transformers", "cache"], "float32", TF_ULPS,
+                      what=f"{package} decode through cache=")
+        first = ours(input_ids=wrap(ids[:, :6]), use_cache=True)
+        assert first.cache is first.past_key_values is not None
+        with pytest.raises(ShapeError, match="pass the KV cache once"):
+            ours(input_ids=wrap(ids[:, 6:7]), cache=first.cache, past_key_values=first.cache)

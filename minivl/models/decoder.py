@@ -32,6 +32,11 @@ class CausalLMOutput:
     hidden_states: tuple | None = None
     attentions: tuple | None = None
 
+    @property
+    def cache(self):
+        """past_key_values under transformers' newer name (5.24 returns and takes `cache`)."""
+        return self.past_key_values
+
 
 def default_position_ids(batch: int, seq_len: int, past_len: int) -> np.ndarray:
     """Positions past_len ... past_len+seq_len-1 for every row, as the reference's forward defaults them.
@@ -53,6 +58,15 @@ def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
 
 
 _INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
+def one_cache(past_key_values, cache):
+    """The KV cache a forward was given under either name: past_key_values (transformers' name until
+    5.2x, minivl's) or cache (its name since; `past_key_values` is deprecated there). Shared by torch_impl."""
+    if past_key_values is not None and cache is not None:
+        raise ShapeError("forward: pass the KV cache once, as cache= or as past_key_values= (the same "
+                         "argument under transformers' new and old names), not both")
+    return cache if cache is not None else past_key_values
 
 
 def check_inputs(input_ids, inputs_embeds, hidden_size: int) -> None:
@@ -218,17 +232,19 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None,
                 past_key_values=None, use_cache=False, output_hidden_states=False,
-                output_attentions=False, logits_to_keep: int = 0) -> CausalLMOutput:
+                output_attentions=False, logits_to_keep: int = 0, cache=None) -> CausalLMOutput:
         """input_ids [b, s] or inputs_embeds [b, s, hidden] -> CausalLMOutput (logits [b, s, vocab])
 
         position_ids [b, s] default past..past+s-1; attention_mask [b, past+s] 0/1 (left padding);
         past_key_values: a KVCache to extend (one is created when use_cache and none is given);
+        cache: the same, under transformers' newer name (give one of the two);
         logits_to_keep: 0 = logits of every position, n = of the last n only (generation needs 1;
         transformers' name and meaning), so the head's GEMM runs over those rows alone.
         """
         from minivl.attention import KVCache
         from minivl.models.decode_step import decode_layers, decode_plan
 
+        past_key_values = one_cache(past_key_values, cache)
         check_inputs(input_ids, inputs_embeds, self.get_submodule(self.embed_path).weight.shape[1])
         hidden = self.embed_tokens(input_ids) if input_ids is not None else self.embed_inputs(inputs_embeds)
         batch, seq_len = hidden.shape[:2]

@@ -206,7 +206,7 @@ class InternVLChatModel(ChatMixin, nn.Module):
 
     def forward(self, pixel_values: np.ndarray, input_ids: np.ndarray, attention_mask=None, position_ids=None,
                 image_flags=None, past_key_values=None, use_cache: bool = False, output_hidden_states: bool = False,
-                output_attentions: bool = False):
+                output_attentions: bool = False, cache=None):
         """Full-sequence scoring with the images spliced in (the reference's training forward, no loss).
 
         pixel_values [n, 3, s, s], input_ids [b, t] -> CausalLMOutput(logits [b, t, vocab], ...)
@@ -230,7 +230,7 @@ class InternVLChatModel(ChatMixin, nn.Module):
         return self.language_model(inputs_embeds=input_embeds, attention_mask=attention_mask,
                                    position_ids=position_ids, past_key_values=past_key_values,
                                    use_cache=use_cache, output_hidden_states=output_hidden_states,
-                                   output_attentions=output_attentions)
+                                   output_attentions=output_attentions, cache=cache)
 
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, visual_features=None,
                  **generate_kwargs) -> np.ndarray:

@@ -12,7 +12,7 @@ from torch import nn
 
 from minivl.errors import ShapeError
 from minivl.models.decoder import (check_attention_mask, check_inputs, check_logits_to_keep,  # noqa: F401  (shared)
-                                   check_position_ids)
+                                   check_position_ids, one_cache)
 from torch_impl.models.common import (as_model_dtype, build_model, check_attn_implementation, compute_dtype,
                                       declared_shapes, tied_head)
 
@@ -27,6 +27,11 @@ class CausalLMOutput:
     past_key_values: object = None
     hidden_states: tuple | None = None
     attentions: tuple | None = None
+
+    @property
+    def cache(self):
+        """past_key_values under transformers' newer name (5.24 returns and takes `cache`)."""
+        return self.past_key_values
 
 
 def default_position_ids(batch: int, seq_len: int, past_len: int, device) -> torch.Tensor:
@@ -167,13 +172,15 @@ class DecoderLM(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None,
                 past_key_values=None, use_cache=False, output_hidden_states=False,
-                output_attentions=False, logits_to_keep: int = 0) -> CausalLMOutput:
+                output_attentions=False, logits_to_keep: int = 0, cache=None) -> CausalLMOutput:
         """input_ids [b, s] or inputs_embeds [b, s, hidden] -> CausalLMOutput (logits [b, s, vocab])
 
-        logits_to_keep: 0 = every position, n = the last n only (see minivl's DecoderLM.forward).
+        logits_to_keep: 0 = every position, n = the last n only (see minivl's DecoderLM.forward);
+        cache: past_key_values under transformers' newer name (give one of the two).
         """
         from torch_impl.attention import KVCache
 
+        past_key_values = one_cache(past_key_values, cache)
         check_inputs(input_ids, inputs_embeds, self.get_submodule(self.embed_path).weight.shape[1])
         hidden = self.embed_tokens(input_ids) if input_ids is not None else self.embed_inputs(inputs_embeds)
         batch, seq_len = hidden.shape[:2]

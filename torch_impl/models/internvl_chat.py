@@ -143,7 +143,7 @@ class InternVLChatModel(ChatMixin, nn.Module):
     @torch.no_grad()
     def forward(self, pixel_values, input_ids, attention_mask=None, position_ids=None, image_flags=None,
                 past_key_values=None, use_cache: bool = False, output_hidden_states: bool = False,
-                output_attentions: bool = False):
+                output_attentions: bool = False, cache=None):
         """Full-sequence scoring with the images spliced in; see minivl's InternVLChatModel.forward.
 
         A count mismatch between <IMG_CONTEXT> tokens and feature rows raises ShapeError, where the
@@ -165,7 +165,7 @@ class InternVLChatModel(ChatMixin, nn.Module):
         return self.language_model(inputs_embeds=input_embeds, attention_mask=attention_mask,
                                    position_ids=position_ids, past_key_values=past_key_values,
                                    use_cache=use_cache, output_hidden_states=output_hidden_states,
-                                   output_attentions=output_attentions)
+                                   output_attentions=output_attentions, cache=cache)
 
     @torch.no_grad()
     def generate(self, pixel_values=None, input_ids=None, attention_mask=None, visual_features=None,
