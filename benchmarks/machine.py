@@ -5,6 +5,9 @@
 * Memory read bandwidth (GB/s): y = W·x with a matrix far larger than the caches (GEMV: every
   byte of W is read once per product, 2 flops per 4 bytes, so it is bandwidth-bound). A cached
   decode step at batch 1 reads every weight once, exactly this access pattern.
+* Elementwise exp (ns per element): y = e^x over 2^20 float32 numbers, one core (NumPy's ufuncs;
+  torch with one thread, to compare kernels). Softmax and SiLU are passes like it: on a CPU
+  whose exp is slow they weigh more against a prefill's GEMMs.
 
     python3 benchmarks/machine.py            # prints a markdown table
     from benchmarks.machine import machine_rates
@@ -194,6 +197,25 @@ def time_best(run, repeats: int, clock=time.perf_counter) -> float:
     return best
 
 
+def exp_ns_per_element(framework: str = "numpy", n: int = 2 ** 20, min_seconds: float = 0.3) -> float:
+    """Nanoseconds per element of float32 exp over n elements, one core, output preallocated."""
+    x = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+    out = np.empty_like(x)
+    if framework == "torch":
+        import torch
+
+        x, out = torch.from_numpy(x), torch.from_numpy(out)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            rate = _best_rate(lambda: torch.exp(x, out=out), float(n), min_seconds)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        rate = _best_rate(lambda: np.exp(x, out=out), float(n), min_seconds)
+    return 1e9 / rate
+
+
 def markdown_table(rates: dict) -> str:
     lines = ["| | NumPy | torch |", "|---|---|---|",
              f"| float32 GEMM 1024³ (GFLOP/s) | {rates['numpy']['gemm_gflops']:.1f} | {rates['torch']['gemm_gflops']:.1f} |",
@@ -204,3 +226,4 @@ def markdown_table(rates: dict) -> str:
 if __name__ == "__main__":
     print(describe_machine())
     print(markdown_table(machine_rates()))
+    print(f"| float32 exp, one core (ns/element) | {exp_ns_per_element('numpy'):.2f} | {exp_ns_per_element('torch'):.2f} |")

@@ -77,3 +77,23 @@ def test_projections_benchmark_compares_the_same_work_and_prints_every_cell(caps
     # the separate GEMMs read row blocks of the fused matrix: the layout the fused model's modules hold
     fused, views = projections.layer_weights("numpy", np.random.default_rng(0), 1)[0]["q|k|v"]
     assert all(np.shares_memory(view, fused) for view in views) and sum(v.shape[0] for v in views) == fused.shape[0]
+
+
+
+def test_exp_yardstick_times_one_core_and_restores_torchs_threads():
+    """benchmarks/machine.py's elementwise yardstick (the README cites it): ns per float32 exp, in NumPy and
+    in torch with one thread, which it gives back afterwards."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import machine
+    finally:
+        sys.path.pop(0)
+    threads = torch.get_num_threads()
+    for framework in ("numpy", "torch"):
+        ns = machine.exp_ns_per_element(framework, n=2 ** 14, min_seconds=0.01)
+        assert 0 < ns < 1e3, (framework, ns)
+    assert torch.get_num_threads() == threads
