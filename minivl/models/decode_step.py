@@ -50,7 +50,7 @@ class StepLayer(NamedTuple):
     head_dim: int
     input_norm: tuple
     qkv: tuple
-    qkv_bounds: tuple | None  # ((q start, stop), (k …), (v …)) of [Q | K | V] columns; None: InternLM2's wqkv
+    qkv_bounds: tuple | None  # ((q start, stop), (k …), (v …)), consecutive [Q | K | V] columns; None: InternLM2's wqkv
     out_proj: tuple
     post_norm: tuple
     gate_up: tuple
@@ -167,13 +167,9 @@ def _decode_layer(layer: StepLayer, x, cos, sin, cache):
         q, k, v = split_wqkv(qkv, layer.n_kv_heads, layer.n_heads // layer.n_kv_heads, layer.head_dim)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     else:  # [Q | K | V] columns, q and k side by side: rotated together (elementwise, the same bits)
-        (q_start, q_stop), (k_start, k_stop), (v_start, v_stop) = layer.qkv_bounds
-        if q_stop == k_start:
-            qk = _rope(split_heads(qkv[..., q_start:k_stop], layer.n_heads + layer.n_kv_heads), cos, sin)
-            q, k = qk[:, :layer.n_heads], qk[:, layer.n_heads:]
-        else:
-            q = _rope(split_heads(qkv[..., q_start:q_stop], layer.n_heads), cos, sin)
-            k = _rope(split_heads(qkv[..., k_start:k_stop], layer.n_kv_heads), cos, sin)
+        (q_start, _), (_, k_stop), (v_start, v_stop) = layer.qkv_bounds
+        qk = _rope(split_heads(qkv[..., q_start:k_stop], layer.n_heads + layer.n_kv_heads), cos, sin)
+        q, k = qk[:, :layer.n_heads], qk[:, layer.n_heads:]
         v = split_heads(qkv[..., v_start:v_stop], layer.n_kv_heads)
     # append the rotated k and v to the cache, attend over every cached key
     k, v = cache.update(layer.layer_idx, k, v)
