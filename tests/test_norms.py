@@ -55,6 +55,55 @@ def test_rms_norm_numpy_vs_torch_twin_vs_llama_rmsnorm(dtype, d):
         assert torch.equal(out_torch, out_ref)
 
 
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """The bytes of an array, for bit-for-bit comparisons (−0 and +0 differ, a NaN equals itself)."""
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 576), (3, 5, 64), (1, 512, 576), (2, 1024, 576), (4096, 96)])
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_rms_norm_fast_is_rms_norm_bit_for_bit(dtype, shape, threads, monkeypatch):
+    """The models' fast path: the same operations, in one buffer, long inputs' rows on two threads
+    ((2, 1024, 576) and (4096, 96) pass the per-thread minimum): EXACT equality, zeros, signs and
+    huge and tiny rows included (the row of zeros is 0·inf = NaN only if eps = 0: here eps > 0)."""
+    monkeypatch.setenv("MINIVL_NUM_THREADS", threads)
+    rng = np.random.default_rng(sum(shape))
+    x = (rng.standard_normal(shape) * rng.uniform(0.01, 100, size=shape[:-1] + (1,))).astype(dtype)
+    x.reshape(-1, shape[-1])[0] = 0.0
+    x.reshape(-1, shape[-1])[-1, ::3] = -0.0
+    weight = rng.uniform(-2, 2, size=shape[-1]).astype(dtype)
+    for eps in (1e-6, 1e-5):
+        fast, reference = norms.rms_norm_fast(x, weight, eps), norms.rms_norm(x, weight, eps)
+        assert fast.dtype == reference.dtype and fast.shape == reference.shape
+        np.testing.assert_array_equal(_bits(fast), _bits(reference))
+
+
+def test_rms_norm_fast_takes_rms_norm_itself_where_it_would_differ():
+    """A transposed x (NumPy would sum its squares in another order), a weight of another dtype (the
+    result promotes) and bf16 (ml_dtypes) run `rms_norm`; each equals it."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 8)).astype(np.float32).T
+    weight = rng.standard_normal(64).astype(np.float32)
+    cases = [(x, weight), (np.ascontiguousarray(x), weight.astype(np.float64)),
+             (np.ascontiguousarray(x).astype(ml_dtypes.bfloat16), weight.astype(ml_dtypes.bfloat16))]
+    for x_case, w_case in cases:
+        fast, reference = norms.rms_norm_fast(x_case, w_case, 1e-6), norms.rms_norm(x_case, w_case, 1e-6)
+        assert fast.dtype == reference.dtype
+        np.testing.assert_array_equal(_bits(fast), _bits(reference))
+    with pytest.raises(Exception, match="weight must have shape"):
+        norms.rms_norm_fast(x, weight[:3], 1e-6)
+
+
+def test_rms_norm_fast_torch_twin_matches():
+    """torch_impl's twin is its rms_norm: the same tolerance as rms_norm's twin test."""
+    rng = np.random.default_rng(1)
+    x, weight = rng.standard_normal((2, 7, 96)).astype(np.float32), rng.uniform(-2, 2, 96).astype(np.float32)
+    out_torch = torch_norms.rms_norm_fast(torch.from_numpy(x), torch.from_numpy(weight), 1e-6)
+    rtol, atol = _rms_tol("float32", 96)
+    assert_close(norms.rms_norm_fast(x, weight, 1e-6), out_torch, rtol=rtol, atol=atol, what="rms_norm_fast twin")
+
 def _mpt_rms_norm_reference(x, weight, eps):
     """llm-foundry / InternVL-vendored MPT RMSNorm, transcribed: rms_norm(x.float(), w, eps).to(x.dtype)."""
     x32 = x.float() if x.dtype != torch.float64 else x

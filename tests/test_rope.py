@@ -147,6 +147,38 @@ def test_apply_rope_numpy_matches_torch(np_dtype, torch_dtype, partial, rng):
     assert np.array_equal(out_np[..., rotary_dim:], x[..., rotary_dim:])  # pass-through dims untouched
 
 
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("layout", ["contiguous", "heads of a fused projection", "partial rotary", "tables per head"])
+def test_apply_rope_fast_is_apply_rope_bit_for_bit(dtype, layout, rng):
+    """The models' fast path (three passes, no rotate_half copy): EXACT equality, the layouts a model
+    gives it included: q as a strided view [b, H, s, d] of a projection's [b, s, H·d] output, Phi-3's
+    partial rotary (the rest passes through), tables broadcast over the heads or one per head."""
+    import ml_dtypes
+
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    b, h, n, head_dim, rotary_dim = 2, 3, 17, 64, 64
+    if layout == "heads of a fused projection":
+        x = rng.standard_normal((b, n, 2 * h * head_dim)).astype(np_dtype)[..., :h * head_dim]
+        x = x.reshape(b, n, h, head_dim).transpose(0, 2, 1, 3)
+    else:
+        x = rng.standard_normal((b, h, n, head_dim)).astype(np_dtype)
+    if layout == "partial rotary":
+        rotary_dim = 32
+    x[0, 0, 0] = -0.0
+    heads = h if layout == "tables per head" else 1
+    cos, sin = (rng.uniform(-1, 1, (b, heads, n, rotary_dim)).astype(np.float32) for _ in range(2))
+    fast, reference = npr.apply_rope_fast(x, cos, sin), npr.apply_rope(x, cos, sin)
+    assert fast.dtype == reference.dtype and fast.shape == reference.shape
+    np.testing.assert_array_equal(np.ascontiguousarray(fast).view(np.uint8), np.ascontiguousarray(reference).view(np.uint8))
+    out_t = tr.apply_rope_fast(torch.from_numpy(np.asarray(x, np.float64)), torch.from_numpy(cos.astype(np.float64)),
+                               torch.from_numpy(sin.astype(np.float64)))
+    # against the torch twin in float64: the fast path's own rounding only (two products, one sum)
+    rtol, atol = tolerance(dtype if dtype != "bfloat16" else "bfloat16", 4, 4, scale=float(np.abs(np.asarray(x, np.float64)).max()))
+    assert_close(np.asarray(fast, np.float64), out_t, rtol=rtol, atol=atol, what=f"apply_rope_fast {dtype} {layout}")
+    with pytest.raises(ShapeError, match="apply_rope"):
+        npr.apply_rope_fast(x, cos[..., :-1], sin[..., :-1])
+
 # ---------------------------------------------------------------- transformers 5.24 as the reference --------
 @pytest.mark.parametrize("rope_type", HF_TYPES)
 def test_inv_freq_matches_transformers_init_functions(rope_type):

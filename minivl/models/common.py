@@ -59,10 +59,10 @@ class Norm(nn.Module):
         self.bias = nn.Parameter((dim,)) if bias else None
 
     def forward(self, x):
-        from minivl.norms import layer_norm, rms_norm, rms_norm_mpt
+        from minivl.norms import layer_norm, rms_norm_fast, rms_norm_mpt
 
         if self.kind == "rms":
-            return rms_norm(x, self.weight, self.eps)
+            return rms_norm_fast(x, self.weight, self.eps)  # rms_norm bit for bit, in fewer buffers
         if self.kind == "rms_mpt":
             return rms_norm_mpt(x, self.weight, self.eps)
         return layer_norm(x, self.weight, self.bias, self.eps)
@@ -101,12 +101,13 @@ def rope_attention(q, k, v, rope, attn: dict, cache, layer_idx: int):
     """
     from minivl.attention import scaled_dot_product_attention
     from minivl.attention_blocks import causal_attention_blocks
-    from minivl.rope import apply_rope
+    from minivl.rope import apply_rope_fast
 
     # cos/sin are computed in float32 and cast to the activation dtype before use, as the reference
     cos, sin = rope
     cos, sin = cos.astype(q.dtype)[:, None], sin.astype(q.dtype)[:, None]
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    # apply_rope bit for bit, in fewer passes
+    q, k = apply_rope_fast(q, cos, sin), apply_rope_fast(k, cos, sin)
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)
     if attn["output_attentions"]:

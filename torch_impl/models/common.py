@@ -67,10 +67,10 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.empty(dim), requires_grad=False) if bias else None
 
     def forward(self, x):
-        from torch_impl.norms import layer_norm, rms_norm, rms_norm_mpt
+        from torch_impl.norms import layer_norm, rms_norm_fast, rms_norm_mpt
 
         if self.kind == "rms":
-            return rms_norm(x, self.weight, self.eps)
+            return rms_norm_fast(x, self.weight, self.eps)  # rms_norm bit for bit, in fewer buffers
         if self.kind == "rms_mpt":
             return rms_norm_mpt(x, self.weight, self.eps)
         return layer_norm(x, self.weight, self.bias, self.eps)
@@ -108,11 +108,12 @@ def rope_attention(q, k, v, rope, attn: dict, cache, layer_idx: int):
     """
     from torch_impl.attention import scaled_dot_product_attention
     from torch_impl.attention_blocks import causal_attention_blocks
-    from torch_impl.rope import apply_rope
+    from torch_impl.rope import apply_rope_fast
 
     cos, sin = rope
     cos, sin = cos.to(q.dtype)[:, None], sin.to(q.dtype)[:, None]
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    # apply_rope bit for bit, in fewer passes
+    q, k = apply_rope_fast(q, cos, sin), apply_rope_fast(k, cos, sin)
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)
     if attn["output_attentions"]:
