@@ -34,8 +34,9 @@ def causal_attention_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, mask
     Each block is `scaled_dot_product_attention` itself on its slice, so the result equals the
     full call up to the summation order of the softmax denominators (a skipped key adds
     e^(min − max) = 0 exactly); in float32 each block runs `_late_normalized_attention` instead,
-    within the float64 truth's error bound (a single block stays the plain call: there the
-    kernel's fixed costs, a copy of v and two norms, outweigh the passes it saves). A block whose
+    within the float64 truth's error bound (a single block of fewer than 32 queries stays the
+    plain call: there the kernel's fixed costs, a copy of v and two norms, outweigh the passes it
+    saves; at 64 queries the kernel took 0.8× the plain call's time, at 16 1.0×). A block whose
     skipped keys are not all hidden (a mask that is not causal) or that has a row with no visible
     key left (a left-pad query, which the reference spreads evenly over the keys masked once:
     a padded future key is masked twice, −inf) uses every key, so any mask gives the full call's
@@ -46,10 +47,11 @@ def causal_attention_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, mask
     """
     q_len, kv_len = q.shape[2], k.shape[2]
     check_additive("mask", mask, (q.shape[0], q.shape[1], q_len, kv_len))
-    if q_len <= block_q or mask.shape[-2] != q_len:  # one block, or a mask without per-query rows
-        return scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, **attention_options)
     fast = _fast_kernel_applies(q, v, attention_options)
-    if fast:  # one copy of v as [v | 1] for all blocks (a prefill's; a decode step is one block)
+    one_block = q_len <= block_q and not (fast and q_len >= _KERNEL_MIN_QUERIES)
+    if one_block or mask.shape[-2] != q_len:  # one plain block, or a mask without per-query rows
+        return scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, **attention_options)
+    if fast:  # one copy of v as [v | 1] for all blocks (a prefill's; a decode step takes the plain call)
         kernel, v_ones = _fast_kernel(q, k, v, attention_options)
     hidden = np.finfo(mask.dtype).min  # the masks' fill value (doubly masked entries are −inf)
     out = np.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype)
@@ -62,8 +64,12 @@ def causal_attention_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, mask
             keys = kv_len
         block_bias = None if bias is None else _block(bias, start, stop, keys)
         if fast:
+            # the block's first query sits at t − s + start: every query of it sees the keys up to there, and
+            # under a causal mask without padding their mask is 0, which the kernel need not add
+            seen = kv_len - q_len + start + 1
+            mask_from = seen if block_mask.shape[-1] == kv_len and not np.any(block_mask[..., :seen]) else 0
             kernel(q[:, :, start:stop], k[:, :, :keys], v_ones[:, :, :keys], mask=block_mask[..., :keys],
-                   bias=block_bias, out=out[:, :, start:stop])
+                   bias=block_bias, mask_from=mask_from, out=out[:, :, start:stop])
         else:
             out[:, :, start:stop] = scaled_dot_product_attention(
                 q[:, :, start:stop], k[:, :, :keys], v[:, :, :keys], mask=block_mask[..., :keys], bias=block_bias,
@@ -109,6 +115,9 @@ def attention_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block_q: in
     return out
 
 
+# a block of fewer queries takes the plain call, not `_late_normalized_attention` (its fixed costs: [v | 1], two norms)
+_KERNEL_MIN_QUERIES = 32
+
 # `_late_normalized_attention`'s float32 limits: e^±80 (5.5e34, 1.8e−35) are normal float32 numbers,
 # e^−87.4 and below are subnormals or 0, and a sum of t terms up to e^B stays below float32's
 # largest 3.4e38 = e^88.7 while B <= 88 − ln t
@@ -116,7 +125,7 @@ _NORMAL_EXP_LIMIT = 80.0
 
 
 def _late_normalized_attention(q: np.ndarray, k: np.ndarray, v_ones: np.ndarray, *, key_norm: float,
-                              scale=None, scale_mode: str = "divide", mask=None, bias=None,
+                              scale=None, scale_mode: str = "divide", mask=None, bias=None, mask_from: int = 0,
                               out=None) -> np.ndarray:
     """Fast float32 kernel of a block: `scaled_dot_product_attention` with softmax's Σ and ÷ moved after p·v.
 
@@ -131,7 +140,13 @@ def _late_normalized_attention(q: np.ndarray, k: np.ndarray, v_ones: np.ndarray,
     * otherwise e = exp(score − max) as the reference, and unmasked shifted scores below −80 are
       raised to −80: e^(−87.4 … −103) are float32 subnormals, on which x86's exp and GEMM run
       several times slower (a ViT's first layer has some), and the raise moves an output by
-      t·e^−80·max|v| at most.
+      t·e^−80·max|v| at most;
+    * a divisor √d that is a power of two (d = 64, 256: 8, 16) divides q before the q·kᵀ GEMM
+      instead of the [.., s, t] scores after it: (q/8)·k is (q·k)/8 to the last bit (a power of two
+      scales every product and partial sum exactly) while no score is near float32's overflow
+      (checked by the bound) or its subnormals (below 1e−38, far under a score's rounding error);
+    * mask_from: the mask's first mask_from columns are known to be 0 (the keys every query of a
+      causal block sees, `causal_attention_blocks` checks), so only the rest is added: x + 0 = x.
     Rounds differently from the reference (no probabilities are formed); tests/test_attention_fast.py
     holds both within the forward error bound of the float64 truth. For float32 q, k, v only: a
     half-precision model rounds its probabilities to its dtype before p·v, which this never forms.
@@ -140,31 +155,41 @@ def _late_normalized_attention(q: np.ndarray, k: np.ndarray, v_ones: np.ndarray,
     batch, n_heads, q_len, head_dim = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
     q_grouped = q.reshape(batch, n_kv_heads, n_heads // n_kv_heads * q_len, head_dim)
+    if scale_mode == "divide":
+        divisor = math.sqrt(head_dim) if scale is None else 1.0 / scale
+        scale = 1.0 / divisor
+    elif scale is None:
+        scale = head_dim ** -0.5
+    # |score| <= |q_i|·|k_j|·scale (Cauchy–Schwarz), with 1 % to spare for rounding
+    q_norm = _key_norm(q)
+    bound = 1.01 * q_norm * key_norm * abs(scale)
     # the reference's scores, op for op (scale_mode: see scaled_dot_product_attention)
     if scale_mode == "scale_q":
-        scale = head_dim ** -0.5 if scale is None else scale
         scores = (q_grouped * scale) @ np.swapaxes(k, -1, -2)
+    elif scale_mode == "divide" and math.frexp(divisor)[0] == 0.5 and 1.01 * q_norm * key_norm < _EXACT_SCALING_LIMIT:
+        scores = (q_grouped / divisor) @ np.swapaxes(k, -1, -2)  # = (q·kᵀ)/divisor, bit for bit (docstring)
     else:
         scores = q_grouped @ np.swapaxes(k, -1, -2)
         if scale_mode == "divide":
-            divisor = math.sqrt(head_dim) if scale is None else 1.0 / scale
-            scale = 1.0 / divisor
             scores /= divisor
         else:
-            scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
             scores *= scale
     scores = scores.reshape(batch, n_heads, q_len, kv_len)
+    if mask is None or mask.shape[-1] != kv_len or not 0 < mask_from < kv_len:
+        mask_from = 0  # (a mask broadcast over the keys has no columns to skip)
+    elif mask_from:
+        mask = mask[..., mask_from:]
     with np.errstate(over="ignore"):
         if bias is not None:
             scores += bias
         if mask is not None:
-            scores += mask
-    # |score| <= |q_i|·|k_j|·scale (Cauchy–Schwarz), in float64 with 1 % to spare for rounding
-    bound = 1.01 * _key_norm(q) * key_norm * abs(scale)
+            scores[..., mask_from:] += mask
     limit = min(_NORMAL_EXP_LIMIT, 88.0 - math.log(max(kv_len, 1)))
     unshifted = bound <= limit and bias is None
     if unshifted and mask is not None:  # each row's best masked score within [−limit, bound]: its e^score is normal
         row_best = np.max(mask, axis=-1)
+        if mask_from:  # and the keys before mask_from, whose mask is 0
+            row_best = np.maximum(row_best, 0.0)
         unshifted = np.max(row_best) <= 0 and bound - np.min(row_best) <= limit
     if not unshifted:
         scores -= np.max(scores, axis=-1, keepdims=True)
@@ -176,6 +201,10 @@ def _late_normalized_attention(q: np.ndarray, k: np.ndarray, v_ones: np.ndarray,
     return np.divide(sums[..., :head_dim], sums[..., head_dim:], out=out)
 
 
+# below this bound on |q_i|·|k_j| no partial sum of q·kᵀ nears float32's largest 3.4e38 even multiplied by 16
+_EXACT_SCALING_LIMIT = 1e37
+
+
 def _fast_kernel(q, k, v, attention_options) -> tuple:
     """(`_late_normalized_attention` bound to max_j |k_j| and the call's scale options, [v | 1]), inputs checked."""
     check_qkv(q, k, v)
@@ -185,8 +214,13 @@ def _fast_kernel(q, k, v, attention_options) -> tuple:
 
 
 def _key_norm(k: np.ndarray) -> float:
-    """max_j |k_j| over every head and key, in float64 (the Cauchy–Schwarz factor of `_late_normalized_attention`)."""
-    return float(np.sqrt(np.max(np.einsum("...d,...d->...", k, k, dtype=np.float64), initial=0.0)))
+    """max_j |k_j| over every head and key (the Cauchy–Schwarz factor of `_late_normalized_attention`).
+
+    The squares are summed in k's float32: a sum of d positive terms is within d·2⁻²⁴ of its value
+    (4e−6 at d = 64), far inside the bound's 1 % margin; a sum past float32's range is inf, which
+    sends the block to the shifted exp, as a NaN does. (float64 sums cost 4× as much here.)
+    """
+    return float(np.sqrt(np.max(np.einsum("...d,...d->...", k, k), initial=0.0)))
 
 
 def _with_ones(v: np.ndarray) -> np.ndarray:

@@ -266,19 +266,23 @@ def test_late_normalized_kernel_with_masks_and_biases(case):
 
 
 def test_blocks_run_the_kernel_in_float32_prefill_only(monkeypatch):
-    """float32 blocks go through the kernel, float64 and a decode step (one query, whose [v | 1] would copy
-    the cache every step) through the reference."""
+    """float32 blocks go through the kernel, float64, a decode step (one query, whose [v | 1] would copy
+    the cache every step) and a single block of fewer than 32 queries through the reference."""
     calls = []
     kernel = AB._late_normalized_attention
     monkeypatch.setattr(AB, "_late_normalized_attention", lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
     rng = np.random.default_rng(10)
-    for dtype, s, t in (("float32", 300, 300), ("float64", 300, 300), ("float32", 1, 300)):
+    for dtype, s, t in (("float32", 300, 300), ("float64", 300, 300), ("float32", 1, 300), ("float32", 64, 64),
+                        ("float32", 16, 80)):
         q = rng.standard_normal((1, 9, s, 64)).astype(dtype)
         k, v = (rng.standard_normal((1, 3, t, 64)).astype(dtype) for _ in range(2))
         mask = A.build_attention_mask(None, s, t - s, dtype)
         calls.clear()
         AB.causal_attention_blocks(q, k, v, mask=mask)
-        assert len(calls) == (3 if (dtype, s) == ("float32", 300) else 0), (dtype, s, calls)
+        # 300 queries: 3 blocks; 64: one block, through the kernel; 16 and 1: the plain call
+        assert len(calls) == {("float32", 300): 3, ("float32", 64): 1}.get((dtype, s), 0), (dtype, s, calls)
+        if s < 256:
+            continue  # attention_blocks' single block is the plain call
         calls.clear()
         AB.attention_blocks(q, k, v, scale_mode="scale_q", softmax_dtype=None)
         assert len(calls) == (2 if (dtype, s) == ("float32", 300) else 0), (dtype, s, calls)
@@ -320,3 +324,58 @@ def test_silu_mul_is_bit_equal_to_silu_times_up(dtype):
     np.testing.assert_array_equal(silu_mul(gate, up), expected)
     rtol, atol = tolerance(dtype, 4, scale=float(np.abs(expected).max()))
     assert_close(torch_silu_mul(torch.from_numpy(gate), torch.from_numpy(up)), expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("head_dim", [64, 256, 48])
+def test_kernel_divides_q_by_a_power_of_two_divisor_bit_for_bit(head_dim, monkeypatch):
+    """sqrt(d) = 8 or 16 divides q before q·kᵀ instead of the scores after it: exact (a power of two
+    scales every product and partial sum without rounding), so the kernel's output is the same bit
+    for bit with the shortcut turned off (sqrt(48) is no power of two: both runs divide the scores).
+    Scores near overflow (the bound past _EXACT_SCALING_LIMIT) keep the reference's order."""
+    rng = np.random.default_rng(head_dim)
+    q = rng.standard_normal((1, 6, 40, head_dim)).astype(np.float32) * 3
+    k, v = (rng.standard_normal((1, 2, 70, head_dim)).astype(np.float32) for _ in range(2))
+    mask = A.build_attention_mask(None, 40, 30, np.float32)
+    for scale_mode in ("divide", "multiply"):
+        shortcut = _kernel(q, k, v, mask=mask, scale_mode=scale_mode)
+        with monkeypatch.context() as patch:
+            patch.setattr(AB, "_EXACT_SCALING_LIMIT", 0.0)
+            plain = _kernel(q, k, v, mask=mask, scale_mode=scale_mode)
+        np.testing.assert_array_equal(shortcut.view(np.uint32), plain.view(np.uint32))
+    exact = (q.reshape(1, 2, -1, head_dim) / np.float32(8)) @ np.swapaxes(k, -1, -2)
+    np.testing.assert_array_equal(exact, (q.reshape(1, 2, -1, head_dim) @ np.swapaxes(k, -1, -2)) / np.float32(8))
+
+
+@pytest.mark.parametrize("case", ["causal", "left padding", "window", "past keys"])
+def test_kernel_adds_only_the_mask_columns_that_are_not_zero(case, monkeypatch):
+    """A causal block's first keys are seen by every query of it, their mask is 0, and the kernel
+    skips adding them (mask_from): the output is the same bit for bit as with the whole mask added
+    (x + 0 = x; a −0 score becomes +0, and e^−0 = e^+0). causal_attention_blocks passes mask_from
+    only where those columns are 0: with padding or a window hiding early keys it passes 0."""
+    rng = np.random.default_rng(11)
+    b, h, kv, s, d = 2, 4, 2, 300, 64
+    past = 40 if case == "past keys" else 0
+    t = past + s
+    q = rng.standard_normal((b, h, s, d)).astype(np.float32)
+    k, v = (rng.standard_normal((b, kv, t, d)).astype(np.float32) for _ in range(2))
+    attention_mask = np.ones((b, t), dtype=np.int64)
+    if case == "left padding":
+        attention_mask[0, :7] = 0
+    mask = A.build_attention_mask(attention_mask, s, past, np.float32,
+                                  sliding_window=100 if case == "window" else None)
+    seen = []
+    kernel = AB._late_normalized_attention
+
+    def recording(*args, mask_from=0, **kwargs):
+        seen.append(mask_from)
+        got = kernel(*args, mask_from=mask_from, **kwargs)
+        whole = kernel(*args, mask_from=0, **kwargs)
+        np.testing.assert_array_equal(got.view(np.uint32), whole.view(np.uint32))
+        return got
+
+    monkeypatch.setattr(AB, "_late_normalized_attention", recording)
+    monkeypatch.setenv("MINIVL_NUM_THREADS", "1")
+    AB.causal_attention_blocks(q, k, v, mask=mask)
+    starts = range(0, s, 128)
+    expected = [0] * 3 if case in ("left padding", "window") else [t - s + start + 1 for start in starts]
+    assert sorted(seen) == sorted(expected), (case, seen)
