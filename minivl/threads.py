@@ -51,21 +51,43 @@ def num_threads() -> int:
 def parallel(tasks, calls_blas: bool = False) -> list:
     """[task() for task in tasks], the tasks run at once on `num_threads()` threads; results in order.
 
-    In the caller instead when one thread is asked for, when there is a single task, or when called
-    from inside a task (a nested call would wait on the workers it occupies). An exception in a
-    task is raised here, after every task has finished.
+    The caller is one of the threads: it takes tasks from the list as the pool's workers do, so
+    the work starts at once instead of after a worker wakes (0.2 ms on a 2-core VM here, before a
+    layer's 4 ms of attention blocks), and a worker that wakes after the list is done is cancelled,
+    not waited for. In the caller alone when one thread is asked for, when there is a single task,
+    or when called from inside a task (a nested call would wait on the workers it occupies). An
+    exception in a task is raised here, the first in task order, after every task has finished.
     calls_blas: the tasks run GEMMs. BLAS would give each of them every core (two tasks on two
     cores: four spinning threads); while these tasks run it gives each one thread instead
     (threadpoolctl).
     """
     tasks = list(tasks)
-    workers = num_threads()
-    if workers == 1 or len(tasks) <= 1 or getattr(_worker, "active", False):
+    workers = min(num_threads(), len(tasks))
+    if workers <= 1 or getattr(_worker, "active", False):
         return [task() for task in tasks]
+    results, errors = [None] * len(tasks), [None] * len(tasks)
+    claimed, lock = iter(range(len(tasks))), threading.Lock()
+
+    def take_tasks() -> None:  # run unclaimed tasks until none is left
+        while True:
+            with lock:
+                index = next(claimed, None)
+            if index is None:
+                return
+            try:
+                results[index] = tasks[index]()
+            except BaseException as error:  # noqa: BLE001  (raised below, in the caller)
+                errors[index] = error
+
     with _one_blas_thread_each() if calls_blas else nullcontext():
-        futures = [_get_pool(workers).submit(_run_as_worker, task) for task in tasks]
-        wait(futures)  # every piece done (none still writing) before a result or an error comes back
-        return [future.result() for future in futures]
+        helpers = [_get_pool(workers - 1).submit(_run_as_worker, take_tasks) for _ in range(workers - 1)]
+        _run_as_worker(take_tasks)
+        # a helper still queued finds nothing left: cancel it; one that started finishes its task first
+        wait([helper for helper in helpers if not helper.cancel()])
+    for error in errors:
+        if error is not None:
+            raise error
+    return results
 
 
 @lru_cache(maxsize=1)
