@@ -65,9 +65,9 @@ def rms_norm_fast(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 # a thread's share of a norm is at least this many elements: a 512-token prefill's [512, 576] norm ran
-# faster on one thread (0.29 ms) than on two (0.45), a [4096, 576] one faster on two (1.7-2.5 ms
-# against 2.8; 2-core Xeon, benchmarks' shapes)
-_PARALLEL_MIN_ELEMENTS = 1 << 19
+# faster on one thread (0.31 ms) than on two (0.36), a [1025, 576] one faster on two (0.48-0.53 ms
+# against 0.72-0.75; 2-core Xeon)
+_PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
 def rms_norm_mpt(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:

@@ -62,11 +62,11 @@ def _bits(a: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 576), (3, 5, 64), (1, 512, 576), (2, 1024, 576), (4096, 96)])
+@pytest.mark.parametrize("shape", [(1, 576), (3, 5, 64), (1, 512, 576), (2, 1024, 576), (8192, 96)])
 @pytest.mark.parametrize("threads", ["1", "2"])
 def test_rms_norm_fast_is_rms_norm_bit_for_bit(dtype, shape, threads, monkeypatch):
     """The models' fast path: the same operations, in one buffer, long inputs' rows on two threads
-    ((2, 1024, 576) and (4096, 96) pass the per-thread minimum): EXACT equality, zeros, signs and
+    ((2, 1024, 576) and (8192, 96) pass the per-thread minimum): EXACT equality, zeros, signs and
     huge and tiny rows included (the row of zeros is 0·inf = NaN only if eps = 0: here eps > 0)."""
     monkeypatch.setenv("MINIVL_NUM_THREADS", threads)
     rng = np.random.default_rng(sum(shape))
@@ -79,6 +79,26 @@ def test_rms_norm_fast_is_rms_norm_bit_for_bit(dtype, shape, threads, monkeypatc
         assert fast.dtype == reference.dtype and fast.shape == reference.shape
         np.testing.assert_array_equal(_bits(fast), _bits(reference))
 
+
+def test_rms_norm_fast_splits_only_long_inputs_across_threads(monkeypatch):
+    """A [2048, 576] norm goes to two threads in two pieces, a 512-token prefill's [512, 576] stays one
+    piece (faster on one thread here: norms._PARALLEL_MIN_ELEMENTS)."""
+    import minivl.threads
+
+    monkeypatch.setenv("MINIVL_NUM_THREADS", "2")
+    pieces = []
+    real = minivl.threads.parallel
+
+    def counting(tasks, **options):
+        tasks = list(tasks)
+        pieces.append(len(tasks))
+        return real(tasks, **options)
+
+    monkeypatch.setattr(minivl.threads, "parallel", counting)
+    weight = np.ones(576, np.float32)
+    for rows in (2048, 512):
+        norms.rms_norm_fast(np.ones((rows, 576), np.float32), weight, 1e-6)
+    assert pieces == [2, 1]
 
 def test_rms_norm_fast_takes_rms_norm_itself_where_it_would_differ():
     """A transposed x (NumPy would sum its squares in another order), a weight of another dtype (the
