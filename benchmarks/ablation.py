@@ -12,7 +12,11 @@ Rows, each against "all on":
 * no flat decode step: each cached token runs the layers' own forward instead of
   `decode_layers` (minivl/models/decode_step.py);
 * weights not packed: `pack_parameters` skipped at load, each weight its own allocation
-  (minivl/models/packing.py).
+  (minivl/models/packing.py);
+* plain rms_norm and apply_rope: the readable functions (four new arrays a norm, five passes a
+  rotation) where the models call `rms_norm_fast` and `apply_rope_fast` (bit-equal to them);
+* caller waits on the pool: `parallel` as it was before the caller took pieces itself, every piece
+  handed to the pool's workers while the caller sleeps (minivl/threads.py).
 
 The fused projections, `logits_to_keep=1` and the in-place updates stay on in every row: they are
 how the models are written, not switches. The switches are made here by replacing the named
@@ -62,9 +66,25 @@ def environment(name: str, value: str):
             os.environ[name] = original
 
 
+def pool_only(tasks, calls_blas: bool = False) -> list:
+    """minivl.threads.parallel without the caller taking pieces: all go to the pool, the caller waits."""
+    from concurrent.futures import wait
+
+    from minivl import threads
+
+    tasks = list(tasks)
+    workers = threads.num_threads()
+    if workers == 1 or len(tasks) <= 1 or getattr(threads._worker, "active", False):
+        return [task() for task in tasks]
+    with threads._one_blas_thread_each() if calls_blas else contextlib.nullcontext():
+        futures = [threads._get_pool(workers).submit(threads._run_as_worker, task) for task in tasks]
+        wait(futures)
+        return [future.result() for future in futures]
+
+
 def switches() -> dict:
     """Row name -> a context that turns one fast path off (None: all on)."""
-    from minivl import attention_blocks
+    from minivl import activations, attention_blocks, norms, rope, threads
     from minivl.models import decode_step, intern_vit
 
     reference = attention_blocks.scaled_dot_product_attention
@@ -80,6 +100,11 @@ def switches() -> dict:
             replaced(intern_vit, "attention_blocks", full_call)),  # imported by name there
         "one thread (MINIVL_NUM_THREADS=1)": lambda: environment("MINIVL_NUM_THREADS", "1"),
         "no flat decode step": lambda: replaced(decode_step, "decode_plan", lambda *a: None),
+        "plain rms_norm and apply_rope": lambda: _both(  # both looked up at each call
+            replaced(norms, "rms_norm_fast", norms.rms_norm), replaced(rope, "apply_rope_fast", rope.apply_rope)),
+        "caller waits on the pool": lambda: _both(  # imported by name in each module that hands out pieces
+            replaced(threads, "parallel", pool_only), replaced(attention_blocks, "parallel", pool_only),
+            replaced(activations, "parallel", pool_only)),
     }
 
 

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from minivl import attention_blocks
+from minivl import activations, attention_blocks, norms, rope, threads
 from minivl.models import common, decode_step, intern_vit
 from minivl.tiny.llm import write_tiny_llm
 
@@ -22,9 +22,12 @@ def load_ablation():
 
 def test_every_switch_turns_its_path_off_and_restores_it(monkeypatch):
     ablation = load_ablation()
-    before = {name: getattr(module, name) for module, name in (
+    before_names = (
         (attention_blocks, "_fast_kernel_applies"), (attention_blocks, "causal_attention_blocks"),
-        (intern_vit, "attention_blocks"), (common, "pack_parameters"), (decode_step, "decode_plan"))}
+        (intern_vit, "attention_blocks"), (common, "pack_parameters"), (decode_step, "decode_plan"),
+        (norms, "rms_norm_fast"), (rope, "apply_rope_fast"), (threads, "parallel"), (attention_blocks, "parallel"),
+        (activations, "parallel"))
+    before = {(module.__name__, name): getattr(module, name) for module, name in before_names}
     monkeypatch.delenv("MINIVL_NUM_THREADS", raising=False)
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, 2, 300, 16), dtype=np.float32) for _ in range(3))
@@ -39,14 +42,17 @@ def test_every_switch_turns_its_path_off_and_restores_it(monkeypatch):
             threads_env = os.environ.get("MINIVL_NUM_THREADS")
             vit_attention = intern_vit.attention_blocks
             decode_plan = decode_step.decode_plan
+            plain = norms.rms_norm_fast is norms.rms_norm and rope.apply_rope_fast is rope.apply_rope
+            pool_only = {threads.parallel, attention_blocks.parallel, activations.parallel} == {ablation.pool_only}
+        assert plain == (name == "plain rms_norm and apply_rope"), name
+        assert pool_only == (name == "caller waits on the pool"), name
         assert bool(calls) == (name not in ("no float32 attention kernel",)), name
-        assert (decode_plan is before["decode_plan"]) == (name != "no flat decode step"), name
+        flat_step = decode_plan is before[("minivl.models.decode_step", "decode_plan")]
+        assert flat_step == (name != "no flat decode step"), name
         if name.startswith("no query blocks"):
-            assert vit_attention is not before["attention_blocks"]
+            assert vit_attention is not before[("minivl.models.intern_vit", "attention_blocks")]
         assert threads_env == ("1" if name.startswith("one thread") else None), name
-    after = {name: getattr(module, name) for module, name in (
-        (attention_blocks, "_fast_kernel_applies"), (attention_blocks, "causal_attention_blocks"),
-        (intern_vit, "attention_blocks"), (common, "pack_parameters"), (decode_step, "decode_plan"))}
+    after = {(module.__name__, name): getattr(module, name) for module, name in before_names}
     assert after == before and "MINIVL_NUM_THREADS" not in os.environ
 
 
