@@ -100,15 +100,17 @@ def cpu_name() -> str:
     return f"{name}{f' ({isa})' if isa else ''}"
 
 
-def describe_machine() -> str:
-    """One line: CPU, core count and BLAS/torch threads, for the table's caption."""
+def describe_machine(torch_too: bool = True) -> str:
+    """One line: CPU, core count and BLAS/torch threads, for the table's caption (torch_too=False: no
+    torch, which it would import)."""
     import os
 
     line = f"{cpu_name()}, {os.cpu_count()} CPU cores visible"
     try:
-        import torch
+        if torch_too:
+            import torch
 
-        line += f", torch {torch.__version__} with {torch.get_num_threads()} threads"
+            line += f", torch {torch.__version__} with {torch.get_num_threads()} threads"
     except ImportError:
         pass
     return line + f", NumPy {np.__version__}"

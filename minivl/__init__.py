@@ -13,6 +13,12 @@ __version__ = "0.1.0"
 if "numpy" not in _sys.modules:
     _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 
+# glibc's malloc keeps the memory a layer frees for the next one instead of returning it to the
+# kernel and faulting it back in (23 000 page faults a 448-px ViT forward otherwise; minivl/allocator.py)
+from minivl.allocator import keep_freed_memory as _keep_freed_memory  # noqa: E402
+
+_keep_freed_memory()
+
 
 def load_model(path, dtype="float32", component=None):
     """Load a checkpoint directory (config.json + safetensors) into the matching NumPy model.

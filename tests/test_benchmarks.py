@@ -103,3 +103,20 @@ def test_exp_yardstick_times_one_core_and_restores_torchs_threads():
         ns = machine.exp_ns_per_element(framework, n=2 ** 14, min_seconds=0.01)
         assert 0 < ns < 1e3, (framework, ns)
     assert torch.get_num_threads() == threads
+
+
+def test_vision_benchmark_numpy_only_never_imports_torch_and_counts_faults():
+    """benchmarks/vision.py --numpy-only: the NumPy row (forward, GEMMs, ratio, page faults a forward) from a
+    process that never imports torch, as `minivl describe-image` runs, with the allocator's state named."""
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys; sys.argv = ['vision.py', '--numpy-only', '--size', '56', '--repeats', '2']; "
+            "runpy.run_path('benchmarks/vision.py', run_name='__main__'); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| NumPy")]
+    assert len(rows) == 1 and not any(line.startswith("| torch") for line in out.splitlines()), out
+    forward, gemms, ratio, faults = (cell.strip() for cell in rows[0].split("|")[2:6])
+    assert float(forward) >= 0 and gemms.endswith("(NumPy)") and ratio.endswith("×") and int(faults) >= 0, rows
+    assert "malloc's thresholds: fixed by minivl/allocator.py" in out or not sys.platform.startswith("linux"), out
+    assert out.splitlines()[-1] == "False", out  # torch never imported
