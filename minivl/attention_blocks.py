@@ -33,10 +33,11 @@ def causal_attention_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, mask
     no [b, heads, s, t] score tensor is ever held (a block holds [b, heads, block_q, t] at most).
     Each block is `scaled_dot_product_attention` itself on its slice, so the result equals the
     full call up to the summation order of the softmax denominators (a skipped key adds
-    e^(min − max) = 0 exactly); in float32 each block runs `_late_normalized_attention` instead,
-    within the float64 truth's error bound (a single block of fewer than 32 queries stays the
-    plain call: there the kernel's fixed costs, a copy of v and two norms, outweigh the passes it
-    saves; at 64 queries the kernel took 0.8× the plain call's time, at 16 1.0×). A block whose
+    e^(min − max) = 0 exactly); in float32 each block of 256 keys or more runs
+    `_late_normalized_attention` instead, within the float64 truth's error bound (a block with
+    fewer keys, or a single block of fewer than 32 queries, stays the plain call: there the
+    kernel's fixed costs, a copy of v, two norms and the mask's row maxima, outweigh the passes
+    it saves, `_KERNEL_MIN_KEYS`, `_KERNEL_MIN_QUERIES`). A block whose
     skipped keys are not all hidden (a mask that is not causal) or that has a row with no visible
     key left (a left-pad query, which the reference spreads evenly over the keys masked once:
     a padded future key is masked twice, −inf) uses every key, so any mask gives the full call's
@@ -48,6 +49,7 @@ def causal_attention_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, mask
     q_len, kv_len = q.shape[2], k.shape[2]
     check_additive("mask", mask, (q.shape[0], q.shape[1], q_len, kv_len))
     fast = _fast_kernel_applies(q, v, attention_options)
+    fast = fast and kv_len >= _KERNEL_MIN_KEYS  # (some block has enough keys for the kernel)
     one_block = q_len <= block_q and not (fast and q_len >= _KERNEL_MIN_QUERIES)
     if one_block or mask.shape[-2] != q_len:  # one plain block, or a mask without per-query rows
         return scaled_dot_product_attention(q, k, v, mask=mask, bias=bias, **attention_options)
@@ -63,7 +65,7 @@ def causal_attention_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, mask
         if np.any(block_mask[..., keys:] > hidden) or not np.all(block_mask[..., :keys].max(axis=-1) > hidden):
             keys = kv_len
         block_bias = None if bias is None else _block(bias, start, stop, keys)
-        if fast:
+        if fast and keys >= _KERNEL_MIN_KEYS:
             # the block's first query sits at t − s + start: every query of it sees the keys up to there, and
             # under a causal mask without padding their mask is 0, which the kernel need not add
             seen = kv_len - q_len + start + 1
@@ -115,7 +117,13 @@ def attention_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block_q: in
     return out
 
 
-# a block of fewer queries takes the plain call, not `_late_normalized_attention` (its fixed costs: [v | 1], two norms)
+# a block with fewer keys takes the plain call, not `_late_normalized_attention`: its fixed costs (the
+# norms of q and k, [v | 1], the mask's row maxima, a strided division) outweigh the passes it saves
+# over a small score tensor. In SmolLM2's prefill (benchmarks/ablation.py's model, in-model timings):
+# at 64 and 128 tokens the plain call took 0.76× and 0.90× the kernel's attention time; blocks of 256
+# keys and more were as fast or faster with the kernel
+_KERNEL_MIN_KEYS = 256
+# nor does a single block of fewer queries (a decode step's one query would copy the cache into [v | 1])
 _KERNEL_MIN_QUERIES = 32
 
 # `_late_normalized_attention`'s float32 limits: e^±80 (5.5e34, 1.8e−35) are normal float32 numbers,

@@ -105,6 +105,15 @@ def _blocked_tolerance(dtype, probs, v, group):
     return tolerance(dtype, 8, atol_ulps=math.sqrt(t) + 16, scale=pv)
 
 
+@pytest.fixture(params=["kernel from 256 keys", "kernel for every block"])
+def kernel_min_keys(request, monkeypatch):
+    """The blocks as the models run them (float32 blocks of 256 keys or more through the kernel), and
+    with every float32 block through it: these cases' blocks are smaller than that."""
+    if request.param == "kernel for every block":
+        monkeypatch.setattr(AB, "_KERNEL_MIN_KEYS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b,h,kv,s,past,pad,window,block_q", [
     (1, 9, 3, 37, 0, 0, None, 8),      # SmolLM2's 9 query / 3 KV heads, a prefill in 5 blocks
@@ -114,7 +123,7 @@ def _blocked_tolerance(dtype, probs, v, group):
     (2, 4, 1, 16, 3, 4, 5, 3),         # all of it, MQA
     (1, 4, 2, 10, 0, 0, None, 64),     # one block: the plain call
 ])
-def test_causal_blocks_equal_full_attention(dtype, b, h, kv, s, past, pad, window, block_q):
+def test_causal_blocks_equal_full_attention(dtype, b, h, kv, s, past, pad, window, block_q, kernel_min_keys):
     rng = np.random.default_rng(s + past)
     q, k, v, mask = _case(rng, dtype, b, h, kv, s, past, 64, pad, window)
     full, probs = A.scaled_dot_product_attention(q, k, v, mask=mask, return_probs=True)
@@ -129,7 +138,7 @@ def test_causal_blocks_equal_full_attention(dtype, b, h, kv, s, past, pad, windo
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_causal_blocks_with_alibi_bias_and_multiply_scale(dtype):
+def test_causal_blocks_with_alibi_bias_and_multiply_scale(dtype, kernel_min_keys):
     """MPT's path: ALiBi bias [1, H, 1, t] sliced per block, scale multiplied after the matmul."""
     rng = np.random.default_rng(3)
     q, k, v, mask = _case(rng, dtype, 1, 8, 8, 21, 0, 32, 0, None)
@@ -266,21 +275,24 @@ def test_late_normalized_kernel_with_masks_and_biases(case):
 
 
 def test_blocks_run_the_kernel_in_float32_prefill_only(monkeypatch):
-    """float32 blocks go through the kernel, float64, a decode step (one query, whose [v | 1] would copy
-    the cache every step) and a single block of fewer than 32 queries through the reference."""
+    """float32 blocks of 256 keys or more go through the kernel; float64, blocks with fewer keys, a decode
+    step (one query, whose [v | 1] would copy the cache every step) and a single block of fewer than 32
+    queries through the reference."""
     calls = []
     kernel = AB._late_normalized_attention
     monkeypatch.setattr(AB, "_late_normalized_attention", lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
     rng = np.random.default_rng(10)
     for dtype, s, t in (("float32", 300, 300), ("float64", 300, 300), ("float32", 1, 300), ("float32", 64, 64),
-                        ("float32", 16, 80)):
+                        ("float32", 16, 80), ("float32", 64, 300), ("float32", 16, 300)):
         q = rng.standard_normal((1, 9, s, 64)).astype(dtype)
         k, v = (rng.standard_normal((1, 3, t, 64)).astype(dtype) for _ in range(2))
         mask = A.build_attention_mask(None, s, t - s, dtype)
         calls.clear()
         AB.causal_attention_blocks(q, k, v, mask=mask)
-        # 300 queries: 3 blocks; 64: one block, through the kernel; 16 and 1: the plain call
-        assert len(calls) == {("float32", 300): 3, ("float32", 64): 1}.get((dtype, s), 0), (dtype, s, calls)
+        # 300 queries: 3 blocks, of 128, 256 and 300 keys: the last two through the kernel; 64 queries
+        # after 236 cached keys: one block, through the kernel; 64 alone, 16 and 1: the plain call
+        expected = {("float32", 300, 300): [(1, 9, 44, 64), (1, 9, 128, 64)], ("float32", 64, 300): [(1, 9, 64, 64)]}
+        assert sorted(calls) == expected.get((dtype, s, t), []), (dtype, s, t, calls)
         if s < 256:
             continue  # attention_blocks' single block is the plain call
         calls.clear()
@@ -374,6 +386,7 @@ def test_kernel_adds_only_the_mask_columns_that_are_not_zero(case, monkeypatch):
         return got
 
     monkeypatch.setattr(AB, "_late_normalized_attention", recording)
+    monkeypatch.setattr(AB, "_KERNEL_MIN_KEYS", 0)  # every block through the kernel, the first (128 keys) too
     monkeypatch.setenv("MINIVL_NUM_THREADS", "1")
     AB.causal_attention_blocks(q, k, v, mask=mask)
     starts = range(0, s, 128)
