@@ -120,3 +120,42 @@ def test_vision_benchmark_numpy_only_never_imports_torch_and_counts_faults():
     assert float(forward) >= 0 and gemms.endswith("(NumPy)") and ratio.endswith("×") and int(faults) >= 0, rows
     assert "malloc's thresholds: fixed by minivl/allocator.py" in out or not sys.platform.startswith("linux"), out
     assert out.splitlines()[-1] == "False", out  # torch never imported
+
+
+def test_breakdown_times_each_stage_inside_the_model_and_restores_it(tmp_path):
+    """benchmarks/breakdown.py on a tiny Llama: each stage counted once per call the model makes (q|k|v
+    and gate|up one `linear` each, plus o, down and the LM head), none counted outside the measured part
+    (a decode run's prefill), the stages adding up to no more than the forward, every function restored."""
+    import minivl
+
+    spec = importlib.util.spec_from_file_location("breakdown", os.path.join(ROOT, "benchmarks", "breakdown.py"))
+    breakdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(breakdown)
+    model = minivl.load_model(write_tiny_llm(tmp_path / "llama", "llama"), dtype="float32")
+    layers = model.config.num_hidden_layers
+    stages = {**breakdown.prefill_stages(), **breakdown.decode_stages()}
+    before = {stage: getattr(module, name) for stage, (module, name) in stages.items()}
+    ids = np.arange(1, 41, dtype=np.int64)[None]
+
+    def prefill(measured):
+        with measured():
+            model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+    total, times, calls = breakdown.breakdown(prefill, breakdown.prefill_stages(), repeats=2)
+    assert calls == {"projections and LM head (linear)": 4 * layers + 1, "attention (causal_attention_blocks)": layers,
+                     "silu_mul": layers, "RMS norms (rms_norm_fast)": 2 * layers + 1,
+                     "RoPE (apply_rope_fast)": 2 * layers}, calls
+    assert 0 < sum(times.values()) <= total
+
+    def decode(measured):
+        cache = model(input_ids=ids, use_cache=True).past_key_values  # not measured: not counted
+        with measured():
+            for token in (5, 6, 7):
+                model(input_ids=np.array([[token]]), past_key_values=cache, use_cache=True)
+
+    total, times, calls = breakdown.breakdown(decode, breakdown.decode_stages(), repeats=2, per_run=3)
+    assert calls == {"the layers' GEMVs (_linear)": 4 * layers, "LM head (linear)": 1, "attention (_attend)": layers,
+                     "RMS norms (_rms_norm)": 2 * layers, "SiLU · up (_silu_mul)": layers, "RoPE (_rope)": layers,
+                     "the plan (decode_plan)": 1}, calls
+    assert 0 < sum(times.values()) <= total
+    assert {stage: getattr(module, name) for stage, (module, name) in stages.items()} == before
