@@ -4,7 +4,8 @@ The check is the page-fault count itself (getrusage's minor faults), in fresh pr
 that allocates, writes and frees five 3 MB arrays, as a layer's temporaries are, faults its pages
 in again on every round under glibc's defaults (15 MB freed at once is more than twice the 3 MB
 blocks its dynamic trim threshold follows) and not at all with the thresholds fixed. 3 MB stays
-under the 4 MB from which NumPy asks for huge pages, so each round's fresh memory is ~3800 faults.
+under the 4 MB from which NumPy asks for huge pages, so each round's fresh memory is ~3800 faults
+where the kernel gives huge pages only when asked (transparent_hugepage "madvise", the default).
 """
 from __future__ import annotations
 
@@ -48,9 +49,11 @@ def test_a_layer_reuses_freed_memory_without_page_faults():
     # a round writes 15 MB = 3840 pages: with the thresholds fixed none is new; Python's own
     # bookkeeping may touch a page or two
     assert faults_per_round() < 20
-    # the same loop with glibc's defaults faults most of them in again every round (the test's
-    # premise: without it, the assertion above could not fail)
-    assert faults_per_round(MINIVL_MALLOC="system") > 1000
+    # the same loop with glibc's defaults faults them in again every round (the test's premise:
+    # without it, the assertion above could not fail): ~3800 here, with 4 KiB pages; a kernel with
+    # transparent huge pages "always" may back the 2 MiB-aligned parts with huge pages, which
+    # leaves at least the 15 MB's unaligned ends, some 260 pages, faulting
+    assert faults_per_round(MINIVL_MALLOC="system") > 100
 
 
 def test_a_users_choice_is_left_alone():
