@@ -38,7 +38,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 import minivl  # noqa: E402,F401  (before NumPy loads OpenBLAS: it sets OpenBLAS's spin time, minivl/__init__.py)
 import numpy as np  # noqa: E402
 
-from machine import describe_machine, time_best  # noqa: E402
+from machine import cpu_ticks, describe_machine, describe_steal, time_best  # noqa: E402
 from smollm2 import bench_decode, bench_prefill  # noqa: E402
 
 
@@ -148,15 +148,18 @@ def main(argv=None) -> None:
     rows = {name: (switch, True) for name, switch in switches().items()}
     rows["weights not packed"] = (contextlib.nullcontext, False)
     best = {name: (float("inf"),) * 3 for name in rows}
+    ticks = cpu_ticks()
     for _ in range(args.repeats):
         for name, (switch, packed) in rows.items():
             with switch():
                 times = measure(*models[packed])
             best[name] = tuple(min(a, b) for a, b in zip(best[name], times))
+    steal = describe_steal(ticks, cpu_ticks())
 
     print(f"NumPy, float32, batch 1: SmolLM2-135M prefill {args.prompt} (logits_to_keep=1) and cached decode "
           f"({args.new_tokens} steps after 64 tokens), DINOv2-S/14 at 448 px (1025 tokens); best of {args.repeats} "
-          f"interleaved rounds; {describe_machine()}; load average {os.getloadavg()[0]:.1f} at the end.")
+          f"interleaved rounds (decode: a run's median step); {describe_machine()}; load average "
+          f"{os.getloadavg()[0]:.1f} at the end{steal}.")
     print()
     print(f"| | prefill {args.prompt} (ms) | decode (ms/token) | ViT 448 px (ms) | ÷ all on (prefill, decode, ViT) |")
     print("|---|---|---|---|---|")

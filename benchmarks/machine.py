@@ -199,6 +199,44 @@ def time_best(run, repeats: int, clock=time.perf_counter) -> float:
     return best
 
 
+def cpu_ticks(stat_text: str | None = None) -> dict | None:
+    """The whole machine's CPU time so far, in clock ticks, by kind: {"busy", "idle", "steal"}, from
+    /proc/stat's first line (Linux; None elsewhere, or where the file cannot be read).
+
+    "steal" is time a virtual machine's CPUs were ready to run but the hypervisor ran something else
+    (another tenant). On the shared 2-core VM of the README's latest table, timing SmolLM2's decode
+    steps one by one with this read around each, the steps of 22 ms stretched to 46–60 ms when 5–7
+    ticks (50–70 ms over the two CPUs) were stolen during them. Read before and after a run,
+    `steal_percent` says how much of the run the machine did not have.
+    """
+    if stat_text is None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                stat_text = f.readline()
+        except OSError:
+            return None
+    fields = stat_text.split()
+    if len(fields) < 9 or fields[0] != "cpu" or not all(field.isdigit() for field in fields[1:9]):
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is already inside user)
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(field) for field in fields[1:9])
+    return {"busy": user + nice + system + irq + softirq, "idle": idle + iowait, "steal": steal}
+
+
+def steal_percent(before: dict | None, after: dict | None) -> float | None:
+    """The share of the machine's CPU time between two `cpu_ticks` readings that the hypervisor stole, in %."""
+    if before is None or after is None:
+        return None
+    elapsed = sum(after[kind] - before[kind] for kind in ("busy", "idle", "steal"))
+    return 100.0 * (after["steal"] - before["steal"]) / elapsed if elapsed > 0 else 0.0
+
+
+def describe_steal(before: dict | None, after: dict | None) -> str:
+    """A caption's clause: how much CPU time the hypervisor took during the run ('' where unknown)."""
+    share = steal_percent(before, after)
+    return "" if share is None else f"; the hypervisor stole {share:.1f} % of the CPU time during the run (/proc/stat)"
+
+
 def exp_ns_per_element(framework: str = "numpy", n: int = 2 ** 20, min_seconds: float = 0.3) -> float:
     """Nanoseconds per element of float32 exp over n elements, one core, output preallocated."""
     x = np.random.default_rng(0).standard_normal(n, dtype=np.float32)

@@ -24,7 +24,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 import minivl  # noqa: E402,F401  (before NumPy loads OpenBLAS: it sets OpenBLAS's spin time, minivl/__init__.py)
 import numpy as np  # noqa: E402
 
-from machine import describe_machine  # noqa: E402
+from machine import cpu_ticks, describe_machine, describe_steal  # noqa: E402
 from smollm2 import bench_decode, bench_prefill  # noqa: E402
 
 
@@ -91,16 +91,18 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     prompts = {P: rng.integers(0, 49152, (1, P)) for P in (64, 512)}
     best = {name: [float("inf")] * 3 for name in rows}
+    ticks = cpu_ticks()
     with torch.inference_mode():
         for _ in range(args.repeats):
             for name, (model, wrap) in rows.items():
                 times = (bench_prefill(model, wrap, prompts[64], 1), bench_prefill(model, wrap, prompts[512], 1),
                          bench_decode(model, wrap, prompts[64], args.new_tokens, 1))
                 best[name] = [min(a, b) for a, b in zip(best[name], times)]
+    steal = describe_steal(ticks, cpu_ticks())
 
     print(f"SmolLM2-135M-Instruct, float32, batch 1, prefill (logits_to_keep=1) and cached decode ({args.new_tokens} "
-          f"steps after 64 tokens); best of {args.repeats} interleaved rounds; transparent huge pages: "
-          f"{transparent_huge_pages()}; {describe_machine()}; load average {os.getloadavg()[0]:.1f} at the end.")
+          f"steps after 64 tokens); best of {args.repeats} interleaved rounds (decode: a run's median step); transparent huge pages: "
+          f"{transparent_huge_pages()}; {describe_machine()}; load average {os.getloadavg()[0]:.1f} at the end{steal}.")
     print()
     print("| | prefill 64 (ms) | prefill 512 (ms) | decode (ms/token) |")
     print("|---|---|---|---|")

@@ -31,8 +31,8 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 import minivl  # noqa: E402,F401  (before NumPy loads OpenBLAS: it sets OpenBLAS's spin time, minivl/__init__.py)
 import numpy as np  # noqa: E402
 
-from machine import (causal_attention_gemm_shapes, decoder_gemm_shapes, describe_machine, machine_rates,  # noqa: E402
-                     matmul_params, time_best, time_gemms)
+from machine import (causal_attention_gemm_shapes, cpu_ticks, decoder_gemm_shapes, describe_machine, describe_steal,  # noqa: E402
+                     machine_rates, matmul_params, time_best, time_gemms)
 
 
 def forward_kwargs(model) -> dict:
@@ -55,22 +55,40 @@ def bench_prefill(model, to_input, ids: np.ndarray, repeats: int) -> float:
     return time_best(lambda: model(input_ids=to_input(ids), use_cache=True, **kwargs), repeats)
 
 
-def bench_decode(model, to_input, ids: np.ndarray, new_tokens: int, repeats: int) -> float:
-    """Seconds per cached decode step after a prefill of `ids` (best of `repeats` runs of new_tokens steps)."""
+def decode_steps(model, to_input, ids: np.ndarray, new_tokens: int, clock=time.perf_counter) -> list[float]:
+    """Seconds of each of `new_tokens` cached decode steps after a prefill of `ids`, one timing a step."""
     kwargs = forward_kwargs(model)
+    out = model(input_ids=to_input(ids), use_cache=True, **kwargs)
+    key = cache_name(model)
+    cache, token = getattr(out, key), to_input(ids[:, -1:])
+    steps = []
+    for _ in range(new_tokens):
+        t0 = clock()
+        out = model(input_ids=token, use_cache=True, **{key: cache})
+        steps.append(clock() - t0)
+        cache = getattr(out, key)
+    return steps
 
-    def decode():
-        out = model(input_ids=to_input(ids), use_cache=True, **kwargs)
-        key = cache_name(model)
-        cache, token = getattr(out, key), to_input(ids[:, -1:])
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(input_ids=token, use_cache=True, **{key: cache})
-            cache = getattr(out, key)
-        return (time.perf_counter() - t0) / new_tokens
 
-    decode()
-    return min(decode() for _ in range(repeats))
+def bench_decode(model, to_input, ids: np.ndarray, new_tokens: int, repeats: int, clock=time.perf_counter,
+                 runs: list | None = None) -> float:
+    """Seconds per cached decode step after a prefill of `ids`: the median step of a run of new_tokens
+    steps, the best of `repeats` runs (after one warm-up run).
+
+    The median, not the mean: on a shared VM the hypervisor now and then takes the CPUs away in the
+    middle of a step (steal time), and that step takes two or three times as long as the others;
+    a mean folds those steps into the model's time (with a mean, one run here read 28 ms a token and
+    the next 22). `main` prints how many steps stood out, and the steal during the run. Every model's
+    steps are timed the same way. runs: each timed run's step times are appended to it.
+    """
+    decode_steps(model, to_input, ids, new_tokens, clock)
+    best = float("inf")
+    for _ in range(repeats):
+        steps = decode_steps(model, to_input, ids, new_tokens, clock)
+        if runs is not None:
+            runs.append(steps)
+        best = min(best, float(np.median(steps)))
+    return best
 
 
 def long_prefill_peak(model, ids: np.ndarray) -> tuple[float, float]:
@@ -146,6 +164,8 @@ def main(argv=None) -> None:
     inf = float("inf")
     gemms, gemvs = {P: inf for P in args.prompts}, inf
     results = {name: ({P: inf for P in args.prompts}, inf) for name in models}
+    decode_runs = {name: [] for name in models}  # every timed decode run's step times
+    ticks = cpu_ticks()
     with torch.inference_mode():
         rates = machine_rates(min_seconds=0.3, megabytes=floor_megabytes)
         # rounds: every model and every yardstick once per round, the best of each kept, so that a
@@ -156,10 +176,12 @@ def main(argv=None) -> None:
             for name, (model, to_input, _) in models.items():
                 prefill, decode = results[name]
                 prefill = {P: min(prefill[P], bench_prefill(model, to_input, ids, 1)) for P, ids in prompts.items()}
-                results[name] = (prefill, min(decode, bench_decode(model, to_input, decode_prompt, args.new_tokens, 1)))
+                decode = min(decode, bench_decode(model, to_input, decode_prompt, args.new_tokens, 1, runs=decode_runs[name]))
+                results[name] = (prefill, decode)
         # measured again after the models: on a shared machine any single measurement is an underestimate
         after = machine_rates(min_seconds=0.3, megabytes=floor_megabytes)
         rates = {fw: {key: max(rates[fw][key], after[fw][key]) for key in rates[fw]} for fw in rates}
+    steal = describe_steal(ticks, cpu_ticks())
 
     P0 = decode_prompt.shape[1]
     kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * (P0 + args.new_tokens / 2) * 4
@@ -169,7 +191,8 @@ def main(argv=None) -> None:
     print(f"SmolLM2-135M-Instruct, float32, batch 1: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_attention_heads}/{config.num_key_value_heads} heads; {params / 1e6:.1f} M matmul parameters "
           f"({params * 4 / 1e6:.0f} MB); decode = {args.new_tokens} cached steps after a {P0}-token prompt; "
-          f"best of {args.repeats} interleaved rounds; {describe_machine()}; load average {os.getloadavg()[0]:.1f} at the end.")
+          f"best of {args.repeats} interleaved rounds (decode: a run's median step); {describe_machine()}; "
+          f"load average {os.getloadavg()[0]:.1f} at the end{steal}.")
     print()
     head = "| |" + "".join(f" prefill {P} (ms) | ÷ its GEMMs |" for P in args.prompts)
     head += " decode (ms/token) | ÷ bandwidth floor |" + (f" ÷ {reference} (prefill {'/'.join(map(str, args.prompts))}, decode) |" if reference else "")
@@ -192,12 +215,21 @@ def main(argv=None) -> None:
           f"{rates['numpy']['read_gbs']:.1f} GB/s; torch GEMM {rates['torch']['gemm_gflops']:.1f} GFLOP/s, GEMV read "
           f"{rates['torch']['read_gbs']:.1f} GB/s (torch floor {floor['torch'] * 1e3:.1f} ms/token). NumPy decode ÷ its "
           f"own GEMVs: {results['NumPy'][1] / gemvs:.2f}×")
+    print("\ndecode steps that took over 1.5× their run's median (a mean per token would have counted them): "
+          + "; ".join(f"{name} {outliers(runs)}" for name, runs in decode_runs.items()))
     if args.long:
         ids = np.asarray([text_ids[:args.long]], dtype=np.int64)
         seconds, peak = long_prefill_peak(models["NumPy"][0], ids)
         heads_n_n = config.num_attention_heads * args.long ** 2 * 4 / 2 ** 20
         print(f"\nNumPy prefill of {args.long} tokens: {seconds:.1f} s, tracemalloc peak {peak:.0f} MiB "
               f"(one [heads, n, n] float32 score tensor would be {heads_n_n:.0f} MiB)")
+
+
+def outliers(runs: list) -> str:
+    """'k of n steps, up to x.x× the median': the steps of these runs over 1.5× their own run's median."""
+    ratios = [step / float(np.median(steps)) for steps in runs for step in steps]
+    slow = [ratio for ratio in ratios if ratio > 1.5]
+    return f"{len(slow)} of {len(ratios)}" + (f" (up to {max(slow):.1f}× the median)" if slow else "")
 
 
 if __name__ == "__main__":

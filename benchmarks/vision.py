@@ -31,7 +31,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 import minivl  # noqa: E402,F401  (before NumPy loads OpenBLAS: it sets OpenBLAS's spin time, minivl/__init__.py)
 import numpy as np  # noqa: E402
 
-from machine import describe_machine, time_best, time_gemms  # noqa: E402
+from machine import cpu_ticks, describe_machine, describe_steal, time_best, time_gemms  # noqa: E402
 
 
 def vit_gemm_shapes(config, height: int, width: int) -> list[tuple]:
@@ -79,6 +79,7 @@ def main(argv=None) -> None:
     gemms = {fw: float("inf") for fw in frameworks}
     times = {name: float("inf") for name in models}
     faults = {name: [] for name in models}  # per round
+    ticks = cpu_ticks()
     with no_grad:
         # rounds: every model and both GEMM yardsticks once per round, the best of each kept, so that
         # a slow minute of this shared machine slows all of them alike. --numpy-only: the model's
@@ -92,13 +93,14 @@ def main(argv=None) -> None:
                 faults[name].append(_minor_faults() - before)
         if args.numpy_only:
             gemms["numpy"] = min(time_gemms(shapes, "numpy", 1, clock=clock) for _ in range(args.repeats))
+    steal = describe_steal(ticks, cpu_ticks())
 
     tokens = (args.size // config.patch_size) ** 2 + 1
     print(f"DINOv2-S/14 as InternViT, float32, batch 1, {args.size}×{args.size} px = {tokens} tokens, "
           f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads; "
           f"best of {args.repeats} {'rounds, the GEMMs after the model' if args.numpy_only else 'interleaved rounds'}, "
           f"{args.clock} time; {describe_machine(torch_too=not args.numpy_only)}; "
-          f"load average {os.getloadavg()[0]:.1f} at the end.")
+          f"load average {os.getloadavg()[0]:.1f} at the end{steal}.")
     print()
     print("| | forward (ms) | the same GEMMs alone (ms) | ÷ its GEMMs | page faults a forward |")
     print("|---|---|---|---|---|")

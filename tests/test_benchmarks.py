@@ -159,3 +159,79 @@ def test_breakdown_times_each_stage_inside_the_model_and_restores_it(tmp_path):
                      "the plan (decode_plan)": 1}, calls
     assert 0 < sum(times.values()) <= total
     assert {stage: getattr(module, name) for stage, (module, name) in stages.items()} == before
+
+
+def load_benchmark(name):
+    """A benchmarks/ script as a module (they import benchmarks/machine.py by its bare name)."""
+    import sys
+
+    saved = list(sys.path)  # (a script also puts its own folder first on the path)
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module
+
+
+class _SteppedModel:
+    """A stand-in for a causal LM under benchmarks/smollm2.py's decode timing: each call advances a fake
+    clock by the time `step_ms` gives for that call (a prefill, then the cached steps), and returns a cache."""
+
+    def __init__(self, step_ms):
+        self.step_ms, self.calls, self.now = step_ms, 0, 0.0
+
+    def clock(self):
+        return self.now
+
+    def forward(self, input_ids, use_cache=False, past_key_values=None, logits_to_keep=0):
+        assert use_cache and (past_key_values is not None or input_ids.shape[1] > 1)
+        assert past_key_values is None or input_ids.shape[1] == 1  # a cached step feeds one token
+        self.now += self.step_ms(self.calls) / 1e3
+        self.calls += 1
+        return type("Out", (), {"past_key_values": ("cache", self.calls)})()
+
+    __call__ = forward
+
+
+def test_decode_timing_takes_a_runs_median_step_so_a_stolen_step_does_not_count():
+    """bench_decode: per-token time = the median of a run's step times, the best run after a warm-up, every
+    timed run's steps handed back. One 60 ms step among 1 ms ones (the hypervisor took the CPUs) moves a
+    mean by 3.7 ms a token and the median not at all. A fake clock: no real time is measured."""
+    smollm2 = load_benchmark("smollm2")
+    calls_a_run = 1 + 16  # a prefill, then 16 cached steps
+
+    def step_ms(call):  # run 0 = the warm-up; in run 1 the 5th step is stolen; run 2's steps take 2 ms
+        run, index = divmod(call, calls_a_run)
+        if index == 0:
+            return 50.0  # the prefill, never timed
+        return {1: 60.0 if index == 5 else 1.0, 2: 2.0}.get(run, 1.0)
+
+    model = _SteppedModel(step_ms)
+    runs = []
+    seconds = smollm2.bench_decode(model, np.asarray, np.ones((1, 64), np.int64), 16, 2, clock=model.clock, runs=runs)
+    assert model.calls == 3 * calls_a_run  # warm-up + 2 timed runs
+    assert len(runs) == 2 and all(len(steps) == 16 for steps in runs)
+    assert np.allclose(runs[0], [1e-3] * 4 + [60e-3] + [1e-3] * 11) and np.allclose(runs[1], 2e-3)
+    assert abs(seconds - 1e-3) < 1e-12  # run 1's median; its mean would be 4.7 ms, run 2's 2 ms
+    assert smollm2.outliers(runs) == "1 of 32 (up to 60.0× the median)"
+    assert smollm2.outliers([runs[1]]) == "0 of 16"
+
+
+def test_steal_share_is_read_from_proc_stat_fields():
+    """benchmarks/machine.py reads the hypervisor's steal time from /proc/stat's first line: user nice
+    system idle iowait irq softirq steal, in ticks; the share is stolen ticks over all ticks elapsed."""
+    machine = load_benchmark("machine")
+    before = machine.cpu_ticks("cpu  100 0 50 800 10 0 5 35 0 0")
+    after = machine.cpu_ticks("cpu  160 0 70 900 10 0 5 55 0 0")
+    assert before == {"busy": 155, "idle": 810, "steal": 35}
+    # 80 busy + 100 idle + 20 stolen ticks elapsed: 10 %
+    assert machine.steal_percent(before, after) == 10.0
+    assert machine.describe_steal(before, after) == "; the hypervisor stole 10.0 % of the CPU time during the run (/proc/stat)"
+    for text in ("intr 1 2 3 4 5 6 7 8 9", "cpu  1 2 3", "cpu  a b c d e f g h"):
+        assert machine.cpu_ticks(text) is None, text
+    assert machine.steal_percent(None, after) is None and machine.describe_steal(before, None) == ""
+    here = machine.cpu_ticks()  # this machine: Linux has the file (CI runs on Linux); elsewhere None
+    assert here is None or set(here) == {"busy", "idle", "steal"}
