@@ -55,17 +55,26 @@ def bench_prefill(model, to_input, ids: np.ndarray, repeats: int) -> float:
     return time_best(lambda: model(input_ids=to_input(ids), use_cache=True, **kwargs), repeats)
 
 
-def decode_steps(model, to_input, ids: np.ndarray, new_tokens: int, clock=time.perf_counter) -> list[float]:
-    """Seconds of each of `new_tokens` cached decode steps after a prefill of `ids`, one timing a step."""
+def decode_steps(model, to_input, ids: np.ndarray, new_tokens: int, clock=time.perf_counter,
+                 stolen: list | None = None) -> list[float]:
+    """Seconds of each of `new_tokens` cached decode steps after a prefill of `ids`, one timing a step.
+
+    stolen: each step's stolen CPU ticks (`machine.cpu_ticks`, read outside the timed span) are
+    appended to it (None where /proc/stat cannot be read).
+    """
     kwargs = forward_kwargs(model)
     out = model(input_ids=to_input(ids), use_cache=True, **kwargs)
     key = cache_name(model)
     cache, token = getattr(out, key), to_input(ids[:, -1:])
     steps = []
     for _ in range(new_tokens):
+        before = cpu_ticks() if stolen is not None else None
         t0 = clock()
         out = model(input_ids=token, use_cache=True, **{key: cache})
         steps.append(clock() - t0)
+        if stolen is not None:
+            after = cpu_ticks()
+            stolen.append(None if before is None or after is None else after["steal"] - before["steal"])
         cache = getattr(out, key)
     return steps
 
@@ -78,15 +87,17 @@ def bench_decode(model, to_input, ids: np.ndarray, new_tokens: int, repeats: int
     The median, not the mean: on a shared VM the hypervisor now and then takes the CPUs away in the
     middle of a step (steal time), and that step takes two or three times as long as the others;
     a mean folds those steps into the model's time (with a mean, one run here read 28 ms a token and
-    the next 22). `main` prints how many steps stood out, and the steal during the run. Every model's
-    steps are timed the same way. runs: each timed run's step times are appended to it.
+    the next 22). runs: each timed run is appended to it as (step seconds, stolen ticks a step), and
+    `main` prints how many steps stood out and how many of those had ticks stolen. Every model's
+    steps are timed the same way.
     """
     decode_steps(model, to_input, ids, new_tokens, clock)
     best = float("inf")
     for _ in range(repeats):
-        steps = decode_steps(model, to_input, ids, new_tokens, clock)
+        stolen = [] if runs is not None else None
+        steps = decode_steps(model, to_input, ids, new_tokens, clock, stolen)
         if runs is not None:
-            runs.append(steps)
+            runs.append((steps, stolen))
         best = min(best, float(np.median(steps)))
     return best
 
@@ -215,7 +226,8 @@ def main(argv=None) -> None:
           f"{rates['numpy']['read_gbs']:.1f} GB/s; torch GEMM {rates['torch']['gemm_gflops']:.1f} GFLOP/s, GEMV read "
           f"{rates['torch']['read_gbs']:.1f} GB/s (torch floor {floor['torch'] * 1e3:.1f} ms/token). NumPy decode ÷ its "
           f"own GEMVs: {results['NumPy'][1] / gemvs:.2f}×")
-    print("\ndecode steps that took over 1.5× their run's median (a mean per token would have counted them): "
+    print("\ndecode steps that took over 1.5× their run's median (a mean per token would have counted them; "
+          "ticks stolen: /proc/stat's steal moved during the step): "
           + "; ".join(f"{name} {outliers(runs)}" for name, runs in decode_runs.items()))
     if args.long:
         ids = np.asarray([text_ids[:args.long]], dtype=np.int64)
@@ -226,10 +238,16 @@ def main(argv=None) -> None:
 
 
 def outliers(runs: list) -> str:
-    """'k of n steps, up to x.x× the median': the steps of these runs over 1.5× their own run's median."""
-    ratios = [step / float(np.median(steps)) for steps in runs for step in steps]
-    slow = [ratio for ratio in ratios if ratio > 1.5]
-    return f"{len(slow)} of {len(ratios)}" + (f" (up to {max(slow):.1f}× the median)" if slow else "")
+    """'k of n steps (up to x.x× the median; j with ticks stolen)': the steps of these runs (bench_decode's
+    `runs`) over 1.5× their own run's median, and how many of them the hypervisor took ticks from."""
+    slow = [(step / float(np.median(steps)), ticks) for steps, stolen in runs
+            for step, ticks in zip(steps, stolen) if step > 1.5 * float(np.median(steps))]
+    total = sum(len(steps) for steps, _ in runs)
+    if not slow:
+        return f"0 of {total}"
+    known = [ticks for _, ticks in slow if ticks is not None]
+    robbed = f"; {sum(ticks > 0 for ticks in known)} with ticks stolen" if known else ""
+    return f"{len(slow)} of {total} (up to {max(ratio for ratio, _ in slow):.1f}× the median{robbed})"
 
 
 if __name__ == "__main__":

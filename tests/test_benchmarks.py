@@ -213,10 +213,15 @@ def test_decode_timing_takes_a_runs_median_step_so_a_stolen_step_does_not_count(
     runs = []
     seconds = smollm2.bench_decode(model, np.asarray, np.ones((1, 64), np.int64), 16, 2, clock=model.clock, runs=runs)
     assert model.calls == 3 * calls_a_run  # warm-up + 2 timed runs
-    assert len(runs) == 2 and all(len(steps) == 16 for steps in runs)
-    assert np.allclose(runs[0], [1e-3] * 4 + [60e-3] + [1e-3] * 11) and np.allclose(runs[1], 2e-3)
+    assert len(runs) == 2 and all(len(steps) == len(stolen) == 16 for steps, stolen in runs)
+    assert np.allclose(runs[0][0], [1e-3] * 4 + [60e-3] + [1e-3] * 11) and np.allclose(runs[1][0], 2e-3)
     assert abs(seconds - 1e-3) < 1e-12  # run 1's median; its mean would be 4.7 ms, run 2's 2 ms
-    assert smollm2.outliers(runs) == "1 of 32 (up to 60.0× the median)"
+    # the steal read around each step: ticks (Linux) or None (no /proc/stat)
+    assert all(ticks is None or ticks >= 0 for _, stolen in runs for ticks in stolen)
+    steps = runs[0][0]
+    assert smollm2.outliers([(steps, [0] * 16)]) == "1 of 16 (up to 60.0× the median; 0 with ticks stolen)"
+    assert smollm2.outliers([(steps, [0] * 4 + [6] + [0] * 11)]) == "1 of 16 (up to 60.0× the median; 1 with ticks stolen)"
+    assert smollm2.outliers([(steps, [None] * 16), runs[1]]) == "1 of 32 (up to 60.0× the median)"
     assert smollm2.outliers([runs[1]]) == "0 of 16"
 
 
