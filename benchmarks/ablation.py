@@ -13,8 +13,9 @@ Rows, each against "all on":
   `decode_layers` (minivl/models/decode_step.py);
 * weights not packed: `pack_parameters` skipped at load, each weight its own allocation
   (minivl/models/packing.py);
-* plain rms_norm and apply_rope: the readable functions (four new arrays a norm, five passes a
-  rotation) where the models call `rms_norm_fast` and `apply_rope_fast` (bit-equal to them);
+* plain norms and apply_rope: the readable functions (four new arrays a norm, five passes a
+  rotation) where the models call `rms_norm_fast`, `layer_norm_fast` and `apply_rope_fast` (bit-equal
+  to them);
 * caller waits on the pool: `parallel` as it was before the caller took pieces itself, every piece
   handed to the pool's workers while the caller sleeps (minivl/threads.py).
 
@@ -100,8 +101,9 @@ def switches() -> dict:
             replaced(intern_vit, "attention_blocks", full_call)),  # imported by name there
         "one thread (MINIVL_NUM_THREADS=1)": lambda: environment("MINIVL_NUM_THREADS", "1"),
         "no flat decode step": lambda: replaced(decode_step, "decode_plan", lambda *a: None),
-        "plain rms_norm and apply_rope": lambda: _both(  # both looked up at each call
-            replaced(norms, "rms_norm_fast", norms.rms_norm), replaced(rope, "apply_rope_fast", rope.apply_rope)),
+        "plain norms and apply_rope": lambda: _both(  # each looked up at each call
+            replaced(norms, "rms_norm_fast", norms.rms_norm), replaced(norms, "layer_norm_fast", norms.layer_norm),
+            replaced(rope, "apply_rope_fast", rope.apply_rope)),
         "caller waits on the pool": lambda: _both(  # imported by name in each module that hands out pieces
             replaced(threads, "parallel", pool_only), replaced(attention_blocks, "parallel", pool_only),
             replaced(activations, "parallel", pool_only)),

@@ -2,7 +2,7 @@
 
 A stage is a library function the models call: the projections' `linear`, the attention, `silu_mul`,
 the RMS norms, RoPE (SmolLM2's prefill); decode_step's GEMVs, attention, norms, SiLU and RoPE (its
-cached decode step); the attention, `gelu_fast`, the LayerNorms and the projections (DINOv2 at
+cached decode step); the attention, `gelu_fast`, the LayerNorms (`layer_norm_fast`) and the projections (DINOv2 at
 448 px). For the length of a run each is wrapped with a timer (perf_counter before and after the
 call, ~1 µs), the forwards run, and the table gives ms a forward for each stage and for the rest
 ("everything else": the embedding, reshapes, residual adds, the Python between the calls).
@@ -66,7 +66,7 @@ def vision_stages() -> dict:
     return {"projections (linear)": (linear, "linear"),
             "attention (attention_blocks)": (intern_vit, "attention_blocks"),
             "GELU (gelu_fast)": (intern_vit, "gelu_fast"),
-            "LayerNorms (layer_norm)": (norms, "layer_norm")}
+            "LayerNorms (layer_norm_fast)": (norms, "layer_norm_fast")}
 
 
 class Stages:

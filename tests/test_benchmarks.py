@@ -25,7 +25,7 @@ def test_every_switch_turns_its_path_off_and_restores_it(monkeypatch):
     before_names = (
         (attention_blocks, "_fast_kernel_applies"), (attention_blocks, "causal_attention_blocks"),
         (intern_vit, "attention_blocks"), (common, "pack_parameters"), (decode_step, "decode_plan"),
-        (norms, "rms_norm_fast"), (rope, "apply_rope_fast"), (threads, "parallel"), (attention_blocks, "parallel"),
+        (norms, "rms_norm_fast"), (norms, "layer_norm_fast"), (rope, "apply_rope_fast"), (threads, "parallel"), (attention_blocks, "parallel"),
         (activations, "parallel"))
     before = {(module.__name__, name): getattr(module, name) for module, name in before_names}
     monkeypatch.delenv("MINIVL_NUM_THREADS", raising=False)
@@ -42,9 +42,10 @@ def test_every_switch_turns_its_path_off_and_restores_it(monkeypatch):
             threads_env = os.environ.get("MINIVL_NUM_THREADS")
             vit_attention = intern_vit.attention_blocks
             decode_plan = decode_step.decode_plan
-            plain = norms.rms_norm_fast is norms.rms_norm and rope.apply_rope_fast is rope.apply_rope
+            plain = (norms.rms_norm_fast is norms.rms_norm and norms.layer_norm_fast is norms.layer_norm
+                     and rope.apply_rope_fast is rope.apply_rope)
             pool_only = {threads.parallel, attention_blocks.parallel, activations.parallel} == {ablation.pool_only}
-        assert plain == (name == "plain rms_norm and apply_rope"), name
+        assert plain == (name == "plain norms and apply_rope"), name
         assert pool_only == (name == "caller waits on the pool"), name
         assert bool(calls) == (name not in ("no float32 attention kernel",)), name
         flat_step = decode_plan is before[("minivl.models.decode_step", "decode_plan")]
@@ -159,6 +160,33 @@ def test_breakdown_times_each_stage_inside_the_model_and_restores_it(tmp_path):
                      "the plan (decode_plan)": 1}, calls
     assert 0 < sum(times.values()) <= total
     assert {stage: getattr(module, name) for stage, (module, name) in stages.items()} == before
+
+
+def test_breakdown_times_each_vision_stage_the_vit_calls(tmp_path):
+    """benchmarks/breakdown.py's ViT stages on a tiny InternViT-300M (LayerNorm blocks, as DINOv2's): each
+    stage is a function the forward calls, once per call (qkv, proj, fc1 and fc2 one `linear` each; two
+    LayerNorms and one attention and GELU a layer), so no stage reads 0 ms because the model calls
+    another function now; every function restored."""
+    import minivl
+    from minivl.tiny.vision import write_tiny_vit
+
+    spec = importlib.util.spec_from_file_location("breakdown", os.path.join(ROOT, "benchmarks", "breakdown.py"))
+    breakdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(breakdown)
+    vit = minivl.load_model(write_tiny_vit(tmp_path / "vit", "300m"), dtype="float32")
+    layers, size = vit.config.num_hidden_layers, vit.config.image_size
+    before = {stage: getattr(module, name) for stage, (module, name) in breakdown.vision_stages().items()}
+    pixels = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
+
+    def vision(measured):
+        with measured():
+            vit(pixels)
+
+    total, times, calls = breakdown.breakdown(vision, breakdown.vision_stages(), repeats=2)
+    assert calls == {"projections (linear)": 4 * layers, "attention (attention_blocks)": layers,
+                     "GELU (gelu_fast)": layers, "LayerNorms (layer_norm_fast)": 2 * layers}, calls
+    assert 0 < sum(times.values()) <= total
+    assert {stage: getattr(module, name) for stage, (module, name) in breakdown.vision_stages().items()} == before
 
 
 def load_benchmark(name):

@@ -80,9 +80,8 @@ def test_rms_norm_fast_is_rms_norm_bit_for_bit(dtype, shape, threads, monkeypatc
         np.testing.assert_array_equal(_bits(fast), _bits(reference))
 
 
-def test_rms_norm_fast_splits_only_long_inputs_across_threads(monkeypatch):
-    """A [2048, 576] norm goes to two threads in two pieces, a 512-token prefill's [512, 576] stays one
-    piece (faster on one thread here: norms._PARALLEL_MIN_ELEMENTS)."""
+def _count_pieces(monkeypatch) -> list:
+    """With two threads, the number of pieces each later `parallel` call hands out, appended to the list returned."""
     import minivl.threads
 
     monkeypatch.setenv("MINIVL_NUM_THREADS", "2")
@@ -95,6 +94,13 @@ def test_rms_norm_fast_splits_only_long_inputs_across_threads(monkeypatch):
         return real(tasks, **options)
 
     monkeypatch.setattr(minivl.threads, "parallel", counting)
+    return pieces
+
+
+def test_rms_norm_fast_splits_only_long_inputs_across_threads(monkeypatch):
+    """A [2048, 576] norm goes to two threads in two pieces, a 512-token prefill's [512, 576] stays one
+    piece (faster on one thread here: norms._PARALLEL_MIN_ELEMENTS)."""
+    pieces = _count_pieces(monkeypatch)
     weight = np.ones(576, np.float32)
     for rows in (2048, 512):
         norms.rms_norm_fast(np.ones((rows, 576), np.float32), weight, 1e-6)
@@ -170,6 +176,71 @@ def test_layer_norm_numpy_vs_torch_twin_vs_functional(dtype, d, affine):
     rtol, atol = tolerance(dtype, ulps, scale=scale)
     assert_close(out, out_torch, rtol=rtol, atol=atol, what=f"layer_norm {dtype} numpy vs torch twin")
     assert_close(out, out_ref, rtol=rtol, atol=atol, what=f"layer_norm {dtype} numpy vs F.layer_norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 384), (3, 5, 64), (1, 64, 576), (1, 1025, 384), (7, 257, 1024)])
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("affine", ["both", "weight_only", "bias_only", "none"])
+def test_layer_norm_fast_is_layer_norm_bit_for_bit(dtype, shape, threads, affine, monkeypatch):
+    """The models' fast path: the same operations, in one buffer, long inputs' rows on two threads
+    ((1, 1025, 384), a 448-px DINOv2's, and (7, 257, 1024), seven 224-px InternViT-300M tiles, pass the
+    per-thread minimum): EXACT equality, a row of zeros (variance 0: 1/√eps), a constant row, signed
+    zeros, an offset mean (x − μ cancels) and huge and tiny rows included."""
+    monkeypatch.setenv("MINIVL_NUM_THREADS", threads)
+    rng = np.random.default_rng(sum(shape))
+    x = (3.0 + rng.standard_normal(shape) * rng.uniform(0.01, 100, size=shape[:-1] + (1,))).astype(dtype)
+    rows = x.reshape(-1, shape[-1])
+    rows[0] = 0.0
+    rows[-1, ::3] = -0.0
+    if len(rows) > 2:
+        rows[1] = 7.25
+    weight = rng.uniform(-2, 2, size=shape[-1]).astype(dtype) if affine in ("both", "weight_only") else None
+    bias = rng.standard_normal(shape[-1]).astype(dtype) if affine in ("both", "bias_only") else None
+    for eps in (1e-6, 1e-5):
+        fast, reference = norms.layer_norm_fast(x, weight, bias, eps), norms.layer_norm(x, weight, bias, eps)
+        assert fast.dtype == reference.dtype and fast.shape == reference.shape
+        np.testing.assert_array_equal(_bits(fast), _bits(reference))
+
+
+def test_layer_norm_fast_splits_only_long_inputs_across_threads(monkeypatch):
+    """A 448-px DINOv2's [1025, 384] LayerNorm goes to two threads in two pieces, a [512, 384] one stays
+    one piece (faster on one thread here: norms._LAYER_NORM_MIN_ELEMENTS)."""
+    pieces = _count_pieces(monkeypatch)
+    weight, bias = np.ones(384, np.float32), np.zeros(384, np.float32)
+    for rows in (1025, 512):
+        norms.layer_norm_fast(np.ones((rows, 384), np.float32), weight, bias, 1e-6)
+    assert pieces == [2, 1]
+
+
+def test_layer_norm_fast_takes_layer_norm_itself_where_it_would_differ():
+    """A transposed x (NumPy would sum its rows in another order), a weight or a bias of another dtype (the
+    reference casts it to x's compute dtype first) and bf16 (ml_dtypes: statistics in float32, one
+    rounding at the end) run `layer_norm`; each equals it. A mis-shaped bias is the same ShapeError."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 8)).astype(np.float32).T
+    weight, bias = rng.standard_normal(64).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    contiguous = np.ascontiguousarray(x)
+    cases = [(x, weight, bias), (contiguous, weight.astype(np.float64), bias), (contiguous, weight, bias.astype(np.float64)),
+             (contiguous.astype(ml_dtypes.bfloat16), weight.astype(ml_dtypes.bfloat16), bias.astype(ml_dtypes.bfloat16)),
+             (contiguous[:0], weight, bias)]
+    for x_case, w_case, b_case in cases:
+        fast, reference = norms.layer_norm_fast(x_case, w_case, b_case, 1e-5), norms.layer_norm(x_case, w_case, b_case, 1e-5)
+        assert fast.dtype == reference.dtype and fast.shape == reference.shape
+        np.testing.assert_array_equal(_bits(fast), _bits(reference))
+    with pytest.raises(Exception, match="bias must have shape"):
+        norms.layer_norm_fast(contiguous, weight, bias[:3], 1e-5)
+
+
+def test_layer_norm_fast_torch_twin_matches():
+    """torch_impl's twin is its layer_norm (F.layer_norm): the same tolerance as layer_norm's twin test."""
+    rng = np.random.default_rng(2)
+    x, weight, bias = _inputs(rng, "float32", 384, offset=3.0)
+    out_torch = torch_norms.layer_norm_fast(torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias), 1e-6)
+    ulps = 4 * (8 + math.sqrt(384))  # as in test_layer_norm_numpy_vs_torch_twin_vs_functional
+    rtol, atol = tolerance("float32", ulps, scale=np.abs(out_torch.numpy()).max() + 1.0)
+    assert_close(norms.layer_norm_fast(x, weight, bias, 1e-6), out_torch, rtol=rtol, atol=atol,
+                 what="layer_norm_fast twin")
 
 
 def test_layer_norm_uses_biased_variance():
