@@ -2,6 +2,12 @@
 with one fast path turned off at a time, measured in interleaved rounds (every row once a round, the
 best of each kept), so that a slow minute of a shared machine slows every row alike.
 
+The ratio column is paired: in every round each row runs right next to an "all on" run of its own
+(row first in even rounds, "all on" first in odd ones), and a row's ratio is the median over the
+rounds of row ÷ its partner, with the lowest and highest in brackets. A shared VM's speed drifts by
+10 % and more within minutes; a pair shares the minute, so the drift divides out, where the ratio
+of two rows' best times mixes two minutes. The ms columns are each row's best time.
+
 Rows, each against "all on":
 
 * no float32 attention kernel: each query block runs the reference softmax (max, −max, exp, Σ, ÷)
@@ -128,7 +134,8 @@ def load(path, packed: bool):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="rounds (every row once a round; best kept)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds (every row once a round, each next to an all-on run of its own)")
     parser.add_argument("--prompt", type=int, default=512, help="prefill length")
     parser.add_argument("--new-tokens", type=int, default=16, help="decode steps timed after a 64-token prompt")
     args = parser.parse_args(argv)
@@ -149,26 +156,57 @@ def main(argv=None) -> None:
 
     rows = {name: (switch, True) for name, switch in switches().items()}
     rows["weights not packed"] = (contextlib.nullcontext, False)
-    best = {name: (float("inf"),) * 3 for name in rows}
+    base_name = "all fast paths on"
+
+    def run_row(name):
+        switch, packed = rows[name]
+        with switch():
+            return measure(*models[packed])
+
     ticks = cpu_ticks()
-    for _ in range(args.repeats):
-        for name, (switch, packed) in rows.items():
-            with switch():
-                times = measure(*models[packed])
-            best[name] = tuple(min(a, b) for a, b in zip(best[name], times))
+    times, partners = paired_rounds(run_row, list(rows), base_name, args.repeats)
     steal = describe_steal(ticks, cpu_ticks())
+    best = {name: tuple(np.min(times[name], axis=0)) for name in rows}
+    ratios = paired_ratios(times, partners)
 
     print(f"NumPy, float32, batch 1: SmolLM2-135M prefill {args.prompt} (logits_to_keep=1) and cached decode "
           f"({args.new_tokens} steps after 64 tokens), DINOv2-S/14 at 448 px (1025 tokens); best of {args.repeats} "
-          f"interleaved rounds (decode: a run's median step); {describe_machine()}; load average "
-          f"{os.getloadavg()[0]:.1f} at the end{steal}.")
+          f"interleaved rounds (decode: a run's median step), each row paired with an all-on run in every round; "
+          f"{describe_machine()}; load average {os.getloadavg()[0]:.1f} at the end{steal}.")
     print()
-    print(f"| | prefill {args.prompt} (ms) | decode (ms/token) | ViT 448 px (ms) | ÷ all on (prefill, decode, ViT) |")
+    print(f"| | prefill {args.prompt} (ms) | decode (ms/token) | ViT 448 px (ms) | ÷ its paired all-on run, median "
+          f"(lowest–highest) of {args.repeats}: prefill, decode, ViT |")
     print("|---|---|---|---|---|")
-    base = best["all fast paths on"]
-    for name, times in best.items():
-        ratios = ", ".join(f"{t / b:.2f}×" for t, b in zip(times, base))
-        print(f"| {name} | {times[0] * 1e3:.0f} | {times[1] * 1e3:.1f} | {times[2] * 1e3:.0f} | {ratios} |")
+    for name, (prefill, decode, vit) in best.items():
+        cells = ", ".join(f"{median:.2f}× ({low:.2f}–{high:.2f})" for median, low, high in ratios.get(name, ()))
+        print(f"| {name} | {prefill * 1e3:.0f} | {decode * 1e3:.1f} | {vit * 1e3:.0f} | {cells or '1×'} |")
+
+
+def paired_rounds(run_row, names: list, base_name: str, rounds: int) -> tuple[dict, dict]:
+    """(times, partners): times[name] = the row's runs, partners[name] = the all-on run next to each of them.
+
+    In each round every row runs once, next to an all-on run of its own: the row first in even rounds,
+    all on first in odd ones, so that neither side always gets the warmer or the cooler machine. The
+    all-on row's own times are every partner run. run_row(name) -> a tuple of times, one per workload.
+    """
+    times, partners = {name: [] for name in names}, {name: [] for name in names if name != base_name}
+    for round_index in range(rounds):
+        for name in partners:
+            order = (name, base_name) if round_index % 2 == 0 else (base_name, name)
+            measured = {side: run_row(side) for side in order}
+            times[name].append(measured[name])
+            partners[name].append(measured[base_name])
+            times[base_name].append(measured[base_name])
+    return times, partners
+
+
+def paired_ratios(times: dict, partners: dict) -> dict:
+    """{name: [(median, lowest, highest) of run ÷ its partner over the rounds, one per workload]} for each paired row."""
+    ratios = {}
+    for name, runs in partners.items():
+        quotients = np.array(times[name]) / np.array(runs)  # [rounds, workloads]
+        ratios[name] = [(float(np.median(column)), float(column.min()), float(column.max())) for column in quotients.T]
+    return ratios
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import importlib.util
 import os
 
 import numpy as np
+import pytest
 
 from minivl import activations, attention_blocks, norms, rope, threads
 from minivl.models import common, decode_step, intern_vit
@@ -55,6 +56,33 @@ def test_every_switch_turns_its_path_off_and_restores_it(monkeypatch):
         assert threads_env == ("1" if name.startswith("one thread") else None), name
     after = {(module.__name__, name): getattr(module, name) for module, name in before_names}
     assert after == before and "MINIVL_NUM_THREADS" not in os.environ
+
+
+def test_paired_rounds_divide_a_drifting_machine_out():
+    """ablation.py's ratio column: each row runs next to an all-on run of its own, the order alternating by
+    round. On a fake machine that turns 1.4× slower for three pairs and back (a slow minute), a row that
+    costs 1.10× all on reads exactly 1.10× in every pair, the slow ones too (its lowest and highest ratio
+    are 1.10×), and a row that costs the same reads 1×."""
+    ablation = load_ablation()
+    cost = {"all fast paths on": (1.0, 2.0), "slower": (1.1, 2.0), "same": (1.0, 2.0)}
+    calls = []
+
+    def run_row(name):
+        calls.append(name)
+        slow = 1.4 if 4 <= (len(calls) - 1) // 2 < 7 else 1.0  # pairs 4, 5 and 6 run in the slow stretch
+        return tuple(slow * c for c in cost[name])
+
+    times, partners = ablation.paired_rounds(run_row, list(cost), "all fast paths on", rounds=5)
+    assert len(calls) == 2 * 2 * 5  # two paired rows, two runs a pair, five rounds
+    # the row first in even rounds, all on first in odd ones
+    assert calls[:4] == ["slower", "all fast paths on", "same", "all fast paths on"]
+    assert calls[4:8] == ["all fast paths on", "slower", "all fast paths on", "same"]
+    assert len(times["all fast paths on"]) == 10 and all(len(partners[name]) == 5 for name in ("slower", "same"))
+    ratios = ablation.paired_ratios(times, partners)
+    assert set(ratios) == {"slower", "same"}
+    for (median, low, high), expected in zip(ratios["slower"], (1.1, 1.0)):
+        assert median == low == high == pytest.approx(expected, rel=1e-12)
+    assert all(cell == pytest.approx((1.0, 1.0, 1.0)) for cell in ratios["same"])
 
 
 def test_unpacked_load_gives_the_same_model_without_the_buffer(tmp_path):
