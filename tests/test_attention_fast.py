@@ -297,7 +297,52 @@ def test_blocks_run_the_kernel_in_float32_prefill_only(monkeypatch):
             continue  # attention_blocks' single block is the plain call
         calls.clear()
         AB.attention_blocks(q, k, v, scale_mode="scale_q", softmax_dtype=None)
-        assert len(calls) == (2 if (dtype, s) == ("float32", 300) else 0), (dtype, s, calls)
+        # one tile per KV head: its group's 3 query heads, all 300 queries
+        assert calls == ([(1, 3, 300, 64)] * 3 if (dtype, s) == ("float32", 300) else []), (dtype, s, calls)
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_q", [None, 128, 7])
+def test_attention_blocks_tiles_cover_every_item_head_and_query_once(monkeypatch, dtype, block_q):
+    """`attention_blocks` cuts a GQA attention in (batch item, KV head, query block) tiles: each tile reads
+    its own item's KV head with that head's query group, and together they write every output once.
+    Checked against the float64 truth within the kernel's bound, and in float64 (the plain call on each
+    slice) against the full call within two orderings of its sums (rtol 8 ulps, atol (sqrt(t) + 16)
+    ulps of p·|v|, as tests/test_threads.py); the tiles' shapes pin the default cut."""
+    monkeypatch.setattr(AB, "num_threads", lambda: 2)
+    rng = np.random.default_rng(12)
+    b, h, kv, s, d = 2, 6, 2, 300, 32
+    q = (rng.standard_normal((b, h, s, d)) * 1.5).astype(dtype)
+    k, v = (rng.standard_normal((b, kv, s, d)).astype(dtype) for _ in range(2))
+    tiles = []
+    attend = A.scaled_dot_product_attention if dtype == "float64" else AB._late_normalized_attention
+    name = "scaled_dot_product_attention" if dtype == "float64" else "_late_normalized_attention"
+    monkeypatch.setattr(AB, name, lambda q_tile, *a, **kw: tiles.append(q_tile.shape) or attend(q_tile, *a, **kw))
+    got = AB.attention_blocks(q, k, v, block_q=block_q, scale_mode="scale_q", softmax_dtype=None)
+    truth, probs = naive_attention(q, k, v, scale=d ** -0.5)
+    rtol, atol = _kernel_tolerance(q, k, v, probs, d ** -0.5)
+    assert_close(got, truth, rtol=rtol, atol=atol, what=f"tiles ({dtype}, block_q={block_q}) vs float64 truth")
+    if dtype == "float64":  # and the plain call on each slice is the full call up to its sums' order, in float64 ulps
+        full = A.scaled_dot_product_attention(q, k, v, scale_mode="scale_q", softmax_dtype=None)
+        pv = probs @ np.repeat(np.abs(v), h // kv, axis=1)
+        rtol, atol = tolerance("float64", 8, atol_ulps=math.sqrt(s) + 16, scale=pv)
+        assert_close(got, full, rtol=rtol, atol=atol, what=f"tiles (block_q={block_q}) vs the full call")
+    rows = s if block_q is None else block_q  # by default a head's every query: 3·300 scores a query fit one tile
+    blocks = -(-s // rows)
+    assert len(tiles) == b * kv * blocks
+    assert sorted(tiles) == sorted([(1, h // kv, min(rows, s - start), d) for start in range(0, s, rows)] * b * kv)
+
+
+def test_attention_blocks_default_tile_fits_its_score_budget_and_the_cores(monkeypatch):
+    """A head's whole rows while [group, s, t] fits `_TILE_SCORES`; longer inputs in blocks that fit;
+    more blocks when there are fewer (item, KV head) pairs than cores."""
+    monkeypatch.setattr(AB, "num_threads", lambda: 2)
+    assert AB._tile_queries(6, 1025, 1025) == 1025                 # DINOv2 at 448 px: one tile per head
+    assert AB._tile_queries(1, 1025, 1025) == 513                  # one head, two cores: two blocks
+    assert AB._tile_queries(6, 4096, 4096) == 512                  # 4096² scores: blocks of 512·4096 = 2^21
+    assert 512 * 4096 <= AB._TILE_SCORES and AB._tile_queries(6, 4096, 4096) * 4096 <= AB._TILE_SCORES
+    monkeypatch.setattr(AB, "num_threads", lambda: 16)
+    assert AB._tile_queries(6, 1025, 1025) == 342                  # 6 heads on 16 cores: 3 blocks each
+
 
 @pytest.mark.parametrize("module,wrap,address", [
     (A, np.asarray, lambda x: x.__array_interface__["data"][0]),

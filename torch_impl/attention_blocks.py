@@ -41,14 +41,17 @@ def causal_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     return out
 
 
-def attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: int = 256,
+def attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: int | None = None,
                      **attention_options) -> torch.Tensor:
     """Fast path of `scaled_dot_product_attention` without a mask (a ViT's): one block of queries at a time.
 
-    The twin of minivl.attention.attention_blocks (see its docstring); torch's kernels thread each
-    block themselves, so the blocks run one after another, each holding [b, heads, block_q, t] scores.
+    The twin of minivl.attention_blocks.attention_blocks, the same result: torch's kernels thread
+    each call themselves, so where NumPy runs one head's tiles on every core at once, this runs
+    blocks of block_q (None: 256) queries over all heads one after another, each holding
+    [b, heads, block_q, t] scores (per-head tiles would hand torch's threads products too small).
     q [b, H, s, d], k/v [b, K, t, d] -> [b, H, s, d]
     """
+    block_q = 256 if block_q is None else block_q
     q_len = q.shape[2]
     masked = any(attention_options.get(name) is not None for name in ("mask", "bias"))
     if q_len <= block_q or masked or attention_options.get("is_causal") or attention_options.get("return_probs"):
