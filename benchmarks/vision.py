@@ -7,6 +7,7 @@ same matrix products run alone in the same run (benchmarks/machine.py):
 
     python3 benchmarks/vision.py               # markdown table for the README
     python3 benchmarks/vision.py --size 224 --repeats 5
+    python3 benchmarks/vision.py --batch 7     # an image's 7 tiles at once, as InternVL's ViT runs them
     python3 benchmarks/vision.py --clock cpu   # CPU time of this process: for a shared machine
     python3 benchmarks/vision.py --numpy-only  # torch never imported: the process `minivl describe-image` is
 
@@ -34,19 +35,24 @@ import numpy as np  # noqa: E402
 from machine import cpu_ticks, describe_machine, describe_steal, time_best, time_gemms  # noqa: E402
 
 
-def vit_gemm_shapes(config, height: int, width: int) -> list[tuple]:
-    """(m, k, n) / (batch, m, k, n) of every matrix product of one ViT forward at batch 1."""
+def vit_gemm_shapes(config, height: int, width: int, batch: int = 1) -> list[tuple]:
+    """(m, k, n) / (batch, m, k, n) of every matrix product of one ViT forward over `batch` images:
+    a projection's rows are every image's tokens, an attention product is one per (image, head)."""
     C, p, heads = config.hidden_size, config.patch_size, config.num_attention_heads
     patches = (height // p) * (width // p)
     tokens, d = patches + 1, C // heads
-    layer = [(tokens, C, 3 * C), (heads, tokens, d, tokens), (heads, tokens, tokens, d), (tokens, C, C),
-             (tokens, C, config.intermediate_size), (tokens, config.intermediate_size, C)]
-    return [(patches, config.num_channels * p * p, C)] + layer * config.num_hidden_layers
+    rows, pairs = batch * tokens, batch * heads
+    layer = [(rows, C, 3 * C), (pairs, tokens, d, tokens), (pairs, tokens, tokens, d), (rows, C, C),
+             (rows, C, config.intermediate_size), (rows, config.intermediate_size, C)]
+    return [(batch * patches, config.num_channels * p * p, C)] + layer * config.num_hidden_layers
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=448, help="square input side in pixels (a multiple of 14)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="images a forward (InternVL's ViT sees an image's tiles at once: 7 for a 4:3 "
+                             "photo at max_num 6, up to 13 at max_num 12)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall time, or this process's CPU time (blind to other processes on a shared "
@@ -62,7 +68,9 @@ def main(argv=None) -> None:
     path = dinov2_checkpoint()
     numpy_model = minivl.load_model(path, dtype="float32")
     config = numpy_model.config
-    pixels = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size), dtype=np.float32)
+    if args.batch < 1:
+        parser.error(f"--batch must be 1 or more, got {args.batch}")
+    pixels = np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size), dtype=np.float32)
     models = {"NumPy": (numpy_model, np.asarray)}
     frameworks = ("numpy",)
     no_grad = contextlib.nullcontext()
@@ -75,7 +83,7 @@ def main(argv=None) -> None:
             models[f"torch_impl {backend}"] = (torch_impl.load_model(path, dtype="float32", attn_implementation=backend),
                                                torch.from_numpy)
         frameworks, no_grad = ("numpy", "torch"), torch.inference_mode()
-    shapes = vit_gemm_shapes(config, args.size, args.size)
+    shapes = vit_gemm_shapes(config, args.size, args.size, args.batch)
     gemms = {fw: float("inf") for fw in frameworks}
     times = {name: float("inf") for name in models}
     faults = {name: [] for name in models}  # per round
@@ -96,7 +104,7 @@ def main(argv=None) -> None:
     steal = describe_steal(ticks, cpu_ticks())
 
     tokens = (args.size // config.patch_size) ** 2 + 1
-    print(f"DINOv2-S/14 as InternViT, float32, batch 1, {args.size}×{args.size} px = {tokens} tokens, "
+    print(f"DINOv2-S/14 as InternViT, float32, batch {args.batch}, {args.size}×{args.size} px = {tokens} tokens, "
           f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads; "
           f"best of {args.repeats} {'rounds, the GEMMs after the model' if args.numpy_only else 'interleaved rounds'}, "
           f"{args.clock} time; {describe_machine(torch_too=not args.numpy_only)}; "

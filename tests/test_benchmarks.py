@@ -151,6 +151,24 @@ def test_vision_benchmark_numpy_only_never_imports_torch_and_counts_faults():
     assert out.splitlines()[-1] == "False", out  # torch never imported
 
 
+def test_vision_benchmark_gemm_shapes_at_batch_one_and_seven():
+    """vision.py's yardstick: DINOv2-S/14 at 448 px (32² = 1024 patches + CLS), worked out by hand from the
+    architecture; 7 tiles stack their tokens in every projection and add one q·kᵀ and p·v per (tile, head)."""
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("vision_bench", os.path.join(ROOT, "benchmarks", "vision.py"))
+    vision = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vision)
+    config = SimpleNamespace(hidden_size=384, patch_size=14, num_attention_heads=6, num_channels=3,
+                             intermediate_size=1536, num_hidden_layers=12)
+    for batch in (1, 7):
+        shapes = vision.vit_gemm_shapes(config, 448, 448, batch)
+        layer = [(batch * 1025, 384, 1152), (batch * 6, 1025, 64, 1025), (batch * 6, 1025, 1025, 64),
+                 (batch * 1025, 384, 384), (batch * 1025, 384, 1536), (batch * 1025, 1536, 384)]
+        assert shapes == [(batch * 1024, 588, 384)] + layer * 12, batch
+    assert vision.vit_gemm_shapes(config, 448, 448) == vision.vit_gemm_shapes(config, 448, 448, 1)
+
+
 def test_breakdown_times_each_stage_inside_the_model_and_restores_it(tmp_path):
     """benchmarks/breakdown.py on a tiny Llama: each stage counted once per call the model makes (q|k|v
     and gate|up one `linear` each, plus o, down and the LM head), none counted outside the measured part
