@@ -26,7 +26,8 @@ EXIT_CODES = {
     3: "the operating system refused: a file or directory cannot be read or written (not permitted, disk "
        "full, read-only, an I/O error), or memory ran out",
     4: "the requested backend or device is not available here (torch not installed, CUDA on a CPU-only torch)",
-    5: "the model computed NaN/inf: its weights or inputs are not finite, or the computation overflowed",
+    5: "the model computed NaN/inf: the computation overflowed (a checkpoint with non-finite weights is refused "
+       "at load instead: exit 1, naming the tensors)",
     130: "interrupted (Ctrl-C)",
     141: "the output was closed before the command finished (broken pipe, e.g. `| head`)",
 }

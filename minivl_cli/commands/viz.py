@@ -14,12 +14,12 @@ ROPE_TYPES = ["default", "linear", "dynamic", "yarn", "llama3", "su", "phi3_yarn
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("viz", help="render RoPE, ALiBi, GQA and attention pictures to PNG")
+    parser = subparsers.add_parser("viz", help="render RoPE, ALiBi, GQA and attention pictures to PNG (explore: an HTML page)")
     kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
 
     rope = kinds.add_parser("rope", help="the RoPE atlas: frequencies, wavelengths, one pair's rotation, q·k decay")
-    rope.add_argument("--types", default="default,linear,dynamic,yarn,llama3,su",
-                      help=f"comma-separated RoPE types from {ROPE_TYPES}")
+    rope.add_argument("--types", default=",".join(ROPE_TYPES),
+                      help=f"comma-separated RoPE types from {ROPE_TYPES} (default: all of them)")
     rope.add_argument("--head-dim", type=int, default=128)
     rope.add_argument("--theta", type=float, default=10000.0)
     rope.add_argument("--factor", type=float, default=4.0, help="scaling factor (linear, dynamic, yarn, llama3)")
