@@ -37,14 +37,74 @@ def read_tokenizer_config(directory: str | os.PathLike) -> dict:
     if not config_file.is_file():
         return {}
     try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
-    except ValueError as e:
+        settings = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{config_file} is not valid JSON ({e}); re-download it") from None
+    check_tokenizer_config(settings, config_file)
+    return settings
+
+
+# the tokenizer_config.json fields minivl reads, and the JSON types each may have (null: absent)
+_TOKEN_FIELDS = ("bos_token", "eos_token", "pad_token", "unk_token")
+_FLAG_FIELDS = ("add_bos_token", "add_eos_token", "clean_up_tokenization_spaces")
+
+
+def check_tokenizer_config(settings, config_file) -> None:
+    """CheckpointError naming the field, unless the fields minivl reads have the types transformers writes.
+
+    A special token is a string or an AddedToken object {"content": string, ...}; chat_template a
+    string (or transformers' list of named templates); the add_*/clean_up flags true or false (null:
+    absent, as for every field).
+    """
+    def bad(field, value, expected):
+        return CheckpointError(f"{config_file}: {field} is {value!r} ({type(value).__name__}); it must be {expected}. "
+                               "Fix or re-download the checkpoint's tokenizer_config.json")
+
+    if not isinstance(settings, dict):
+        raise bad("the file", settings, "a JSON object of settings")
+    for field in _TOKEN_FIELDS:
+        value = settings.get(field)
+        if value is not None and not isinstance(token_content(value), str):
+            raise bad(field, value, 'a token string or an object {"content": "<token>"}')
+    for field in _FLAG_FIELDS:
+        if settings.get(field) is not None and not isinstance(settings[field], bool):
+            raise bad(field, settings[field], "true or false")
+    template = settings.get("chat_template")
+    if template is not None and not isinstance(template, (str, list)):
+        raise bad("chat_template", template, "a template string")
+    system = settings.get("default_system_message")
+    if system is not None and not isinstance(system, str):
+        raise bad("default_system_message", system, "a string")
+    added = settings.get("added_tokens_decoder") or {}
+    if not isinstance(added, dict) or not all(
+            str(key).isdigit() and isinstance(token_content(token), str) for key, token in added.items()):
+        raise bad("added_tokens_decoder", added, 'an object {"<id>": {"content": "<token>"}, ...}')
+    special = settings.get("additional_special_tokens") or []
+    if not isinstance(special, list) or not all(isinstance(token_content(token), str) for token in special):
+        raise bad("additional_special_tokens", special, "a list of token strings")
 
 
 def token_content(token):
     """A token as tokenizer_config.json writes it: a string, or an AddedToken dict whose text is "content"."""
     return token.get("content") if isinstance(token, dict) else token
+
+
+def check_text(text, what: str = "text") -> str:
+    """`text` if it is a str that UTF-8 can encode; GenerationError otherwise.
+
+    Bytes that are not UTF-8 on the command line reach Python as lone surrogates ("\\udcff" for the
+    byte 0xff); neither tokenizers nor SentencePiece can take them.
+    """
+    if not isinstance(text, str):
+        raise GenerationError(f"{what} must be a str (encode() takes a str), got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = text[e.start]
+        shown = f"byte 0x{ord(byte) - 0xDC00:02x}" if 0xDC80 <= ord(byte) <= 0xDCFF else f"lone surrogate {byte!r}"
+        raise GenerationError(f"{what} is not valid UTF-8 (it holds the {shown}); pass UTF-8 text "
+                              "(a file: convert it with iconv -t utf-8)") from None
+    return text
 
 
 class Tokenizer:
@@ -146,8 +206,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`. `add_special_tokens=True` prepends BOS only if the checkpoint asks for it."""
-        if not isinstance(text, str):
-            raise GenerationError(f"encode() takes a str, got {type(text).__name__}")
+        check_text(text, "the text to tokenize")
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids

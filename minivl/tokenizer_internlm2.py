@@ -30,7 +30,7 @@ import re
 from pathlib import Path
 
 from minivl.errors import CheckpointError, GenerationError
-from minivl.tokenizer import Tokenizer, read_tokenizer_config, token_content
+from minivl.tokenizer import Tokenizer, check_text, read_tokenizer_config, token_content
 
 # InternLM2Tokenizer.__init__'s defaults (used where tokenizer_config.json says nothing)
 DEFAULT_ROLES = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>"}
@@ -97,8 +97,8 @@ class InternLM2Tokenizer(Tokenizer):
         config_file = file.parent / "tokenizer_config.json"
         roles = {name: token_content(settings[name]) if name in settings else default
                  for name, default in DEFAULT_ROLES.items()}
-        added = {int(i): token_content(t) for i, t in settings.get("added_tokens_decoder", {}).items()}
-        special = [token_content(t) for t in settings.get("additional_special_tokens", [])]
+        added = {int(i): token_content(t) for i, t in (settings.get("added_tokens_decoder") or {}).items()}
+        special = [token_content(t) for t in settings.get("additional_special_tokens") or []]
         # every special token is an added token too (PreTrainedTokenizer.__init__ adds them): a piece of
         # the SentencePiece model keeps its id
         for token in [*roles.values(), *special]:
@@ -151,8 +151,7 @@ class InternLM2Tokenizer(Tokenizer):
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; `add_special_tokens=True` prepends BOS (and appends EOS) as the checkpoint says."""
-        if not isinstance(text, str):
-            raise GenerationError(f"encode() takes a str, got {type(text).__name__}")
+        check_text(text, "the text to tokenize")
         chunks = self._added_pattern.split(text) if self._added_pattern else [text]
         ids = []
         for chunk in chunks:

@@ -61,7 +61,9 @@ def prompt_ids(directory: str, ids: str | None, prompt: str | None, vocab_size: 
                               f"with --ids 1,2,3")
         from tokenizers import Tokenizer
 
-        token_ids = Tokenizer.from_file(tokenizer_path).encode(prompt).ids
+        from minivl.tokenizer import check_text
+
+        token_ids = Tokenizer.from_file(tokenizer_path).encode(check_text(prompt, "--prompt")).ids
     elif ids is not None:
         try:
             token_ids = [int(t) for t in ids.split(",") if t.strip()]
