@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from conftest import requires_cuda
 from minivl import attention as A
 from minivl.alibi import alibi_bias
-from minivl.errors import ConfigError, ShapeError
+from minivl.errors import ConfigError, DeviceError, ShapeError
 from minivl.testing import assert_close, tolerance
 from torch_impl import attention as T
 
@@ -434,7 +434,7 @@ def test_sdpa_backend_matches_eager(dtype, case):
 
 def test_flash_backend_refuses_cpu_tensors():
     q = torch.randn(1, 2, 3, 64, dtype=torch.bfloat16)
-    with pytest.raises(ShapeError, match="backend='flash' needs CUDA"):
+    with pytest.raises(DeviceError, match="backend='flash' needs CUDA"):
         T.scaled_dot_product_attention(q, q, q, backend="flash")
 
 

@@ -163,7 +163,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from flash_reference import naive_attention, naive_varlen, sdpa_reference  # noqa: E402
-from minivl.errors import ConfigError, ShapeError  # noqa: E402
+from minivl.errors import ConfigError, DeviceError, ShapeError  # noqa: E402
 from minivl.testing import assert_close, tolerance  # noqa: E402
 
 ULPS = 32
@@ -281,13 +281,13 @@ def test_bad_input_raises_named_error():
         triton_attention_varlen(packed, packed, packed, torch.tensor([0, 4, 10]), torch.tensor([0, 4, 10]), 5, 6)
 
 
-def test_cpu_tensors_without_interpreter_raise_config_error():
+def test_cpu_tensors_without_interpreter_raise_device_error():
     import torch_impl.triton_attention as module
 
     if module.INTERPRETED:
         pytest.skip("TRITON_INTERPRET=1 was set for this whole process: CPU tensors are legitimately accepted")
     a = torch.zeros(1, 2, 16, 8)
-    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(DeviceError, match="TRITON_INTERPRET=1"):  # the CLI's exit 4: not available here
         module.triton_attention(a, a, a)
 
 

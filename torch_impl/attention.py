@@ -21,7 +21,7 @@ import torch
 
 from minivl.attention import (_check_cache_entry, _check_lengths, _check_window, check_additive,
                               check_attention_options, check_qkv)
-from minivl.errors import ConfigError, ShapeError
+from minivl.errors import ConfigError, DeviceError, ShapeError
 
 BACKENDS = ("eager", "sdpa", "flash", "triton")
 
@@ -230,8 +230,8 @@ def _sdpa(q, k, v, mask, bias, scale, is_causal):
 def _flash(q, k, v, mask, bias, scale, is_causal):
     """FlashAttention-2: flash_attn's kernel if installed, else torch's FLASH_ATTENTION sdpa backend."""
     if not q.is_cuda:
-        raise ShapeError(f"attention: backend='flash' needs CUDA tensors, got q on {q.device}; use "
-                         f"backend='sdpa' or 'eager' on CPU")
+        raise DeviceError(f"attention: backend='flash' needs CUDA tensors, got q on {q.device}; use "
+                          f"backend='sdpa' or 'eager' on CPU")
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise ShapeError(f"attention: backend='flash' needs float16 or bfloat16 inputs, got {q.dtype}; "
                          f"cast the model (dtype='bfloat16') or use backend='sdpa'/'eager' for float32")

@@ -33,7 +33,7 @@ Where it runs: CUDA tensors, compiled. CPU tensors only under Triton's interpret
 the same kernel source with NumPy (slow: for tests and reading). The interpreter is chosen when
 ``@triton.jit`` runs, i.e. ``TRITON_INTERPRET=1`` must be in the environment before triton is first
 imported in the process (triton.language's own helpers such as ``tl.zeros`` are jit functions
-too, so the choice cannot be made later per call); otherwise CPU tensors get a ConfigError.
+too, so the choice cannot be made later per call); otherwise CPU tensors get a DeviceError.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from minivl.errors import ConfigError, ShapeError
+from minivl.errors import ConfigError, DeviceError, ShapeError
 from minivl.flash import _window
 
 
@@ -283,10 +283,10 @@ def _check_inputs(q, k, v, ndim):
 def _check_device(q):
     """Compiled kernels need CUDA tensors; the interpreter needs CPU tensors."""
     if INTERPRETED and q.device.type != "cpu":
-        raise ConfigError(f"Triton is in interpreter mode (TRITON_INTERPRET=1): it runs CPU tensors "
+        raise DeviceError(f"Triton is in interpreter mode (TRITON_INTERPRET=1): it runs CPU tensors "
                           f"only; got tensors on {q.device}. Unset TRITON_INTERPRET to compile for CUDA")
     if not INTERPRETED and not q.is_cuda:
-        raise ConfigError(f"attn_implementation='triton' needs CUDA tensors (got {q.device}); on the CPU "
+        raise DeviceError(f"attn_implementation='triton' needs CUDA tensors (got {q.device}); on the CPU "
                           f"it runs only under Triton's interpreter: set TRITON_INTERPRET=1 before triton "
                           f"is first imported, or use attn_implementation='eager'/'sdpa'")
 
