@@ -240,6 +240,8 @@ def load_trace(path) -> Trace:
     from minivl.errors import CheckpointError
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise TraceError(f"trace file {path!r} is a directory; pass the .safetensors file `minivl trace` wrote")
     if not os.path.isfile(path):
         raise TraceError(f"trace file {path!r} does not exist; write one with `minivl trace DIR --image IMG "
                          "--prompt TEXT --out FILE` (a text-only LLM: without --image)")

@@ -101,7 +101,8 @@ _OS_ERROR_FIXES = {
 
 
 def _os_error_line(error: OSError) -> str:
-    where = f" {error.filename!r}" if error.filename else ""
+    # a write that names no file (ENOSPC from a stream) was to an open stream, most often the standard output
+    where = f" {error.filename!r}" if error.filename else " the output (the standard output or an open file)"
     if error.filename2:
         where += f" -> {error.filename2!r}"
     reason = error.strerror or str(error)
@@ -151,6 +152,10 @@ def _silence_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stdout is None:  # started with stdout closed (`>&-`): there is nowhere to print an answer
+        _say("the standard output is closed (e.g. `>&-`); give the command somewhere to write: > FILE, or "
+             "> /dev/null to discard it")
+        return EXIT_OS
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)  # a usage error exits 2 here, in one line
     if unknown:  # argparse would blame `minivl`; the command they were given to is the one to ask

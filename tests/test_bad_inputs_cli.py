@@ -308,7 +308,8 @@ class _Args:
     (BrokenPipeError(32, "Broken pipe"), 141, "broken pipe"),
     (PermissionError(13, "Permission denied", "/data/x.png"), 3,
      "PermissionError: cannot use '/data/x.png': Permission denied; check that the path exists"),
-    (OSError(28, "No space left on device"), 3, "OSError: cannot use: No space left on device"),
+    (OSError(28, "No space left on device"), 3,
+         "OSError: cannot use the output (the standard output or an open file): No space left on device"),
     (MemoryError(), 3, "MemoryError: not enough memory; use a smaller model"),
     (json.JSONDecodeError("Expecting value", "{", 1), 1, "a JSON file is malformed (Expecting value"),
 ])

@@ -43,6 +43,9 @@ def read_config_json(dir_or_file: str | os.PathLike) -> tuple[dict, str]:
             config_dict = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid JSON ({err}); re-download or re-write the config file") from None
+    except RecursionError:  # json nests one Python call per bracket
+        raise ConfigError(f"{path}: nested too deeply to be a config (thousands of brackets); re-download or "
+                          f"re-write the config file") from None
     if not isinstance(config_dict, dict):
         raise ConfigError(f"{path}: a config must be a JSON object, got {type(config_dict).__name__}")
     return config_dict, path

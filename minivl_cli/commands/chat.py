@@ -22,7 +22,7 @@ import numpy as np
 
 from minivl.errors import CheckpointError, ConfigError, DeviceError, GenerationError, NonFiniteError
 from minivl.generate import MIN_TEMPERATURE  # the smallest temperature sampling accepts
-from minivl_cli.commands._checks import check_float, check_int
+from minivl_cli.commands._checks import check_float, check_int, checkpoint_directory
 
 BACKENDS = ("numpy", "torch")
 DEFAULT_MAX_TILES = 12  # InternVL's own max_num in its chat examples
@@ -79,22 +79,9 @@ def require_torch(what: str) -> None:
 
 def check_device(device: str) -> None:
     """DeviceError, before any weights are read, for a device this torch cannot use."""
-    import torch
+    from torch_impl.loading import check_device as check_torch_device
 
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise DeviceError(f"--device {device!r} is not a device torch knows ({e}); use cpu, or cuda / cuda:N "
-                          f"on a machine with an NVIDIA GPU") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            why = ("this torch is a CPU-only build" if torch.version.cuda is None
-                   else "torch finds no CUDA GPU on this machine")
-            raise DeviceError(f"--device {device}: {why}; use --device cpu, or a CUDA build of torch on a machine "
-                              f"with an NVIDIA GPU")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                              f"numbered from 0; use --device cuda:0")
+    check_torch_device(device, "--device")
 
 
 def check_json_files(directory) -> None:
@@ -111,6 +98,9 @@ def check_json_files(directory) -> None:
                                   f"it, or re-create the checkpoint (re-convert it, or download it again)") from None
         except UnicodeDecodeError as e:
             raise CheckpointError(f"{path} is not UTF-8 text ({e}); re-create the checkpoint") from None
+        except RecursionError:  # json nests one Python call per bracket
+            raise CheckpointError(f"{path} is nested too deeply to be a checkpoint file (thousands of brackets); "
+                                  f"re-create the checkpoint") from None
 
 
 def check_backend(args) -> None:
@@ -228,6 +218,7 @@ def answer(model, tokenizer, generate, messages, settings, system=None, out=None
 
 
 def run(args) -> int:
+    args.model_dir = checkpoint_directory("--model-dir", args.model_dir)
     settings = sampling_settings(args)
     if args.max_tiles is not None and not args.image:  # it would be ignored: say so rather than drop it
         raise GenerationError(f"--max-tiles {args.max_tiles} only applies to the tiles of an --image; add --image "
@@ -327,7 +318,7 @@ def checkpoint_model_type(directory) -> str | None:
     try:
         with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
             return json.load(f).get("model_type")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None      # load_model explains a missing or broken config.json when it gets there
 
 

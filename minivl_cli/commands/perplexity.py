@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from minivl_cli.commands._checks import check_int
+from minivl_cli.commands._checks import check_int, checkpoint_directory
 from minivl_cli.commands.chat import add_model_arguments, checkpoint_model_type, load_lm
 from minivl.errors import ConfigError, GenerationError, NonFiniteError
 
@@ -25,6 +25,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    args.model_dir = checkpoint_directory("--model-dir", args.model_dir)
     check_int("--context", args.context, 1, 2**20, "e.g. 1024; it is capped at the model's positions anyway",
               error=GenerationError)
     if args.stride is not None:

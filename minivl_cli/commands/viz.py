@@ -8,7 +8,7 @@ import argparse
 import os
 
 from minivl.errors import ConfigError
-from minivl_cli.commands._checks import check_float, check_int, output_file, save_figure
+from minivl_cli.commands._checks import check_float, check_int, checkpoint_directory, output_file, save_figure
 
 ROPE_TYPES = ["default", "linear", "dynamic", "yarn", "llama3", "su", "phi3_yarn"]
 
@@ -194,15 +194,20 @@ def _parse_layers(text):
     if text is None:
         return None
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        layers = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ConfigError(f"--layers must be comma-separated integers such as 0,5,-1 (got {text!r})") from None
+    if not layers:
+        raise ConfigError(f"--layers names no layer (got {text!r}); pass layer numbers such as 0,5,-1, or leave "
+                          f"the option out for every layer")
+    return layers
 
 
 def _explore(args) -> int:
     from minivl import explore
     from minivl.config import load_config
 
+    args.model_dir = checkpoint_directory("--model-dir", args.model_dir)
     from minivl.preprocess import MAX_TILES
 
     check_int("--size", args.size, 14, 1022, "a multiple of 14, e.g. 224")
