@@ -20,11 +20,12 @@ from minivl.allocator import keep_freed_memory as _keep_freed_memory  # noqa: E4
 _keep_freed_memory()
 
 
-def load_model(path, dtype="float32", component=None):
+def load_model(path, dtype="float32", component=None, allow_nonfinite=False):
     """Load a checkpoint directory (config.json + safetensors) into the matching NumPy model.
 
     component="language_model" (or "vision_model") loads one part of an InternVL checkpoint alone.
+    allow_nonfinite=True loads NaN/inf weights (refused by default: a CheckpointError names them).
     """
     from minivl.loading import load_model as _load_model
 
-    return _load_model(path, dtype=dtype, component=component)
+    return _load_model(path, dtype=dtype, component=component, allow_nonfinite=allow_nonfinite)

@@ -36,7 +36,13 @@ def check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, 
         raise GenerationError(f"max_new_tokens must be an int >= 0 (got {max_new_tokens!r})")
     if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
         raise GenerationError(f"seed must be None or an int in [0, 2**63 - 1] (got {seed!r}); e.g. seed=0")
+    if not (isinstance(do_sample, (bool, np.bool_)) or (_is_int(do_sample) and do_sample in (0, 1))):
+        raise GenerationError(f"do_sample must be True or False (got {do_sample!r}); a string such as 'no' "
+                              f"would count as True")
     if do_sample:
+        if isinstance(temperature, (int, float)) and temperature == float("inf"):
+            raise GenerationError("temperature must be finite (got inf, which would make every token equally likely); "
+                                  "e.g. temperature=0.7")
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise GenerationError(f"temperature must be > 0 when sampling (got {temperature!r}); use "
                                   f"do_sample=False for greedy decoding")
@@ -72,6 +78,18 @@ def stop_ids(eos_token_id) -> np.ndarray:
         raise GenerationError(f"eos_token_id must be None, a token id (int >= 0) or a list of them (got "
                               f"{eos_token_id!r}); look the stop token's id up, e.g. tokenizer.stop_token_ids")
     return np.asarray(ids, dtype=np.int64).reshape(-1)
+
+
+def fill_id(pad_token_id, stops: np.ndarray, vocab_size=None) -> int:
+    """The id a finished row is filled with: pad_token_id, else the first stop id, else 0; GenerationError if
+    pad_token_id is not a token id (the filled ids are fed back to the model, so it must be in its vocabulary)."""
+    if pad_token_id is None:
+        return int(stops[0]) if len(stops) else 0
+    if not _is_int(pad_token_id) or pad_token_id < 0 or (vocab_size is not None and pad_token_id >= vocab_size):
+        limit = f" below the vocabulary size {vocab_size}" if vocab_size is not None else ""
+        raise GenerationError(f"pad_token_id must be None or a token id (an int >= 0{limit}; got {pad_token_id!r}); "
+                              f"e.g. tokenizer.pad_token_id, or leave it out to fill with the stop token")
+    return int(pad_token_id)
 
 
 def check_prompt_ids(input_ids, vocab_size=None) -> np.ndarray:
@@ -193,7 +211,7 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, max
         return np.zeros((batch, 0), dtype=np.int64)
     check_length(model, prompt_len, max_new_tokens)
     stops = stop_ids(eos_token_id)
-    fill = pad_token_id if pad_token_id is not None else (int(stops[0]) if stops.size else 0)
+    fill = fill_id(pad_token_id, stops, getattr(getattr(model, "config", None), "vocab_size", None))
     rng = np.random.default_rng(seed)
 
     # prefill: the whole prompt at once, positions cumsum(mask) - 1

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minivl.errors import GenerationError
+from minivl.errors import GenerationError, NonFiniteError
 
 
 @dataclass
@@ -64,13 +64,36 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return log_normaliser - np.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
 
 
+def sequence_ids(input_ids) -> np.ndarray:
+    """input_ids as int64, or a GenerationError when they are not whole token ids (floats are not truncated)."""
+    try:
+        ids = np.asarray(input_ids)
+    except ValueError:  # ragged nested lists
+        ids = np.asarray(None)
+    if ids.dtype.kind not in "iu":
+        raise GenerationError(f"perplexity takes integer token ids [n] (got {type(input_ids).__name__} of dtype "
+                              f"{ids.dtype}); encode a text first: tokenizer.encode(text)")
+    return ids.astype(np.int64, copy=False)
+
+
+def result_of(total: float, count: int, n_windows: int) -> PerplexityResult:
+    """The PerplexityResult of a summed NLL; NonFiniteError when it is NaN (the model's logits were not finite)."""
+    mean = total / count
+    if mean != mean:
+        raise NonFiniteError("the mean negative log-likelihood is NaN: the model's logits are not finite; check the "
+                             "checkpoint (minivl.checkpoint.check_weights) or compute in float64")
+    # e^mean overflows a float past 709 nats a token (math.exp would raise): that perplexity is inf
+    return PerplexityResult(perplexity=math.exp(mean) if mean < 709 else math.inf, nll=mean, n_tokens=count,
+                            n_windows=n_windows)
+
+
 def perplexity(model, input_ids, context: int | None = None, stride: int | None = None) -> PerplexityResult:
     """Sliding-window perplexity of `model` (a causal LM: forward(input_ids [1, s]).logits [1, s, vocab])
     over one token sequence. context defaults to min(n, max_position_embeddings), stride to context.
 
     [n] (or [1, n]) -> PerplexityResult
     """
-    ids = np.asarray(input_ids, dtype=np.int64)
+    ids = sequence_ids(input_ids)
     if ids.ndim == 2 and ids.shape[0] == 1:
         ids = ids[0]
     if ids.ndim != 1:
@@ -90,5 +113,4 @@ def perplexity(model, input_ids, context: int | None = None, stride: int | None 
         nll = token_nll(logits[scored], ids[first_scored:end])
         total += float(nll.astype(np.float64).sum())
         count += end - first_scored
-    mean = total / count
-    return PerplexityResult(perplexity=math.exp(mean), nll=mean, n_tokens=count, n_windows=len(spans))
+    return result_of(total, count, len(spans))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from minivl.errors import GenerationError
-from minivl.generate import (check_finite_logits, check_generation_args, check_left_padded, check_length,
+from minivl.generate import (check_finite_logits, check_generation_args, check_left_padded, check_length, fill_id,
                              check_prompt_ids, stop_ids)
 from torch_impl.models.decoder import position_ids_from_mask
 
@@ -69,8 +69,8 @@ def generate(model, input_ids=None, inputs_embeds=None, attention_mask=None, max
         return torch.zeros(batch, 0, dtype=torch.int64, device=device)
     check_length(model, prompt_len, max_new_tokens)
     stops = torch.as_tensor(stop_ids(eos_token_id), device=device)
-    fill = pad_token_id if pad_token_id is not None else (int(stops[0]) if stops.numel() else 0)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    fill = fill_id(pad_token_id, stops.cpu().numpy(), getattr(getattr(model, "config", None), "vocab_size", None))
+    generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None  # (np.int64 too)
 
     position_ids = position_ids_from_mask(mask)
     out = model.forward(input_ids=prompt if input_ids is not None else None,

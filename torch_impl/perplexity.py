@@ -4,13 +4,11 @@ Mirror of minivl/perplexity.py (see there for the windowing); the model is a tor
 """
 from __future__ import annotations
 
-import math
 
-import numpy as np
 import torch
 
 from minivl.errors import GenerationError
-from minivl.perplexity import PerplexityResult, window_spans
+from minivl.perplexity import PerplexityResult, result_of, sequence_ids, window_spans
 
 __all__ = ["PerplexityResult", "window_spans", "token_nll", "perplexity"]
 
@@ -34,7 +32,7 @@ def perplexity(model, input_ids, context: int | None = None, stride: int | None 
 
     [n] (or [1, n]) -> PerplexityResult
     """
-    ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+    ids = torch.as_tensor(sequence_ids(input_ids.cpu().numpy() if torch.is_tensor(input_ids) else input_ids))
     if ids.ndim == 2 and ids.shape[0] == 1:
         ids = ids[0]
     if ids.ndim != 1:
@@ -55,8 +53,7 @@ def perplexity(model, input_ids, context: int | None = None, stride: int | None 
         nll = token_nll(logits[scored], ids[first_scored:end].to(logits.device))
         total += float(nll.double().sum())
         count += end - first_scored
-    mean = total / count
-    return PerplexityResult(perplexity=math.exp(mean), nll=mean, n_tokens=count, n_windows=len(spans))
+    return result_of(total, count, len(spans))
 
 
 def _device_of(model) -> torch.device:

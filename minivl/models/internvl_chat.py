@@ -84,6 +84,16 @@ def check_context_count(n_context_tokens: int, n_feature_rows: int, num_image_to
             f"needs '<img>' + '<IMG_CONTEXT>'·({num_image_token}·its tiles) + '</img>' in the prompt")
 
 
+def chat_input_ids(input_ids, vocab_size) -> np.ndarray:
+    """input_ids as int64 [b, t] token ids inside the LLM's vocabulary, or a GenerationError naming the problem
+    (None, floats, a wrong rank), before they index the embedding table."""
+    from minivl.generate import check_prompt_ids
+
+    if input_ids is None:
+        raise GenerationError("input_ids is None; pass the prompt's token ids [b, t] (model.chat builds them for you)")
+    return check_prompt_ids(input_ids, vocab_size)
+
+
 def context_token_id_error() -> GenerationError:
     return GenerationError("img_context_token_id is not set; set model.img_context_token_id = "
                            "tokenizer.token_to_id('<IMG_CONTEXT>') (chat and batch_chat do it for you)")
@@ -218,7 +228,7 @@ class InternVLChatModel(ChatMixin, nn.Module):
         ShapeError: the reference's training forward silently uses the first n_token features and
         zeroes the loss of the batch (modeling_internvl_chat.py, the `except` around the splice).
         """
-        input_ids = np.asarray(input_ids)
+        input_ids = chat_input_ids(input_ids, self.language_model.config.vocab_size)
         vit_embeds = self.extract_feature(pixel_values)
         if image_flags is not None:
             flags = np.asarray(image_flags).reshape(-1)
@@ -243,7 +253,7 @@ class InternVLChatModel(ChatMixin, nn.Module):
 
         if self.img_context_token_id is None:
             raise context_token_id_error()
-        input_ids = np.asarray(input_ids)
+        input_ids = chat_input_ids(input_ids, self.language_model.config.vocab_size)
         if pixel_values is not None or visual_features is not None:
             vit_embeds = visual_features if visual_features is not None else self.extract_feature(pixel_values)
             if not self._context_positions(input_ids).any():

@@ -15,7 +15,7 @@ from minivl.conversation import ChatMixin
 from minivl.errors import ShapeError
 from minivl.loading import LLM_PREFIX, strip_prefix
 from minivl.models.intern_vit import VISION_PREFIX
-from minivl.models.internvl_chat import (as_chat_config, check_context_count, check_tiles, context_token_id_error,
+from minivl.models.internvl_chat import (as_chat_config, chat_input_ids, check_context_count, check_tiles, context_token_id_error,
                                          llm_class, no_context_tokens_error, system_message)
 from minivl.projector import PROJECTOR_PREFIX, projector_input_size
 from torch_impl.models import MODEL_REGISTRY
@@ -149,7 +149,8 @@ class InternVLChatModel(ChatMixin, nn.Module):
         A count mismatch between <IMG_CONTEXT> tokens and feature rows raises ShapeError, where the
         reference's training forward silently uses the first n_token features and zeroes the loss.
         """
-        input_ids = torch.as_tensor(input_ids, device=self.device)
+        input_ids = torch.as_tensor(chat_input_ids(_as_numpy(input_ids), self.language_model.config.vocab_size),
+                                    device=self.device)
         vit_embeds = self.extract_feature(pixel_values)
         if image_flags is not None:
             flags = torch.as_tensor(image_flags, device=self.device).reshape(-1)
@@ -179,7 +180,8 @@ class InternVLChatModel(ChatMixin, nn.Module):
 
         if self.img_context_token_id is None:
             raise context_token_id_error()
-        input_ids = torch.as_tensor(input_ids, device=self.device)
+        input_ids = torch.as_tensor(chat_input_ids(_as_numpy(input_ids), self.language_model.config.vocab_size),
+                                    device=self.device)
         if pixel_values is not None or visual_features is not None:
             vit_embeds = visual_features if visual_features is not None else self.extract_feature(pixel_values)
             if not self._context_positions(input_ids).any():
@@ -193,3 +195,8 @@ class InternVLChatModel(ChatMixin, nn.Module):
         # with inputs_embeds only, generate returns just the new tokens (as HF does, pitfall 17)
         return generate(self.language_model, inputs_embeds=input_embeds, attention_mask=attention_mask,
                         **generate_kwargs)
+
+
+def _as_numpy(value):
+    """A tensor as a NumPy array (on the CPU), anything else as it is: for the checks minivl shares."""
+    return value.detach().cpu().numpy() if torch.is_tensor(value) else value
