@@ -42,7 +42,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from minivl.errors import CheckpointError
+from minivl.errors import CheckpointError, ConfigError
+from minivl.files import check_output_file
 from minivl.staging import fsync_file, make_staging_dir, sweep_stale
 from minivl.state_dict import check_state_dict, check_weights, name_list  # noqa: F401  (re-exported)
 
@@ -234,7 +235,9 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping, metadata: dict 
     Atomic: every tensor is checked first, the bytes go to a staging file next to `path`, which is
     flushed to disk and renamed over `path`; a crash never leaves a half file under that name.
     """
-    path = os.fspath(path)
+    path = check_output_file(path)
+    if not isinstance(tensors, Mapping):
+        raise CheckpointError(f"{path}: tensors must be a mapping {{name: np.ndarray}} (got {type(tensors).__name__})")
     if metadata is not None and not (isinstance(metadata, dict) and
                                      all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise CheckpointError(f"{path}: metadata must map strings to strings (got {metadata!r})")
@@ -278,8 +281,8 @@ def _read_index(index_path: str) -> dict:
     try:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{index_path}: not valid JSON ({err}); {_FIX}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{index_path}: not valid JSON ({type(err).__name__}: {err}); {_FIX}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
         raise CheckpointError(f"{index_path}: needs a 'weight_map' object mapping tensor names to shard files; {_FIX}")
@@ -366,8 +369,16 @@ def _shards(tensors: dict, max_shard_bytes: int | None) -> list[list[str]]:
 
 def _write_json(path: str, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(_json_text(obj, path))
+
+
+def _json_text(obj, where: str) -> str:
+    """obj as the standard JSON transformers writes (indented, sorted keys); CheckpointError when JSON cannot hold it."""
+    try:
+        return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as err:  # an object json cannot write; NaN/inf, which standard JSON has not
+        raise CheckpointError(f"{where}: the config cannot be written as JSON ({err}); keep to strings, numbers, "
+                              f"booleans, null, lists and dicts, with finite numbers") from None
 
 
 def _write_weights(staging: str, arrays: dict, groups: list[list[str]]) -> list[str]:
@@ -401,8 +412,20 @@ def save_checkpoint(directory: str | os.PathLike, config, tensors: Mapping, max_
     if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
                                         or max_shard_bytes <= 0):
         raise CheckpointError(f"max_shard_bytes must be a positive integer or None (got {max_shard_bytes!r})")
+    if not str(directory).strip():
+        raise ConfigError("the checkpoint directory is empty; pass the path of the directory to write")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise CheckpointError(f"{directory!r} exists and is not a directory; pass a directory path for the checkpoint "
+                              f"(or move the file away)")
+    if not isinstance(tensors, Mapping):
+        raise CheckpointError(f"{directory}: tensors must be a mapping {{name: np.ndarray}} "
+                              f"(got {type(tensors).__name__})")
+    if not (config is None or hasattr(config, "to_dict") or isinstance(config, Mapping)):
+        raise CheckpointError(f"{directory}: config must be a minivl config, a dict or None (got {type(config).__name__})")
     arrays = _checked_arrays(tensors, directory)
     config_dict = None if config is None else (config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    if config_dict is not None:
+        _json_text(config_dict, os.path.join(directory, "config.json"))  # refused before anything is written
     os.makedirs(directory, exist_ok=True)
     sweep_stale(directory)
     staging = str(make_staging_dir(directory, "checkpoint"))

@@ -13,9 +13,22 @@ from __future__ import annotations
 import os
 import secrets
 
+from minivl.errors import ConfigError
+
+
+def check_output_file(path: str | os.PathLike) -> str:
+    """`path` as a str, unless it cannot name a file to write: ConfigError for an empty path or an existing directory."""
+    path = os.fspath(path)
+    if not str(path).strip():
+        raise ConfigError("the output path is empty; pass the name of the file to write (e.g. --out result.png)")
+    if os.path.isdir(path):
+        raise ConfigError(f"the output path {path!r} is a directory; pass the name of a file to write, e.g. "
+                          f"{os.path.join(path, 'out')!r} inside it")
+    return path
+
 
 def _write_atomic(path: str | os.PathLike, data, mode: str, encoding: str | None) -> str:
-    path = os.fspath(path)
+    path = check_output_file(path)
     if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
         # a device or a pipe (/dev/null, /dev/stdout): written straight into; a rename over it would
         # replace the device node itself with a regular file
