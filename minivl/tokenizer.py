@@ -22,6 +22,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from minivl.errors import CheckpointError, GenerationError
 
 # the tokenizer files minivl reads, in the order it looks for them
@@ -105,6 +107,34 @@ def check_text(text, what: str = "text") -> str:
         raise GenerationError(f"{what} is not valid UTF-8 (it holds the {shown}); pass UTF-8 text "
                               "(a file: convert it with iconv -t utf-8)") from None
     return text
+
+
+def decode_ids(ids, vocab_size: int) -> list[int]:
+    """`ids` (a list, tuple, iterable or 1-d array of whole numbers) as a list of ints inside [0, vocab_size),
+    or a GenerationError naming what is wrong: a str, None, a 2-d batch, floats (1.5 is not truncated), bools."""
+    if isinstance(ids, (str, bytes)):
+        raise GenerationError(f"decode() takes token ids, got a {type(ids).__name__}; to tokenize text use encode()")
+    if not hasattr(ids, "__array__") and not isinstance(ids, (list, tuple)):
+        try:
+            ids = list(ids)  # a generator or range of ids
+        except TypeError:
+            raise GenerationError(f"decode() takes a list or 1-d array of token ids, got "
+                                  f"{type(ids).__name__}") from None
+    try:
+        array = np.asarray(ids)
+    except ValueError:  # ragged nested lists
+        array = np.asarray(None)
+    if array.size == 0 and array.ndim == 1:
+        return []
+    if array.ndim != 1:
+        raise GenerationError(f"decode() takes one sequence of token ids, got shape {tuple(array.shape)}; decode a "
+                              f"batch row by row: [tokenizer.decode(row) for row in ids]")
+    if array.dtype.kind not in "iu":
+        raise GenerationError(f"token ids must be integers, got dtype {array.dtype} (e.g. {array[0]!r})")
+    bad = [int(i) for i in array if not 0 <= i < vocab_size]
+    if bad:
+        raise GenerationError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return [int(i) for i in array]
 
 
 class Tokenizer:
@@ -214,10 +244,7 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Text of token ids (a list, or a 1-d array); special tokens dropped unless asked for."""
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise GenerationError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        ids = decode_ids(ids, self.vocab_size)
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ chat

@@ -30,7 +30,7 @@ import re
 from pathlib import Path
 
 from minivl.errors import CheckpointError, GenerationError
-from minivl.tokenizer import Tokenizer, check_text, read_tokenizer_config, token_content
+from minivl.tokenizer import Tokenizer, check_text, decode_ids, read_tokenizer_config, token_content
 
 # InternLM2Tokenizer.__init__'s defaults (used where tokenizer_config.json says nothing)
 DEFAULT_ROLES = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>"}
@@ -168,8 +168,8 @@ class InternLM2Tokenizer(Tokenizer):
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Text of token ids, with the reference's spacing around added and special tokens (module docstring)."""
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size or self.id_to_token(i) is None]
+        ids = decode_ids(ids, self.vocab_size)
+        bad = [i for i in ids if self.id_to_token(i) is None]
         if bad:
             raise GenerationError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         special_ids = set(self.special_token_ids)

@@ -364,3 +364,83 @@ def test_save_checkpoint_refuses_what_json_or_the_directory_cannot_hold(tmp_path
     assert sorted(os.listdir(tmp_path)) == sorted([*before, "a_file"])
     assert all((tmp_path / name).read_bytes() == data for name, data in before.items())
     assert isinstance(ConfigError("x"), MinivlError)
+
+
+# ------------------------------------------------------------------------------- round 3: decode, grids, --help
+
+@pytest.fixture(scope="module")
+def tokenizers(llama_dir, tmp_path_factory):
+    """The tokenizers.json tokenizer and InternLM2's SentencePiece one: decode must refuse the same inputs."""
+    from minivl.tiny.sentencepiece import write_internlm2_tokenizer
+    from minivl.tokenizer import load_tokenizer
+
+    return [load_tokenizer(llama_dir), load_tokenizer(write_internlm2_tokenizer(tmp_path_factory.mktemp("sp")))]
+
+
+@pytest.mark.parametrize("ids, message", [
+    ("hello", "got a str; to tokenize text use encode"),    # was: ValueError invalid literal for int()
+    (None, "got NoneType"),                               # was: TypeError 'NoneType' object is not iterable
+    (5, "got int"),                                       # was: TypeError 'int' object is not iterable
+    (np.zeros((2, 3), np.int64), r"got shape \(2, 3\); decode a batch row by row"),  # was: a TypeError
+    ([[1, 2], [3]], r"got shape \(\)"),                   # ragged
+    ([1.5, 2], "must be integers, got dtype float64"),    # was: silently decoded as [1, 2]
+    ([True], "must be integers, got dtype bool"),         # was: silently decoded as [1]
+    ([1, -1], "token id -1 is outside the vocabulary"),
+], ids=["str", "none", "int", "batch", "ragged", "floats", "bools", "negative"])
+def test_decode_refuses_what_is_not_one_sequence_of_token_ids(tokenizers, ids, message):
+    for tokenizer in tokenizers:
+        with pytest.raises(GenerationError, match=message):
+            tokenizer.decode(ids)
+
+
+def test_decode_still_takes_lists_tuples_arrays_ranges_and_nothing(tokenizers):
+    for tokenizer in tokenizers:
+        ids = tokenizer.encode("hello world")
+        text = tokenizer.decode(ids)
+        assert text.strip() == "hello world"
+        for same in (tuple(ids), np.asarray(ids, np.int32), np.asarray(ids, np.uint64), iter(ids)):
+            assert tokenizer.decode(same) == text
+        assert tokenizer.decode(range(0)) == tokenizer.decode([]) == ""
+
+
+@pytest.mark.parametrize("width, height", [(0, 5), (5, 0), (-3, 4), (4.5, 3), (True, 3)])
+def test_choose_grid_refuses_sizes_that_are_not_pixels(width, height):
+    # (5, 0) was a ZeroDivisionError; (0, 5) and (-3, 4) silently chose a 1×12 grid
+    from minivl.errors import ImageError
+    from minivl.preprocess import choose_grid
+
+    with pytest.raises(ImageError, match="must be a positive number of pixels"):
+        choose_grid(width, height)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("argv, ok_code", [(["--help"], 0), (["chat", "--help"], 0), ([], 2)],
+                         ids=["help", "command-help", "no-command"])
+def test_help_that_cannot_be_written_is_exit_3(argv, ok_code):
+    # `minivl --help > /dev/full` exited 0 and said nothing: the interpreter's flush at exit dropped ENOSPC
+    import subprocess
+    import sys
+
+    script = "import sys; from minivl_cli.cli import main; sys.exit(main(sys.argv[1:]))"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-c", script, *argv], stdout=full, stderr=subprocess.PIPE,
+                                text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 3 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("minivl: OSError: cannot use the output") and "No space left" in lines[0]
+    # the same to a writable stdout keeps argparse's own exit code
+    done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == ok_code and "usage: minivl" in done.stdout
+
+
+def test_help_into_a_closed_pipe_is_exit_141():
+    # argparse dropped the BrokenPipeError; the interpreter's flush at exit then printed "Exception ignored"
+    import subprocess
+    import sys
+
+    script = "import sys; from minivl_cli.cli import main; sys.exit(main(sys.argv[1:]))"
+    process = subprocess.Popen([sys.executable, "-c", script, "viz", "--help"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the help is printed
+    code, err = process.wait(timeout=120), process.stderr.read().decode()
+    assert code == 141 and err.strip() == "minivl: the output was closed before the command finished (broken pipe); stopped"
