@@ -193,6 +193,10 @@ def find_closest_aspect_ratio(aspect_ratio: float, target_ratios, width: int, he
 
 def choose_grid(width: int, height: int, min_num: int = 1, max_num: int = 12, image_size: int = 448) -> Grid:
     """The tile grid `dynamic_preprocess` uses for an image of width × height pixels."""
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ImageError(f"choose_grid: {name} must be a positive number of pixels, got {value!r}; pass "
+                             f"image.size of a non-empty image")
     ratio = find_closest_aspect_ratio(width / height, candidate_grids(min_num, max_num), width, height, image_size)
     return Grid(*ratio)
 
