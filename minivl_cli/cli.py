@@ -48,6 +48,17 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}; `{self.prog} --help` lists its arguments\n")
 
+    def _print_message(self, message, file=None):
+        """As argparse's, but a write to stdout that fails raises (argparse drops the OSError, so
+        `minivl --help > /dev/full` exited 0 with nothing written); main turns it into one line, exit 3."""
+        if not message:
+            return
+        file = file or sys.stderr
+        if file is not sys.stdout:
+            return super()._print_message(message, file)
+        file.write(message)
+        file.flush()
+
     def add_subparsers(self, **kwargs):
         """As argparse's (the subcommand parsers are Parsers too), remembering them for `innermost`."""
         action = super().add_subparsers(**kwargs)
@@ -151,17 +162,33 @@ def _silence_stdout() -> None:
         pass
 
 
+def _unwritable(error: OSError) -> int:
+    """EXIT_OS and one line for help text the standard output could not take (`> /dev/full`)."""
+    _silence_stdout()
+    if isinstance(error, BrokenPipeError):  # `minivl --help | true`: as a command's output closed early
+        _say("the output was closed before the command finished (broken pipe); stopped")
+        return EXIT_BROKEN_PIPE
+    _say(_os_error_line(error))
+    return EXIT_OS
+
+
 def main(argv: list[str] | None = None) -> int:
     if sys.stdout is None:  # started with stdout closed (`>&-`): there is nowhere to print an answer
         _say("the standard output is closed (e.g. `>&-`); give the command somewhere to write: > FILE, or "
              "> /dev/null to discard it")
         return EXIT_OS
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)  # a usage error exits 2 here, in one line
+    try:
+        args, unknown = parser.parse_known_args(argv)  # a usage error exits 2 here, in one line
+    except OSError as e:  # --help printed to a stdout that cannot take it
+        return _unwritable(e)
     if unknown:  # argparse would blame `minivl`; the command they were given to is the one to ask
         parser.innermost(args).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
-        parser.print_help()
+        try:
+            parser.print_help()
+        except OSError as e:
+            return _unwritable(e)
         return 2
     with warnings.catch_warnings(record=True) as caught:  # held back, then settled in one line at most
         code, failed = _run(args)
