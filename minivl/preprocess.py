@@ -114,7 +114,13 @@ def open_image(path_or_image) -> Image.Image:
     """Open a file (path or PIL image) and return it as 8-bit RGB, or raise ImageError naming the file."""
     if isinstance(path_or_image, Image.Image):
         return to_rgb(path_or_image)
+    if not isinstance(path_or_image, (str, bytes, os.PathLike)):
+        raise ImageError(f"open_image takes a file path or a PIL image, got {type(path_or_image).__name__}"
+                         + ("; for an array use PIL.Image.fromarray(array)" if hasattr(path_or_image, "shape")
+                            else ""))
     path = os.fspath(path_or_image)
+    if not path.strip():
+        raise ImageError("the image path is empty; pass the path of an image file")
     if not os.path.exists(path):
         raise ImageError(f"image file {path!r} does not exist; check the path")
     if not os.path.isfile(path):
@@ -201,9 +207,11 @@ def choose_grid(width: int, height: int, min_num: int = 1, max_num: int = 12, im
     return Grid(*ratio)
 
 
-def _check_image_size(image_size) -> None:
-    if not isinstance(image_size, (int, np.integer)) or image_size < 1:
+def _check_image_size(image_size) -> int:
+    """image_size as a Python int (an np.int8 100 times 3 tiles would wrap to 44), or ConfigError."""
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
         raise ConfigError(f"image_size must be a positive int (got {image_size!r}); InternVL tiles are 448")
+    return int(image_size)
 
 
 def dynamic_preprocess(image: Image.Image, min_num: int = 1, max_num: int = 12, image_size: int = 448,
@@ -214,7 +222,7 @@ def dynamic_preprocess(image: Image.Image, min_num: int = 1, max_num: int = 12, 
     bottom), followed by an s×s thumbnail of the whole image if `use_thumbnail` and the grid has
     more than one tile.
     """
-    _check_image_size(image_size)
+    image_size = _check_image_size(image_size)
     image = to_rgb(image)
     width, height = image.size
     columns, rows = choose_grid(width, height, min_num, max_num, image_size)
@@ -238,11 +246,14 @@ def to_pixel_values(tiles, image_size: int = 448, normalize: str = "imagenet") -
 
     list of n PIL images -> [n, 3, s, s] float32
     """
-    _check_image_size(image_size)
+    image_size = _check_image_size(image_size)
     if normalize not in NORMALIZATIONS:
         raise ConfigError(f"normalize must be one of {sorted(NORMALIZATIONS)} (got {normalize!r})")
     if isinstance(tiles, Image.Image):
         tiles = [tiles]
+    if not isinstance(tiles, (list, tuple)):
+        raise ImageError(f"to_pixel_values takes a list of PIL images (dynamic_preprocess returns one), got "
+                         f"{type(tiles).__name__}")
     if len(tiles) == 0:
         raise ImageError("no tiles to normalise; pass at least one image")
     mean, std = (np.asarray(v, dtype=np.float32).reshape(1, 3, 1, 1) for v in NORMALIZATIONS[normalize])
@@ -261,7 +272,7 @@ def to_pixel_values(tiles, image_size: int = 448, normalize: str = "imagenet") -
 
 def build_transform(input_size: int = 448, normalize_type: str = "imagenet") -> Callable[[Image.Image], np.ndarray]:
     """The reference's inference transform: PIL image -> [3, s, s] float32 (RGB, resize, scale, normalise)."""
-    _check_image_size(input_size)
+    input_size = _check_image_size(input_size)
     if normalize_type not in NORMALIZATIONS:
         raise ConfigError(f"normalize_type must be one of {sorted(NORMALIZATIONS)} (got {normalize_type!r})")
 

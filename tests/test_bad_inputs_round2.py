@@ -444,3 +444,35 @@ def test_help_into_a_closed_pipe_is_exit_141():
     process.stdout.close()  # the reader is gone before the help is printed
     code, err = process.wait(timeout=120), process.stderr.read().decode()
     assert code == 141 and err.strip() == "minivl: the output was closed before the command finished (broken pipe); stopped"
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda P: P.open_image(None), "takes a file path or a PIL image, got NoneType"),  # was: TypeError from fspath
+    (lambda P: P.open_image(np.zeros((4, 4, 3), np.uint8)), "for an array use PIL.Image.fromarray"),
+    (lambda P: P.open_image(""), "the image path is empty"),
+    (lambda P: P.to_pixel_values(None), "takes a list of PIL images"),           # was: TypeError len(None)
+    (lambda P: P.load_image(123), "got int"),
+], ids=["open-none", "open-array", "open-empty", "pixels-none", "load-int"])
+def test_preprocess_refuses_what_is_not_an_image(call, message):
+    from minivl import preprocess
+    from minivl.errors import ImageError
+
+    with pytest.raises(ImageError, match=message):
+        call(preprocess)
+
+
+def test_a_numpy_integer_image_size_does_not_wrap():
+    # np.int8(100) * 3 columns wrapped to 44 inside dynamic_preprocess: tiles of the wrong size, no error
+    from PIL import Image
+
+    from minivl.preprocess import dynamic_preprocess, load_image
+
+    image = Image.new("RGB", (300, 100), (10, 20, 30))
+    tiles = dynamic_preprocess(image, max_num=6, image_size=np.int8(100))
+    assert len(tiles) == 3 and all(tile.size == (100, 100) for tile in tiles)
+    assert [tile.tobytes() for tile in tiles] == [tile.tobytes() for tile in dynamic_preprocess(image, max_num=6,
+                                                                                               image_size=100)]
+    pixels, grid = load_image(image, max_num=6, image_size=np.int16(100))
+    assert pixels.shape == (4, 3, 100, 100) and tuple(grid) == (3, 1)
+    with pytest.raises(ConfigError, match="image_size must be a positive int"):
+        dynamic_preprocess(image, image_size=True)
